@@ -1,0 +1,3 @@
+from pretextlab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Atomic file writes: write to a temporary file beside the target, fsync, then rename.
+
+A crash or a full disk mid-write leaves the previous file untouched, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return _atomic(path, lambda h: h.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"), "w")
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return _atomic(path, lambda h: h.write(text), "w")
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> Path:
+    return _atomic(path, lambda h: torch.save(obj, h), "wb")
+
+
+def save_numpy(path: str | os.PathLike, array: Any) -> Path:
+    import numpy as np
+
+    return _atomic(path, lambda h: np.save(h, array), "wb")

@@ -1,0 +1,80 @@
+"""The contract every pretext task keeps.
+
+A task never touches the network's internals. It turns a batch of decoded uint8 images (on the
+training device) into the network's inputs and the task's targets, owns a head that reads the
+network's ``pre_logits``, and defines the loss and the pretext accuracy. It also says how a frozen
+network trained with it is fed at evaluation time (``eval_views``): whole images, or for the patch
+tasks the 3x3 grid of patches whose features are averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Options shared by the tasks; each task reads the ones it needs.
+
+    ``image_size`` is the side of the decoded uint8 images the task receives. ``patch_scale`` is
+    the one size parameter of the patch tasks: 1.0 is the study's geometry (resize 292, crop 255,
+    cells of 85, patches of 64); for small images it is scaled so the patches fit.
+    """
+
+    image_size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    color_jitter: float = 0.4
+    gray_probability: float = 0.66
+    copies: int = 8
+    permutations_per_batch: int = 8
+    num_permutations: int = 100
+    embedding_dim: int = 1000
+    head_hidden: int = 4096
+    dropout: float = 0.5
+    margin: float = 0.5
+    patch_size: int = 64
+    seed: int = 0
+
+
+class PretextTask(nn.Module):
+    """Base class: subclasses set ``name`` and ``patch_mode`` and implement the five methods."""
+
+    name: ClassVar[str]
+    patch_mode: ClassVar[bool] = False
+
+    def __init__(self, feature_dim: int, options: TaskOptions) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.options = options
+
+    def prepare(
+        self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, 3, H, W) on the device -> (float network inputs, targets), all on the device.
+
+        All randomness comes from ``generator`` (a generator on the images' device) so a run can be
+        replayed and resumed exactly; ``train=False`` is deterministic where the study is.
+        """
+        raise NotImplementedError
+
+    def forward(self, pre_logits: torch.Tensor) -> torch.Tensor:
+        """The head: the network's flat pre_logits for every input -> the task's outputs."""
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+        """(number right, number scored) for the pretext accuracy."""
+        raise NotImplementedError
+
+    def eval_views(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """uint8 (B, 3, H, W) -> (float inputs of B*V views, V) for frozen-feature extraction.
+
+        The features of the V views of an image are pooled separately and then averaged.
+        """
+        raise NotImplementedError
