@@ -20,9 +20,20 @@ from torch import nn
 class TaskOptions:
     """Options shared by the tasks; each task reads the ones it needs.
 
-    ``image_size`` is the side of the decoded uint8 images the task receives. ``patch_scale`` is
-    the one size parameter of the patch tasks: 1.0 is the study's geometry (resize 292, crop 255,
-    cells of 85, patches of 64); for small images it is scaled so the patches fit.
+    ``image_size`` is the side of the network input of the whole-image tasks (Rotation, Exemplar).
+    ``patch_size`` is the one size parameter of the patch tasks (Jigsaw, Relative Patch Location):
+    64 is the study's geometry (resize 292, crop 255, cells of 85, patches of 64) and every other
+    side is derived from it proportionally (``tasks.patches.PatchGeometry``).
+
+    Choices where the study's released code and the obvious reading differ:
+    ``permutation_criterion`` "mean" (Noroozi & Favaro's Algorithm 1, the released set) or "min"
+    (max-min Hamming distance); ``patch_eval_geometry`` "released" (resize 3.5p, centre crop 3p,
+    adjacent p-px patches, as the released evaluation) or "pretext" (the training geometry with
+    central crops); ``exemplar_normalization`` "batch" (the released ``l2_normalize(axis=0)``: each
+    embedding dimension is normalised over the batch), "embedding" (each embedding to unit length)
+    or "none"; ``exemplar_color_distortion`` the released inception preprocessing's random
+    brightness and saturation on each copy. ``cache_dir`` holds generated permutation sets
+    (default ``$PRETEXTLAB_CACHE`` or ``~/.cache/pretextlab``).
     """
 
     image_size: int = 224
@@ -38,6 +49,11 @@ class TaskOptions:
     margin: float = 0.5
     patch_size: int = 64
     seed: int = 0
+    permutation_criterion: str = "mean"
+    patch_eval_geometry: str = "released"
+    exemplar_normalization: str = "batch"
+    exemplar_color_distortion: bool = True
+    cache_dir: str | None = None
 
 
 class PretextTask(nn.Module):

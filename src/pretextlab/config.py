@@ -1,0 +1,157 @@
+"""Typed configuration of a pretext training run, the study's schedule, and validation.
+
+A config is a plain dataclass: it is saved as JSON in the run directory, hashed to key the run,
+and compared on resume. ``resolve`` fills every default that depends on other fields (image size
+by dataset, a shortened schedule's warm-up and decays kept in the study's proportions), so the
+saved config is the complete recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pretextlab.errors import PretextlabError
+
+# The study's schedule (PROTOCOL.md "Training"): 35 epochs, warm-up over 5, x0.1 at 15 and 25.
+PAPER_EPOCHS = 35.0
+PAPER_WARMUP_EPOCHS = 5.0
+PAPER_DECAY_EPOCHS = (15.0, 25.0)
+
+# The study's batch sizes in images (PROTOCOL.md "Pretext tasks").
+PAPER_BATCH_SIZES = {"rotation": 64, "exemplar": 64, "jigsaw": 128, "relative_patch": 128}
+
+# Fields that change what a run computes; the others (device, workers, progress) do not.
+_RUNTIME_FIELDS = frozenset({"device", "workers", "data_dir", "progress", "checkpoint_every"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a pretext training run."""
+
+    task: str = "rotation"
+    network: str = "resnet50v1"
+    width: int | None = None
+    final_relu: bool = True
+    representation_size: int | None = None
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    image_size: int | None = None  # network input side; default 224 (folder) or 32 (fashion-mnist)
+    decode_size: int | None = None  # side the loader decodes to; default 8/7 of image_size for folder
+    limit: int | None = None  # use a class-balanced subset of this many training images
+    test_limit: int | None = None
+    val_size: float | None = None  # held-out validation: a count (>= 1) or a fraction (< 1)
+
+    epochs: float = PAPER_EPOCHS
+    batch_size: int | None = None  # images per step (before a task multiplies them); default per task
+    base_lr: float = 0.1  # at a global batch of 256 images, scaled linearly
+    warmup_epochs: float | None = None  # None: the study's 5/35 of the run
+    decay_epochs: tuple[float, ...] | None = None  # None: the study's 15/35 and 25/35 of the run
+    decay_factor: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # on convolution kernels only
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    color_jitter: float = 0.4
+    gray_probability: float = 0.66
+    patch_size: int = 64
+    copies: int = 8
+    permutations_per_batch: int = 8
+
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    precision: str = "auto"  # "auto" = bf16 autocast on CUDA, float32 elsewhere; or "fp32", "bf16"
+    channels_last: bool | None = None  # None = on for CUDA
+    val_batches: int | None = None  # cap on the validation batches scored per epoch
+    checkpoint_every: int | None = None  # also checkpoint every N steps inside an epoch
+    log_every: int = 10
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PretextlabError(
+                f"unknown training option(s) {', '.join(unknown)}; valid options are: {', '.join(sorted(known))}"
+            )
+        data = dict(data)
+        for key in ("crop_scale", "decay_epochs"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def config_hash(self) -> str:
+        """A short hash of what the run computes (runtime-only fields excluded)."""
+        payload = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Validate ``config`` and fill every derived default; returns a new, complete config."""
+    # Imported here so config stays importable without torch-heavy modules at module load.
+    from pretextlab.data import DATASETS
+    from pretextlab.models import NETWORKS
+    from pretextlab.tasks import TASKS
+
+    c = dataclasses.replace(config)
+    if c.task not in TASKS:
+        raise PretextlabError(f"unknown task {c.task!r}: choose one of {', '.join(TASKS)}")
+    if c.network not in NETWORKS:
+        raise PretextlabError(f"unknown network {c.network!r}: choose one of {', '.join(NETWORKS)}")
+    if c.dataset not in DATASETS:
+        raise PretextlabError(f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}")
+    if c.width is not None and (not isinstance(c.width, int) or c.width < 1):
+        raise PretextlabError(f"width must be an integer >= 1, got {c.width!r}")
+    if c.image_size is None:
+        c.image_size = 224 if c.dataset == "folder" else 32
+    if c.decode_size is None:
+        c.decode_size = round(c.image_size * 8 / 7) if c.dataset == "folder" else c.image_size
+    if c.image_size < 16 or c.decode_size < c.image_size // 2:
+        raise PretextlabError(
+            f"image size {c.image_size} (decoded at {c.decode_size}) is too small: use --image-size >= 16"
+        )
+    if c.batch_size is None:
+        c.batch_size = PAPER_BATCH_SIZES[c.task]
+    if c.batch_size < 2:
+        raise PretextlabError(f"batch size must be >= 2 (BatchNorm needs a batch), got {c.batch_size}")
+    if not c.epochs > 0:
+        raise PretextlabError(f"epochs must be > 0, got {c.epochs}")
+    scale = c.epochs / PAPER_EPOCHS
+    if c.warmup_epochs is None:
+        c.warmup_epochs = PAPER_WARMUP_EPOCHS * scale
+    if c.decay_epochs is None:
+        c.decay_epochs = tuple(e * scale for e in PAPER_DECAY_EPOCHS)
+    if c.warmup_epochs < 0 or c.warmup_epochs > c.epochs:
+        raise PretextlabError(f"warm-up of {c.warmup_epochs} epochs does not fit a run of {c.epochs} epochs")
+    if any(not 0 <= e <= c.epochs for e in c.decay_epochs) or list(c.decay_epochs) != sorted(c.decay_epochs):
+        raise PretextlabError(
+            f"decay epochs {list(c.decay_epochs)} must be increasing and within the run's {c.epochs} epochs"
+        )
+    if not c.base_lr > 0:
+        raise PretextlabError(f"base learning rate must be > 0, got {c.base_lr}")
+    if not (0 < c.crop_scale[0] <= c.crop_scale[1] <= 1):
+        raise PretextlabError(f"crop scale {c.crop_scale} must satisfy 0 < min <= max <= 1")
+    if c.precision not in ("auto", "fp32", "bf16"):
+        raise PretextlabError(f"precision {c.precision!r}: choose auto, fp32 or bf16")
+    if c.representation_size is not None and c.representation_size < 1:
+        raise PretextlabError(f"representation size must be >= 1, got {c.representation_size}")
+    if c.limit is not None and c.limit < 2:
+        raise PretextlabError(f"--limit must be >= 2 images, got {c.limit}")
+    return c
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two saved configs, ignoring runtime-only fields."""
+    keys = sorted((set(old) | set(new)) - _RUNTIME_FIELDS)
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - tuples vs lists
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if norm(old.get(k)) != norm(new.get(k))]

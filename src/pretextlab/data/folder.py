@@ -1,0 +1,181 @@
+"""ImageNet / Places205 layout on disk: ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*``.
+
+Any file whose extension Pillow knows is an image candidate; it is decoded (any mode: RGB, gray,
+palette, CMYK, 16-bit, with or without alpha) to RGB, its shorter side resized to S and the centre
+S x S cut out, as a uint8 (3, S, S) tensor. A file that cannot be decoded (corrupt, truncated,
+zero bytes, not an image) is logged once, with its path, and returned as ``None``: the loader drops
+it and counts it, and training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pretextlab.data.imageset import ImageSet, as_indices
+from pretextlab.errors import PretextlabError
+
+logger = logging.getLogger(__name__)
+
+TRAIN_DIR = "train"
+TEST_DIR = "val"  # the official validation set, which the study uses as its test set
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions Pillow can open (.jpg, .jpeg, .png, .webp, .tif, ...)."""
+    return frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """The image files of one split folder, in a fixed (sorted) order."""
+
+    root: Path  # the split folder, e.g. ROOT/train
+    relative_paths: np.ndarray  # bytes (numpy 'S'): compact, and shared without copies by forked workers
+    labels: np.ndarray  # int64
+    class_names: list[str]
+    ignored_files: int  # files whose extension is not an image format
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_files(class_dir: Path, extensions: frozenset[str]) -> tuple[list[str], int]:
+    found, ignored = [], 0
+    for folder, subfolders, files in os.walk(class_dir, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in files:
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() in extensions:
+                found.append(os.path.relpath(os.path.join(folder, name), class_dir.parent))
+            else:
+                ignored += 1
+    return sorted(found), ignored
+
+
+def scan_split(root: str | os.PathLike, split: str, class_names: Sequence[str] | None = None, progress: bool = True) -> FolderScan:
+    """List ``root/split/<class>/*`` images. With ``class_names`` (the train split's), labels follow
+    that list; every class folder found must be one of them, and may be missing."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise PretextlabError(
+            f"dataset root {root} does not exist or is not a folder: pass --data-dir ROOT with "
+            f"ROOT/{TRAIN_DIR}/<class>/* and ROOT/{TEST_DIR}/<class>/* (the ImageNet/Places205 layout)"
+        )
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise PretextlabError(
+            f"{root} has no {split}/ folder: a folder dataset needs ROOT/{TRAIN_DIR}/<class>/* and "
+            f"ROOT/{TEST_DIR}/<class>/* (the official validation images, used as the test set)"
+        )
+    folders = _class_folders(split_dir)
+    if not folders:
+        raise PretextlabError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/")
+    if class_names is None:
+        class_names = folders
+    else:
+        unknown = sorted(set(folders) - set(class_names))
+        if unknown:
+            raise PretextlabError(
+                f"{split_dir} has class folders that {TRAIN_DIR}/ lacks: {', '.join(unknown[:10])}"
+                f"{' ...' if len(unknown) > 10 else ''}; both splits must use the same class folder names"
+            )
+    label_of = {name: i for i, name in enumerate(class_names)}
+    extensions = image_extensions()
+    paths: list[str] = []
+    labels: list[np.ndarray] = []
+    ignored = 0
+    for name in tqdm(folders, desc=f"scanning {split_dir}", unit="class", disable=not progress, leave=False):
+        files, skipped = _image_files(split_dir / name, extensions)
+        ignored += skipped
+        if not files:
+            raise PretextlabError(
+                f"class folder {split_dir / name} holds no images: remove it or add its images "
+                f"(files with an extension Pillow reads, e.g. .jpg, .png)"
+            )
+        paths.extend(files)
+        labels.append(np.full(len(files), label_of[name], dtype=np.int64))
+    if ignored:
+        logger.warning("%s: ignored %d files whose extension is not an image format", split_dir, ignored)
+    return FolderScan(
+        root=split_dir,
+        relative_paths=np.array([os.fsencode(p) for p in paths]),
+        labels=np.concatenate(labels),
+        class_names=list(class_names),
+        ignored_files=ignored,
+    )
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        # Pillow's own conversion clips 16-bit values at 255 (a white image); scale them instead.
+        values = np.asarray(image).astype(np.float32)
+        if image.mode == "F":
+            values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
+        else:
+            values = values / 257.0
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in ("P", "PA") or (image.mode in ("L", "RGB", "1") and "transparency" in image.info):
+        # Palette transparency: going through RGBA avoids Pillow's per-image warning.
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """Decode one file to uint8 (3, size, size): shorter side to ``size``, centre crop. Raises on bad files."""
+    with Image.open(path) as image:
+        # JPEG only: decode at 1/2, 1/4 or 1/8 scale while both sides stay >= size (much faster).
+        image.draft("RGB", (size, size))
+        image = _to_rgb(image)
+        width, height = image.size
+        side = min(width, height)
+        left, top = (width - side) / 2.0, (height - side) / 2.0
+        # Resizing only the central square equals "shorter side to S, then centre crop", in one pass.
+        image = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+        array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class FolderImageSet(ImageSet):
+    """Image files decoded on access (in DataLoader worker processes when ``workers`` > 0)."""
+
+    def __init__(self, root: Path, relative_paths: np.ndarray, labels: np.ndarray, class_names: Sequence[str], image_size: int) -> None:
+        super().__init__(labels, class_names, image_size)
+        if len(relative_paths) != len(self.labels):
+            raise PretextlabError(f"{len(relative_paths)} files but {len(self.labels)} labels")
+        self.root = Path(root)
+        self.relative_paths = relative_paths
+
+    @classmethod
+    def from_scan(cls, scan: FolderScan, image_size: int) -> "FolderImageSet":
+        return cls(scan.root, scan.relative_paths, scan.labels, scan.class_names, image_size)
+
+    def path(self, index: int) -> Path:
+        return self.root / os.fsdecode(self.relative_paths[index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        path = self.path(int(index))
+        try:
+            image = decode_image(path, self.image_size)
+        except Exception as error:  # Pillow raises many types for bad files; none may stop training
+            logger.warning("skipped unreadable image %s (%s: %s)", path, type(error).__name__, error)
+            return None
+        return image, int(self.labels[index])
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "FolderImageSet":
+        chosen = as_indices(indices, len(self), "subset indices")
+        return FolderImageSet(self.root, self.relative_paths[chosen], self.labels[chosen], self.class_names, self.image_size)

@@ -1,0 +1,184 @@
+"""Batches of decoded uint8 images, in an order that is a pure function of (seed, epoch).
+
+The loader only decodes (augmentation runs later, on the training device). It resumes exactly: a
+loader started at ``start_batch=k`` yields the same batches a full epoch yields from its k-th on.
+With ``world_size`` > 1 each rank reads a disjoint strided slice of the epoch's order (as
+DistributedSampler does); unlike DistributedSampler nothing is padded or repeated:
+
+- ``drop_last=True`` (training): the order is cut to a multiple of ``world_size``, so every rank
+  gets the same number of images and batches, and the last partial batch is dropped;
+- ``drop_last=False`` (evaluation): every image is read exactly once over all ranks, so ranks may
+  differ by one image (and, rarely, one batch).
+
+In-memory sets (Fashion-MNIST) take a whole batch with one indexing operation in this process;
+file sets are decoded by DataLoader worker processes when ``workers`` > 0. An unreadable image
+is dropped from its batch and counted in ``Batch.skipped``; a batch keeps its place in the epoch
+even then, so step numbers stay aligned with batch numbers (a batch may thus hold fewer images,
+or, if all of its files are bad, none).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pretextlab.data.imageset import ImageSet, TensorImageSet
+from pretextlab.errors import PretextlabError
+
+
+@dataclass
+class Batch:
+    """Decoded images of one batch. ``images`` may be a read-only broadcast view (gray data)."""
+
+    images: torch.Tensor  # uint8 (B, 3, S, S)
+    labels: torch.Tensor  # int64 (B,)
+    skipped: int = 0  # images dropped from this batch as unreadable
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, for asynchronous host-to-GPU copies (DataLoader calls this)."""
+        return Batch(self.images.contiguous().pin_memory(), self.labels.pin_memory(), self.skipped)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch(self.images.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking), self.skipped)
+
+
+def collate_decoded(items: list[tuple[torch.Tensor, int] | None], image_size: int) -> Batch:
+    """Stack the decoded images of a batch, dropping (and counting) the unreadable ones."""
+    good = [item for item in items if item is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        return Batch(torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), skipped)
+    return Batch(torch.stack([image for image, _ in good]), torch.tensor([label for _, label in good], dtype=torch.int64), skipped)
+
+
+def _check_sharding(batch_size: int, rank: int, world_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise PretextlabError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise PretextlabError(f"rank must lie in [0, world_size) and world_size >= 1, got rank {rank}, world_size {world_size}")
+
+
+def batches_per_epoch(num_images: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
+    """Batches one epoch yields on rank 0 (every rank when ``drop_last``; else the most any rank gets)."""
+    _check_sharding(batch_size, 0, world_size)
+    if drop_last:
+        return (num_images // world_size) // batch_size
+    return math.ceil(math.ceil(num_images / world_size) / batch_size)
+
+
+def epoch_order(num_images: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """The order in which an epoch visits all images: a permutation fixed by (seed, epoch)."""
+    if not shuffle:
+        return np.arange(num_images, dtype=np.int64)
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)])).permutation(num_images)
+
+
+def shard_batches(
+    num_images: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[np.ndarray]:
+    """The index arrays of the batches this rank yields in this epoch, from ``start_batch`` on."""
+    _check_sharding(batch_size, rank, world_size)
+    order = epoch_order(num_images, shuffle, seed, epoch)
+    if drop_last:
+        order = order[: (num_images // world_size) * world_size]
+    mine = order[rank::world_size]
+    total = len(mine) // batch_size if drop_last else math.ceil(len(mine) / batch_size)
+    if isinstance(start_batch, bool) or not isinstance(start_batch, (int, np.integer)) or not 0 <= start_batch <= total:
+        raise PretextlabError(f"start_batch must lie in [0, {total}] (the batches of this epoch on this rank), got {start_batch!r}")
+    return [mine[i * batch_size : (i + 1) * batch_size] for i in range(start_batch, total)]
+
+
+class BatchLoader:
+    """Iterable over one epoch's batches (from ``start_batch``); ``len()`` is how many it yields."""
+
+    def __init__(
+        self,
+        images: ImageSet,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        epoch: int = 0,
+        start_batch: int = 0,
+        drop_last: bool = False,
+        workers: int = 0,
+        pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+            raise PretextlabError(f"workers must be a whole number >= 0, got {workers!r}")
+        self.images = images
+        self.workers = int(workers)
+        # Pinning needs CUDA; asking for it elsewhere is harmless, so it quietly does nothing.
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self.batches = shard_batches(
+            len(images), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch,
+            drop_last=drop_last, rank=rank, world_size=world_size,
+        )
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self.batches:
+            return iter(())
+        if isinstance(self.images, TensorImageSet):
+            return self._in_memory()
+        return iter(
+            DataLoader(
+                self.images,
+                batch_sampler=self.batches,
+                num_workers=self.workers,
+                collate_fn=functools.partial(collate_decoded, image_size=self.images.image_size),
+                pin_memory=self.pin_memory,
+                # Workers only decode; more than a few batches in flight only costs memory.
+                prefetch_factor=4 if self.workers else None,
+            )
+        )
+
+    def _in_memory(self) -> Iterator[Batch]:
+        assert isinstance(self.images, TensorImageSet)
+        for indices in self.batches:
+            images, labels = self.images.take(indices)
+            batch = Batch(images, labels, 0)
+            yield batch.pin_memory() if self.pin_memory else batch
+
+
+def make_loader(
+    images: ImageSet,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    drop_last: bool = False,
+    workers: int = 0,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> BatchLoader:
+    """One epoch of ``Batch``es of ``images`` (see the module docstring for order, resume, sharding)."""
+    return BatchLoader(
+        images, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch, drop_last=drop_last,
+        workers=workers, pin_memory=pin_memory, rank=rank, world_size=world_size,
+    )

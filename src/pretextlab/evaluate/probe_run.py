@@ -1,0 +1,181 @@
+"""Evaluate a frozen representation: extract (cached) features at named outputs, fit a probe.
+
+This is the glue between a trained run, a downstream dataset and the probes. Every result is
+stored as JSON in the run directory with its full recipe (run, output, probe, labels, dataset,
+split sizes, regularisation chosen), so every number can be traced back to what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pretextlab import atomic
+from pretextlab.data import DatasetSplits, few_label_subset, load_dataset
+from pretextlab.errors import PretextlabError
+from pretextlab.evaluate.features import extract_features
+from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
+
+PROBES = ("lbfgs",)
+PROBES_DIR = "probes"
+FEATURES_DIR = "features"
+
+
+@dataclass
+class EvalConfig:
+    """What to probe and how; the run itself is named separately."""
+
+    outputs: tuple[str, ...] = ("pre_logits",)
+    probe: str = "lbfgs"
+    dataset: str | None = None  # None: the run's own pretext dataset
+    data_dir: str | None = None
+    val_size: float | None = None
+    limit: int | None = None
+    test_limit: int | None = None
+    labels_per_class: int | None = None
+    label_fraction: float | None = None
+    batch_size: int = 256
+    device: str = "auto"
+    seed: int = 0
+    l2_grid: tuple[float, ...] | None = None
+
+    def label_tag(self) -> str:
+        if self.labels_per_class is not None:
+            return f"{self.labels_per_class}pc"
+        if self.label_fraction is not None:
+            return f"{self.label_fraction:g}frac"
+        return "all"
+
+
+class PixelNetwork(nn.Module):
+    """The raw-pixel baseline as a 'network' with one named output."""
+
+    output_names = ("pixels",)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pixels": x.flatten(1)}
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def probe_representation(
+    network: nn.Module,
+    views: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
+    splits: DatasetSplits,
+    outputs: Sequence[str],
+    cache_dir: Path,
+    preprocessing_key: str,
+    config: EvalConfig,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Features of every split at ``outputs`` (one pass per split, cached), then one probe per output."""
+    if config.probe not in PROBES:
+        raise PretextlabError(f"unknown probe {config.probe!r}: choose one of {', '.join(PROBES)}")
+    features = {
+        split: extract_features(
+            network,
+            views,
+            getattr(splits, split),
+            outputs,
+            cache_dir=cache_dir,
+            split=split,
+            preprocessing_key=preprocessing_key,
+            batch_size=config.batch_size,
+            device=config.device,
+            progress=progress,
+        )
+        for split in ("train", "val", "test")
+    }
+    train_labels = features["train"][outputs[0]].labels
+    if config.labels_per_class is not None or config.label_fraction is not None:
+        chosen = few_label_subset(
+            train_labels, per_class=config.labels_per_class, fraction=config.label_fraction, seed=config.seed
+        )
+    else:
+        chosen = np.arange(len(train_labels))
+    lbfgs_config = LbfgsConfig(device=config.device)
+    if config.l2_grid is not None:
+        lbfgs_config = dataclasses.replace(lbfgs_config, l2_grid=tuple(config.l2_grid))
+    results = {}
+    for output in outputs:
+        train_set, val_set, test_set = (features[s][output] for s in ("train", "val", "test"))
+        result = lbfgs_probe(
+            (np.asarray(train_set.features[chosen]), train_labels[chosen]),
+            (val_set.features, val_set.labels),
+            (test_set.features, test_set.labels),
+            num_classes=splits.num_classes,
+            config=lbfgs_config,
+            progress=progress,
+        )
+        record = result.to_dict()
+        record.update(
+            output=output,
+            feature_dim=int(train_set.features.shape[1]),
+            labels=config.label_tag(),
+            train_images=int(len(chosen)),
+            val_images=int(len(val_set.labels)),
+            test_images=int(len(test_set.labels)),
+        )
+        results[output] = record
+    return results
+
+
+def downstream_splits(run_config: Any, config: EvalConfig) -> DatasetSplits:
+    """The downstream dataset: the run's own pretext dataset unless another is named."""
+    dataset = config.dataset or run_config.dataset
+    same = dataset == run_config.dataset and config.data_dir in (None, run_config.data_dir)
+    return load_dataset(
+        dataset,
+        data_dir=config.data_dir if config.data_dir is not None else (run_config.data_dir if same else None),
+        image_size=run_config.decode_size,
+        val_size=config.val_size if config.val_size is not None else (run_config.val_size if same else None),
+        limit=config.limit,
+        test_limit=config.test_limit,
+        seed=config.seed,
+    )
+
+
+def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Probe a trained run's frozen network at ``config.outputs``; store and return the results."""
+    from pretextlab.train import load_trained, resolve_device
+
+    run_dir = Path(run_dir)
+    device = resolve_device(config.device)
+    run_config, network, task = load_trained(run_dir, device)
+    valid = tuple(network.output_names)
+    outputs = valid if tuple(config.outputs) == ("all",) else tuple(config.outputs)
+    unknown = [o for o in outputs if o not in valid]
+    if unknown:
+        raise PretextlabError(f"{run_config.network} has no output {', '.join(unknown)}: choose from {', '.join(valid)} or all")
+    splits = downstream_splits(run_config, config)
+    dataset = config.dataset or run_config.dataset
+    key = _key(run_config.config_hash(), dataset, config.data_dir, config.val_size, config.limit, config.test_limit, config.seed, splits.describe())
+    results = probe_representation(
+        network, task.eval_views, splits, outputs, run_dir / FEATURES_DIR, key, config, progress=progress
+    )
+    stored = []
+    for output, record in results.items():
+        record.update(
+            run=str(run_dir),
+            run_config_hash=run_config.config_hash(),
+            task=run_config.task,
+            network=run_config.network,
+            width=run_config.width,
+            dataset=dataset,
+            eval_config=dataclasses.asdict(config),
+            data=splits.describe(),
+        )
+        name = f"{dataset}-{output}-{config.probe}-{config.label_tag()}.json"
+        atomic.write_json(run_dir / PROBES_DIR / name, record)
+        stored.append(record)
+    return stored

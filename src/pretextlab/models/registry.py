@@ -1,0 +1,200 @@
+"""The study's networks by name: the shared Network contract, ``build_network`` and ``networks_table``.
+
+Every network is an ``nn.Module`` whose ``forward`` returns a dict of named outputs in network
+order (ResNet/RevNet: block1..block4, pre_logits; VGG: block1..block5, fc6, pre_logits), so a task
+reads ``pre_logits`` and a probe names the output it reads without touching the internals.
+
+The families (resnet.py, revnet.py, vgg.py) subclass ``Network`` from this module, so the table
+of constructors is looked up inside ``build_network`` rather than imported at the top here.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pretextlab.errors import PretextlabError
+
+NETWORKS: tuple[str, ...] = ("resnet50v1", "resnet50v2", "revnet50", "vgg19bn")
+
+DEFAULT_WIDTHS: dict[str, int] = {"resnet50v1": 4, "resnet50v2": 4, "revnet50": 4, "vgg19bn": 8}
+
+# The study's "(-)" variants drop the ReLU before global pooling; only these two have one to drop.
+NETWORKS_WITH_FINAL_RELU_SWITCH: tuple[str, ...] = ("resnet50v2", "revnet50")
+
+
+class Network(nn.Module):
+    """What every network of the study offers besides its layers.
+
+    Attributes: ``name`` (registry name), ``width`` (widening factor k), ``patch_mode``,
+    ``final_relu``, ``representation_size`` (None or D), ``input_size`` (None where any size
+    works), ``output_names`` (the keys ``forward`` returns, in order) and ``out_dim`` (the size of
+    the flat ``pre_logits``).
+    """
+
+    output_names: tuple[str, ...]
+
+    def __init__(
+        self,
+        name: str,
+        width: int,
+        final_relu: bool,
+        patch_mode: bool,
+        representation_size: int | None,
+        input_size: int | None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.width = width
+        self.final_relu = final_relu
+        self.patch_mode = patch_mode
+        self.representation_size = representation_size
+        self.input_size = input_size
+        self.out_dim = 0  # set by the family once its natural pre-logits size is known
+        self.representation: nn.Linear | None = None
+
+    def _add_representation_layer(self, natural_dim: int) -> None:
+        """The representation-size experiment's layer: natural pre-logits (natural_dim) -> D.
+
+        A bias-free linear map, no normalisation or ReLU after it, so pre_logits is a linear
+        function of the pooled features as in the study. Initialised N(0, 1/natural_dim), which
+        keeps the pre_logits at the scale of the pooled features whatever D is.
+        """
+        if self.representation_size is None:
+            self.out_dim = natural_dim
+            return
+        self.representation = nn.Linear(natural_dim, self.representation_size, bias=False)
+        self.out_dim = self.representation_size
+
+    def _pre_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.representation is None else self.representation(features)
+
+    def _init_weights(self) -> None:
+        """torchvision's initialisation: convs kaiming-normal (fan_out, ReLU), BN weight 1 bias 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.representation is not None:
+            nn.init.normal_(self.representation.weight, std=self.representation.in_features**-0.5)
+
+    def _check_input(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise PretextlabError(
+                f"{self.name} takes a 4-d float tensor (batch, 3, height, width), got {shape}: "
+                "add the batch dimension with images.unsqueeze(0) for a single image"
+            )
+        if images.shape[1] != 3:
+            raise PretextlabError(
+                f"{self.name} takes 3-channel (RGB) images, got {images.shape[1]} channels in shape "
+                f"{tuple(images.shape)}: repeat gray images with images.expand(-1, 3, -1, -1)"
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, width={self.width}, final_relu={self.final_relu}, "
+            f"patch_mode={self.patch_mode}, out_dim={self.out_dim}"
+        )
+
+
+def _positive_int(value: object, what: str, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise PretextlabError(f"{what} must be an integer >= 1, got {value!r}: {hint}")
+    return int(value)
+
+
+def _constructors() -> dict[str, Callable[..., Network]]:
+    # Imported here: the family modules import Network from this module.
+    from pretextlab.models import resnet, revnet, vgg
+
+    return {
+        "resnet50v1": resnet.resnet50v1,
+        "resnet50v2": resnet.resnet50v2,
+        "revnet50": revnet.revnet50,
+        "vgg19bn": vgg.vgg19bn,
+    }
+
+
+def build_network(
+    name: str,
+    width: int | None = None,
+    final_relu: bool = True,
+    patch_mode: bool = False,
+    representation_size: int | None = None,
+    input_size: int | None = None,
+) -> Network:
+    """The study's network ``name`` at widening factor ``width`` (default 4, VGG 8).
+
+    ``final_relu=False`` is the study's "(-)" variant (resnet50v2, revnet50 only).
+    ``patch_mode`` is the Jigsaw / Relative Patch Location geometry for 64x64 patches.
+    ``representation_size`` inserts a linear layer so pre_logits has that many dimensions.
+    ``input_size`` is the input side; VGG needs it (fc6's kernel covers the remaining map),
+    default 224, or 64 in patch mode.
+    """
+    if name not in NETWORKS:
+        raise PretextlabError(f"unknown network {name!r}: choose one of {', '.join(NETWORKS)}")
+    width = DEFAULT_WIDTHS[name] if width is None else _positive_int(
+        width, "width", "the widening factor k is a whole number (the study uses 4, 8, 12, 16)"
+    )
+    if not final_relu and name not in NETWORKS_WITH_FINAL_RELU_SWITCH:
+        reason = {
+            "resnet50v1": "ResNet v1 ends every unit with a ReLU after the addition, so its "
+            "pre-logits are always rectified",
+            "vgg19bn": "VGG's pre-logits are fc7's output, whose BN-ReLU is part of the layer",
+        }[name]
+        raise PretextlabError(
+            f"final_relu=False (the '(-)' variant) does not exist for {name}: {reason}; "
+            f"it exists for {', '.join(NETWORKS_WITH_FINAL_RELU_SWITCH)}"
+        )
+    if representation_size is not None:
+        representation_size = _positive_int(
+            representation_size, "representation_size", "use None for the natural pre-logits size, or e.g. 2048"
+        )
+    if input_size is not None:
+        input_size = _positive_int(input_size, "input_size", "give the side of the square network input in pixels")
+    return _constructors()[name](
+        width=width,
+        final_relu=bool(final_relu),
+        patch_mode=bool(patch_mode),
+        representation_size=representation_size,
+        input_size=input_size,
+    )
+
+
+def parameter_count(name: str, width: int | None = None, **options: object) -> int:
+    """Number of parameters of ``build_network(name, width, **options)``, built on the meta
+    device so that even k=16 networks cost no memory or time."""
+    with torch.device("meta"):
+        network = build_network(name, width, **options)  # type: ignore[arg-type]
+    return sum(p.numel() for p in network.parameters())
+
+
+def networks_table(widths: tuple[int, ...] = (4, 8, 12, 16)) -> str:
+    """A Markdown table of every network (and "(-)" variant) at ``widths``: parameters, pre-logits."""
+    widths = tuple(_positive_int(w, "every width", "widths are widening factors such as 4, 8, 12, 16") for w in widths)
+    if not widths:
+        raise PretextlabError("widths is empty: give at least one widening factor, e.g. (4, 8, 12, 16)")
+    variants: list[tuple[str, str, bool]] = []
+    for name in NETWORKS:
+        variants.append((name, name, True))
+        if name in NETWORKS_WITH_FINAL_RELU_SWITCH:
+            variants.append((f"{name} (-)", name, False))
+    lines = ["| network | k | parameters | pre-logits |", "|---|---:|---:|---:|"]
+    for label, name, final_relu in variants:
+        for width in widths:
+            with torch.device("meta"):
+                network = build_network(name, width, final_relu=final_relu)
+            parameters = sum(p.numel() for p in network.parameters())
+            lines.append(f"| {label} | {width} | {parameters:,} | {network.out_dim:,} |")
+    lines.append("")
+    lines.append(
+        "Parameters exclude any task head. VGG19-BN is counted at 224x224 input (fc6 is a 7x7 conv); "
+        "\"(-)\" = no ReLU before global pooling (same parameters)."
+    )
+    return "\n".join(lines) + "\n"

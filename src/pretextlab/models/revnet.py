@@ -1,0 +1,191 @@
+"""RevNet50: the reversible counterpart of ResNet50 v2 at any widening factor k.
+
+The study's definition (PROTOCOL.md "Networks"; RevNet of Gomez et al. 2017 as the released code
+builds it): stem 7x7 conv stride 2 to 64k channels with no BN/ReLU, 3x3 max-pool stride 2 (over a
+zero-padded map, as the released code); four stages of 3, 4, 6, 3 reversible units at widths
+64k, 128k, 256k, 512k; between stages a 2x2 average pool stride 2 (TF 'SAME': a ragged edge
+window averages only the pixels it covers) and zero channels padded on both sides to double the
+width, no weights; a final BN (+ ReLU unless "(-)"), global average pooling, 512k pre-logits.
+
+A reversible unit splits x into halves (x1, x2), computes y1 = x1 + F(x2) and outputs
+concat(x2, y1), so the halves swap every unit. F is a pre-activation bottleneck
+BN-ReLU-1x1(C/8)-BN-ReLU-3x3(C/8)-BN-ReLU-1x1(C/2); there is no G. The unit's input is recomputed
+exactly from its output by ``ReversibleUnit.inverse``, the basis of the memory-saving backward.
+
+BatchNorm and the inverse: in train mode F normalises with the batch statistics of x2, and
+``inverse`` sees the very same x2, so recomputing F(x2) with batch statistics reproduces the
+forward's F(x2) exactly. It does so inside ``batch_stats_without_update``, which makes the BN
+layers normalise with the batch statistics without folding them into the running statistics a
+second time (nor counting the batch in num_batches_tracked). In eval mode F uses the running
+statistics both ways.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as functional
+from torch import nn
+
+from pretextlab.errors import PretextlabError
+from pretextlab.models.registry import Network
+from pretextlab.models.resnet import STAGE_DEPTHS, STAGE_WIDTH_MULTIPLIERS, conv1x1, conv3x3, stem_max_pool
+
+STEM_WIDTH_MULTIPLIER = 64  # the stem projects straight to the first stage's width
+TRANSITION_STRIDES = (2, 2, 2)  # before stages 2, 3, 4: overall stage strides (1, 2, 2, 2)
+PATCH_TRANSITION_STRIDES = (2, 2, 1)  # stage strides (1, 2, 2, 1) for 64x64 patches
+
+
+@contextlib.contextmanager
+def batch_stats_without_update(module: nn.Module) -> Iterator[None]:
+    """Within this block, BatchNorm layers of ``module`` in train mode normalise with the batch's
+    statistics but leave running_mean, running_var and num_batches_tracked untouched.
+
+    Used to recompute a reversible unit's F (in ``inverse``, and in a memory-saving backward)
+    without counting the batch twice. Eval-mode layers are unaffected: they read the running
+    statistics either way. It switches ``track_running_stats`` off temporarily, which is how
+    ``nn.BatchNorm2d.forward`` decides not to pass (and so not update) the buffers.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
+class ResidualFunction(nn.Module):
+    """F of a reversible unit: BN-ReLU-1x1 -> BN-ReLU-3x3 -> BN-ReLU-1x1 on one half (C/2 channels),
+    inner width C/8, output C/2 channels (a v2 bottleneck with no shortcut)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        inner = channels // 4
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv1 = conv1x1(channels, inner)
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv2 = conv3x3(inner, inner)
+        self.bn3 = nn.BatchNorm2d(inner)
+        self.conv3 = conv1x1(inner, channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.relu(self.bn1(x)))
+        out = self.conv2(self.relu(self.bn2(out)))
+        return self.conv3(self.relu(self.bn3(out)))
+
+
+class ReversibleUnit(nn.Module):
+    """(x1, x2) -> (x2, x1 + F(x2)) on the channel halves; ``inverse`` undoes it exactly."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels % 2:
+            raise PretextlabError(f"a reversible unit splits its channels in halves: got an odd count {channels}")
+        self.channels = channels
+        self.F = ResidualFunction(channels // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = torch.chunk(x, 2, dim=1)
+        y1 = x1 + self.F(x2)
+        return torch.cat([x2, y1], dim=1)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """The unit's input recomputed from its output ``y``.
+
+        Runs F under the current grad mode (wrap in ``torch.no_grad()`` when recomputing for
+        memory) and never updates BN running statistics (see ``batch_stats_without_update``).
+        """
+        x2, y1 = torch.chunk(y, 2, dim=1)
+        with batch_stats_without_update(self.F):
+            x1 = y1 - self.F(x2)
+        return torch.cat([x1, x2], dim=1)
+
+
+class PoolAndDoubleChannels(nn.Module):
+    """Between stages: 2x2 average pool with the given stride (none for stride 1), then zero
+    channels padded half before and half after to double the width. No weights."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            # ceil_mode + no padding = TF 'SAME' pooling: a ragged edge window averages what it covers.
+            x = functional.avg_pool2d(x, kernel_size=self.stride, stride=self.stride, ceil_mode=True)
+        half = x.shape[1] // 2
+        return functional.pad(x, (0, 0, 0, 0, half, half))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}"
+
+
+class RevNetStem(nn.Module):
+    """7x7 conv (stride 2, or 1 in patch mode) to 64k channels, no BN/ReLU, then the 3x3/2 max-pool."""
+
+    def __init__(self, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, out_channels, kernel_size=7, stride=stride, padding=3, bias=False)
+        self.pool = stem_max_pool()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.conv(x))
+
+
+class RevNet50(Network):
+    """RevNet50. Outputs block1..block4 (stage outputs) and pre_logits (flat, 512k).
+
+    ``stages[i]`` is an ``nn.Sequential`` of the stage's ``ReversibleUnit``s (also given by
+    ``reversible_units()``); ``transitions[i]`` is the weightless step before stage i + 2.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        final_relu: bool = True,
+        patch_mode: bool = False,
+        representation_size: int | None = None,
+        input_size: int | None = None,
+    ) -> None:
+        super().__init__("revnet50", width, final_relu, patch_mode, representation_size, input_size)
+        self.stem = RevNetStem(STEM_WIDTH_MULTIPLIER * width, stride=1 if patch_mode else 2)
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(ReversibleUnit(multiplier * width) for _ in range(depth)))
+            for depth, multiplier in zip(STAGE_DEPTHS, STAGE_WIDTH_MULTIPLIERS)
+        )
+        strides = PATCH_TRANSITION_STRIDES if patch_mode else TRANSITION_STRIDES
+        self.transitions = nn.ModuleList(PoolAndDoubleChannels(stride) for stride in strides)
+        channels = STAGE_WIDTH_MULTIPLIERS[-1] * width
+        self.final_bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.output_names = tuple(f"block{i + 1}" for i in range(len(self.stages))) + ("pre_logits",)
+        self._add_representation_layer(channels)
+        self._init_weights()
+
+    def reversible_units(self) -> list[list[ReversibleUnit]]:
+        """For each stage, its reversible units in order."""
+        return [list(stage) for stage in self.stages]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._check_input(x)
+        outputs: dict[str, torch.Tensor] = {}
+        x = self.stem(x)
+        for index, stage in enumerate(self.stages):
+            if index > 0:
+                x = self.transitions[index - 1](x)
+            x = stage(x)
+            outputs[f"block{index + 1}"] = x
+        x = self.final_bn(x)
+        if self.final_relu:
+            x = self.relu(x)
+        outputs["pre_logits"] = self._pre_logits(x.mean(dim=(2, 3)))
+        return outputs
+
+
+def revnet50(width: int = 4, **options) -> RevNet50:
+    return RevNet50(width, **options)

@@ -1,0 +1,172 @@
+"""Weights between this package's networks and torchvision's: the start of the export/import path.
+
+ResNet50 v1 at k=4 has exactly torchvision ``resnet50``'s layers (its fc aside), only named
+differently; these functions rename the state-dict entries both ways:
+
+    torchvision                      pretextlab resnet50v1
+    conv1, bn1                       stem.conv, stem.bn
+    layer{s}.{u}.conv{n}/bn{n}       stages.{s-1}.{u}.conv{n}/bn{n}
+    layer{s}.{u}.downsample.0 / .1   stages.{s-1}.{u}.shortcut.conv / .bn
+    fc                               (none: the task owns the head)
+
+VGG19-BN at k=8 has torchvision ``vgg19_bn``'s convolutional part (``features``); only that part
+converts. torchvision's convs there carry a bias that the study's bias-free convs lack: a bias b
+before BatchNorm is removed by the batch mean in train mode and equals running_mean - b in eval
+mode, so it is folded into the running mean, which keeps the function exact in both modes (and
+is exported as a zero bias). torchvision's classifier is Linear layers with biases, dropout and
+no BatchNorm, while the study's fc6/fc7 are bias-free convs followed by BN, so they have no
+torchvision counterpart and keep their own weights (load the converted dict with ``strict=False``).
+
+Tensors are renamed, not copied (except the VGG running means that absorb a conv bias).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+
+from pretextlab.errors import PretextlabError
+from pretextlab.models.resnet import ResNet50
+from pretextlab.models.vgg import BLOCK_DEPTHS, VGG19BN
+
+BN_ENTRIES = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+
+
+def _resnet_key_from_torchvision(key: str) -> str | None:
+    """Our name for a torchvision resnet50 entry; None for the fc entries; error otherwise."""
+    if key.startswith("fc."):
+        return None
+    if key == "conv1.weight":
+        return "stem.conv.weight"
+    if match := re.fullmatch(rf"bn1\.{BN_ENTRIES}", key):
+        return f"stem.bn.{match[1]}"
+    if match := re.fullmatch(rf"layer([1-4])\.(\d+)\.((?:conv[123]|bn[123])\..+)", key):
+        return f"stages.{int(match[1]) - 1}.{match[2]}.{match[3]}"
+    if match := re.fullmatch(r"layer([1-4])\.(\d+)\.downsample\.0\.weight", key):
+        return f"stages.{int(match[1]) - 1}.{match[2]}.shortcut.conv.weight"
+    if match := re.fullmatch(rf"layer([1-4])\.(\d+)\.downsample\.1\.{BN_ENTRIES}", key):
+        return f"stages.{int(match[1]) - 1}.{match[2]}.shortcut.bn.{match[3]}"
+    raise PretextlabError(
+        f"{key!r} is not an entry of a torchvision resnet50 state dict: pass "
+        "torchvision.models.resnet50(...).state_dict() (or a checkpoint of that model)"
+    )
+
+
+def _resnet_key_to_torchvision(key: str) -> str:
+    if key == "stem.conv.weight":
+        return "conv1.weight"
+    if match := re.fullmatch(rf"stem\.bn\.{BN_ENTRIES}", key):
+        return f"bn1.{match[1]}"
+    if match := re.fullmatch(r"stages\.([0-3])\.(\d+)\.((?:conv[123]|bn[123])\..+)", key):
+        return f"layer{int(match[1]) + 1}.{match[2]}.{match[3]}"
+    if match := re.fullmatch(r"stages\.([0-3])\.(\d+)\.shortcut\.conv\.weight", key):
+        return f"layer{int(match[1]) + 1}.{match[2]}.downsample.0.weight"
+    if match := re.fullmatch(rf"stages\.([0-3])\.(\d+)\.shortcut\.bn\.{BN_ENTRIES}", key):
+        return f"layer{int(match[1]) + 1}.{match[2]}.downsample.1.{match[3]}"
+    raise PretextlabError(f"{key!r} has no torchvision resnet50 counterpart")
+
+
+def resnet50v1_from_torchvision(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision resnet50 state dict -> state dict for ``build_network('resnet50v1', 4)``.
+
+    The fc entries are dropped (the pretext task owns the head).
+    """
+    converted = {}
+    for key, tensor in state_dict.items():
+        ours = _resnet_key_from_torchvision(key)
+        if ours is not None:
+            converted[ours] = tensor
+    return converted
+
+
+def _check_resnet50v1(network: object) -> ResNet50:
+    if not isinstance(network, ResNet50) or network.version != "v1":
+        raise PretextlabError(
+            f"only resnet50v1 has torchvision resnet50's layout, got {getattr(network, 'name', type(network).__name__)}"
+        )
+    if network.width != 4:
+        raise PretextlabError(
+            f"torchvision resnet50 is resnet50v1 at width 4, this network has width {network.width}: "
+            "only width 4 converts"
+        )
+    if network.representation is not None:
+        raise PretextlabError(
+            "this resnet50v1 has a representation layer (representation_size="
+            f"{network.representation_size}) that torchvision resnet50 lacks: build it without one"
+        )
+    return network
+
+
+def resnet50v1_to_torchvision(network: ResNet50) -> dict[str, torch.Tensor]:
+    """A width-4 resnet50v1's weights as a torchvision resnet50 state dict, fc excluded.
+
+    Load it with ``torchvision_model.load_state_dict(d, strict=False)`` (only fc.* stays missing).
+    """
+    network = _check_resnet50v1(network)
+    return {_resnet_key_to_torchvision(key): tensor for key, tensor in network.state_dict().items()}
+
+
+def _vgg_feature_indices() -> list[tuple[int, int, int]]:
+    """(block, layer, index of the conv in torchvision's ``features``): conv, BN, ReLU per layer
+    and one max-pool after each block, so the BN of a layer sits at index + 1."""
+    indices = []
+    index = 0
+    for block, depth in enumerate(BLOCK_DEPTHS):
+        for layer in range(depth):
+            indices.append((block, layer, index))
+            index += 3
+        index += 1
+    return indices
+
+
+def vgg19bn_from_torchvision(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision vgg19_bn state dict -> the conv blocks of ``build_network('vgg19bn', 8)``.
+
+    The classifier (fc6/fc7 in torchvision's Linear-with-bias form) is not converted; load the
+    result with ``network.load_state_dict(d, strict=False)`` and fc6/fc7 keep their weights.
+    """
+    to_ours = {}
+    for block, layer, index in _vgg_feature_indices():
+        to_ours[f"features.{index}.weight"] = f"blocks.{block}.{layer}.conv.weight"
+        for entry in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            to_ours[f"features.{index + 1}.{entry}"] = f"blocks.{block}.{layer}.bn.{entry}"
+    conv_biases = {f"features.{index}.bias": index for _, _, index in _vgg_feature_indices()}
+    converted = {}
+    for key, tensor in state_dict.items():
+        if key.startswith("classifier.") or key in conv_biases:
+            continue
+        if key not in to_ours:
+            raise PretextlabError(
+                f"{key!r} is not an entry of a torchvision vgg19_bn state dict: pass "
+                "torchvision.models.vgg19_bn(...).state_dict()"
+            )
+        converted[to_ours[key]] = tensor
+    for bias_key, index in conv_biases.items():
+        mean_key = f"features.{index + 1}.running_mean"
+        if bias_key in state_dict and mean_key in state_dict:
+            converted[to_ours[mean_key]] = state_dict[mean_key] - state_dict[bias_key]
+    return converted
+
+
+def vgg19bn_to_torchvision(network: VGG19BN) -> dict[str, torch.Tensor]:
+    """A width-8 vgg19bn's conv blocks as torchvision vgg19_bn ``features.*`` entries.
+
+    Load with ``strict=False``: the classifier stays missing (fc6/fc7 have no torchvision form).
+    """
+    if not isinstance(network, VGG19BN):
+        raise PretextlabError(f"expected a vgg19bn network, got {getattr(network, 'name', type(network).__name__)}")
+    if network.width != 8:
+        raise PretextlabError(
+            f"torchvision vgg19_bn is vgg19bn at width 8, this network has width {network.width}: only width 8 converts"
+        )
+    state = network.state_dict()
+    converted = {}
+    for block, layer, index in _vgg_feature_indices():
+        weight = state[f"blocks.{block}.{layer}.conv.weight"]
+        converted[f"features.{index}.weight"] = weight
+        converted[f"features.{index}.bias"] = weight.new_zeros(weight.shape[0])
+        for entry in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            converted[f"features.{index + 1}.{entry}"] = state[f"blocks.{block}.{layer}.bn.{entry}"]
+    return converted

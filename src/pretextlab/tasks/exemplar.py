@@ -1,0 +1,138 @@
+"""Exemplar (Dosovitskiy et al. 2014) as the study runs it: the triplet-loss variant.
+
+Every image of a batch of B appears as ``copies`` (8) augmented copies in one batch of 8B; copy j
+of image i is row ``copies*i + j`` and its target is i. The augmentation, as the released
+preprocessing ``to_gray, crop_inception_preprocess_patches, standardization``:
+
+- gray with probability 0.66, decided once per image, so all its copies share it;
+- for each copy independently: an inception crop resized to ``image_size``, a horizontal flip
+  with probability 0.5 and (``exemplar_color_distortion``, on by default) slim's fast-mode colour
+  distortion: brightness + U(-32/255, 32/255), then saturation x U(0.5, 1.5) (a blend with the gray
+  image, torchvision's semantics; TF scales S in HSV), clipped to [0, 1];
+- per-copy standardisation (TF's ``per_image_standardization``).
+
+Head: a linear 1000-d embedding of pre_logits. Loss: TF's semi-hard triplet loss (``triplet``),
+margin 0.5, copies of one image sharing a label, no cross-entropy term, on embeddings normalised as
+``exemplar_normalization`` says; the study's code calls ``tf.nn.l2_normalize(logits, axis=0)``,
+normalising each *dimension* over the batch ("batch", the default) rather than each embedding.
+
+Pretext accuracy: nearest-neighbour retrieval in the batch, the fraction of copies whose nearest
+other embedding (same normalisation, squared Euclidean distance) is a sibling.
+
+``train=False`` uses the same random copies, drawn from ``generator`` (so a fixed generator gives a
+fixed validation set): the study's evaluation preprocessing makes 8 identical central crops, which
+would make the retrieval accuracy trivially 100%.
+
+Frozen-feature views: the central ``image_size`` crop of the decoded image (resized only if the
+image is smaller), standardised, one view per image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+from pretextlab.data import augment
+from pretextlab.errors import PretextlabError
+from pretextlab.tasks.base import PretextTask, TaskOptions
+from pretextlab.tasks.triplet import l2_normalize, nearest_neighbour_correct, triplet_semihard_loss
+
+NORMALIZATIONS = ("batch", "embedding", "none")
+BRIGHTNESS_DELTA = 32.0 / 255.0
+SATURATION_RANGE = (0.5, 1.5)
+ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def crops_per_image(
+    images: torch.Tensor, copies: int, size: int, scale: tuple[float, float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """(B, C, H, W) -> (B*copies, C, size, size): an independent inception crop per copy.
+
+    Same boxes and resampling as ``augment.random_resized_crop``, but every copy's box points into
+    its source image, so the batch is never duplicated in memory before cropping.
+    """
+    batch, _, height, width = images.shape
+    boxes = augment.sample_crop_boxes(
+        batch * copies, height, width, scale, ASPECT_RATIO_RANGE, generator, images.device
+    )
+    source = torch.arange(batch, device=images.device).repeat_interleave(copies)
+    rois = torch.cat([source[:, None].to(images.dtype), boxes.to(images.dtype)], dim=1)
+    return roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def distort_color(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """slim's fast-mode ``distort_color`` (ordering 0), per image: brightness, then saturation."""
+    batch, device = x.shape[0], x.device
+    delta = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * BRIGHTNESS_DELTA
+    low, high = SATURATION_RANGE
+    factor = torch.rand(batch, generator=generator, device=device) * (high - low) + low
+    x = x + delta.view(-1, 1, 1, 1)
+    gray = augment.grayscale(x)
+    x = gray + (x - gray) * factor.view(-1, 1, 1, 1)
+    return x.clamp(0.0, 1.0)
+
+
+class ExemplarTask(PretextTask):
+    name = "exemplar"
+    patch_mode = False
+
+    def __init__(self, feature_dim: int, options: TaskOptions) -> None:
+        super().__init__(feature_dim, options)
+        if options.copies < 2:
+            raise PretextlabError(f"Exemplar needs at least 2 copies per image (positives), got {options.copies}")
+        if options.exemplar_normalization not in NORMALIZATIONS:
+            raise PretextlabError(
+                f"unknown Exemplar normalisation {options.exemplar_normalization!r}: "
+                f"choose one of {', '.join(NORMALIZATIONS)}"
+            )
+        if not 0.0 <= options.gray_probability <= 1.0:
+            raise PretextlabError(f"gray probability must be in [0, 1], got {options.gray_probability}")
+        self.embedding = nn.Linear(feature_dim, options.embedding_dim)
+
+    def copies_of(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, 3, H, W) -> (standardised copies (B*copies, 3, S, S), gray decision per image (B,))."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise PretextlabError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        options = self.options
+        x = augment.to_unit(images)
+        gray = torch.rand(x.shape[0], generator=generator, device=x.device) < options.gray_probability
+        x = torch.where(gray[:, None, None, None], augment.grayscale(x), x)
+        x = crops_per_image(x, options.copies, options.image_size, tuple(options.crop_scale), generator)
+        x = augment.random_flip(x, generator)
+        if options.exemplar_color_distortion:
+            x = distort_color(x, generator)
+        return augment.standardize(x), gray
+
+    def prepare(
+        self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        copies, _ = self.copies_of(images, generator)
+        targets = torch.arange(images.shape[0], device=images.device).repeat_interleave(self.options.copies)
+        return copies, targets
+
+    def forward(self, pre_logits: torch.Tensor) -> torch.Tensor:
+        return self.embedding(pre_logits)
+
+    def normalized(self, outputs: torch.Tensor) -> torch.Tensor:
+        outputs = outputs.float()
+        mode = self.options.exemplar_normalization
+        if mode == "batch":
+            return l2_normalize(outputs, dim=0)
+        if mode == "embedding":
+            return l2_normalize(outputs, dim=1)
+        return outputs
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return triplet_semihard_loss(self.normalized(outputs), targets, self.options.margin)
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+        return nearest_neighbour_correct(self.normalized(outputs), targets)
+
+    def eval_views(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+        x = augment.to_unit(images)
+        size = self.options.image_size
+        x = augment.resize(augment.center_crop(x, min(size, *x.shape[-2:])), size)
+        return augment.standardize(x), 1

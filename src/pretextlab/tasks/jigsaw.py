@@ -1,0 +1,69 @@
+"""Jigsaw puzzles (Noroozi & Favaro 2016) as the study runs them.
+
+Every image is cut into its 3x3 grid of patches (see ``patches``); each patch goes through the
+shared network to pre_logits and a linear layer to a 1000-d embedding; for a permutation p the 9
+embeddings are concatenated in permuted order (slot k holds patch p[k]) -> FC 4096 -> BN -> ReLU ->
+dropout 0.5 -> a classifier over the permutation set (100 maximal-Hamming-distance permutations,
+``permutations``). The target is the index of the permutation in the set.
+
+Which permutations a batch is scored on (the released code's "method 2"): in training,
+``permutations_per_batch`` (8) distinct indices are drawn without replacement once per batch and
+every image of the batch is shown under all of them, so a batch of B images gives 8B samples. The
+alternative, independent permutations per image, would change nothing in expectation and needs a
+gather per image; the released code chose the shared draw "for simplicity" and so do we, so a
+batch's samples match theirs. In evaluation (``train=False``) every image is scored under all 100.
+
+Outputs and targets are image-major: row ``b*M + m`` is image b under the batch's m-th permutation.
+``prepare`` records the batch's permutation indices on the task and ``forward`` applies them: call
+``forward`` on the pre_logits of the inputs of the latest ``prepare`` (as the trainer does). Before
+any ``prepare``, ``forward`` scores all permutations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pretextlab.errors import PretextlabError
+from pretextlab.tasks.base import TaskOptions
+from pretextlab.tasks.patches import GRID_CELLS, PatchTask
+from pretextlab.tasks.permutations import permutation_set
+
+
+class JigsawTask(PatchTask):
+    name = "jigsaw"
+
+    def __init__(self, feature_dim: int, options: TaskOptions) -> None:
+        count = options.num_permutations
+        if not 1 <= options.permutations_per_batch <= count:
+            raise PretextlabError(
+                f"permutations per batch must be between 1 and the number of permutations ({count}), "
+                f"got {options.permutations_per_batch}"
+            )
+        super().__init__(feature_dim, options, slots=GRID_CELLS, classes=count)
+        chosen = permutation_set(count, options.seed, options.permutation_criterion, options.cache_dir)
+        self.min_hamming_distance = chosen.min_distance
+        # Saved with the weights: a checkpoint keeps the exact set its classifier was trained on.
+        self.register_buffer("permutations", torch.as_tensor(chosen.permutations, dtype=torch.long))
+        self._batch_permutations: torch.Tensor | None = None
+
+    def draw_permutations(self, train: bool, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """The indices a batch is scored on: ``permutations_per_batch`` distinct ones in training, all otherwise."""
+        count = self.options.num_permutations
+        if not train:
+            return torch.arange(count, device=device)
+        return torch.randperm(count, generator=generator, device=device)[: self.options.permutations_per_batch]
+
+    def prepare(
+        self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        patches, _ = self.patches(images, train, generator)
+        chosen = self.draw_permutations(train, generator, images.device)
+        self._batch_permutations = chosen
+        return patches, chosen.repeat(images.shape[0])
+
+    def arrangements(self, device: torch.device) -> torch.Tensor:
+        """The permutations of the latest ``prepare`` (all of them before any), in target order."""
+        chosen = self._batch_permutations
+        if chosen is None:
+            return self.permutations.to(device)
+        return self.permutations[chosen.to(self.permutations.device)].to(device)

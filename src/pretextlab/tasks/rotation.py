@@ -1,0 +1,66 @@
+"""Rotation (Gidaris et al. 2018) as the study runs it.
+
+Every image of a batch of B appears in all four rotations (0, 90, 180, 270 degrees) in the same
+batch of 4B; a 4-way linear head on pre_logits; softmax cross-entropy. Training input: inception
+crop, horizontal flip, colour jitter, values in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretextlab.data import augment
+from pretextlab.tasks.base import PretextTask, TaskOptions
+
+NUM_ROTATIONS = 4
+
+
+def rotate_all(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) -> (4B, C, H, W) holding every image at 0, 90, 180, 270 degrees, and the labels.
+
+    Rotation k of image i sits at row k*B + i, so label = row // B.
+    """
+    rotated = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(NUM_ROTATIONS)], dim=0)
+    labels = torch.arange(NUM_ROTATIONS, device=x.device).repeat_interleave(x.shape[0])
+    return rotated, labels
+
+
+class RotationTask(PretextTask):
+    name = "rotation"
+    patch_mode = False
+
+    def __init__(self, feature_dim: int, options: TaskOptions) -> None:
+        super().__init__(feature_dim, options)
+        self.classifier = nn.Linear(feature_dim, NUM_ROTATIONS)
+
+    def _view(self, images: torch.Tensor, train: bool, generator: torch.Generator | None) -> torch.Tensor:
+        x = augment.to_unit(images)
+        size = self.options.image_size
+        if train:
+            x = augment.random_resized_crop(x, size, scale=self.options.crop_scale, generator=generator)
+            x = augment.random_flip(x, generator)
+            x = augment.color_jitter(x, self.options.color_jitter, generator)
+        else:
+            # Evaluation sees the central crop of the decoded image (decoded at 256 for a 224
+            # input: the usual resize-256-centre-crop-224 protocol), resized only if too small.
+            x = augment.resize(augment.center_crop(x, min(size, *x.shape[-2:])), size)
+        return augment.to_signed(x)
+
+    def prepare(
+        self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotate_all(self._view(images, train, generator))
+
+    def forward(self, pre_logits: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pre_logits)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), targets)
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+        return int((outputs.argmax(dim=1) == targets).sum()), int(targets.numel())
+
+    def eval_views(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self._view(images, train=False, generator=None), 1

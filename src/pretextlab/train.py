@@ -1,0 +1,418 @@
+"""The pretext trainer: the study's schedule, mixed precision, atomic checkpoints, exact resume.
+
+A run lives in one directory:
+
+    config.json      the resolved config (the complete recipe) and its hash
+    metrics.jsonl    one JSON line per logged step and per epoch's validation
+    checkpoint.pt    the last checkpoint (written atomically: a crash never leaves half a file)
+    summary.json     written when the run has finished
+
+Resuming restores weights, optimizer, step (so the schedule and the data position) and the RNG
+state. Augmentation randomness is a pure function of (seed, step, rank), so a resumed run sees the
+very same batches and crops as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pretextlab import atomic
+from pretextlab.config import TrainConfig, config_differences, resolve
+from pretextlab.data import DatasetSplits, ImageSet, batches_per_epoch, load_dataset, make_loader
+from pretextlab.errors import PretextlabError
+from pretextlab.models import build_network
+from pretextlab.tasks import PretextTask, TaskOptions, build_task, task_class
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise PretextlabError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PretextlabError(f"device {name!r} asked for but CUDA is not available here: use --device cpu")
+    return device
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A well-mixed seed for one step's augmentations, independent across (seed, step, rank)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, world_size: int = 1) -> float:
+    """lr 0.1 x B/256 (B the global batch in images), linear warm-up, step decays; per step."""
+    peak = config.base_lr * config.batch_size * world_size / 256.0
+    epoch = step / steps_per_epoch
+    if config.warmup_epochs and epoch < config.warmup_epochs:
+        return peak * (step + 1) / (config.warmup_epochs * steps_per_epoch)
+    passed = sum(1 for boundary in config.decay_epochs or () if epoch >= boundary)
+    return peak * config.decay_factor**passed
+
+
+def task_options(config: TrainConfig) -> TaskOptions:
+    return TaskOptions(
+        image_size=config.image_size,
+        crop_scale=tuple(config.crop_scale),
+        color_jitter=config.color_jitter,
+        gray_probability=config.gray_probability,
+        copies=config.copies,
+        permutations_per_batch=config.permutations_per_batch,
+        patch_size=config.patch_size,
+        seed=config.seed,
+    )
+
+
+def build_model(config: TrainConfig) -> tuple[nn.Module, PretextTask]:
+    """The network and the task's head that a (resolved) config describes."""
+    task_cls = task_class(config.task)
+    network = build_network(
+        config.network,
+        width=config.width,
+        final_relu=config.final_relu,
+        patch_mode=task_cls.patch_mode,
+        representation_size=config.representation_size,
+        input_size=config.patch_size if task_cls.patch_mode else config.image_size,
+    )
+    task = build_task(config.task, network.out_dim, task_options(config))
+    return network, task
+
+
+def optimizer_for(network: nn.Module, task: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """Momentum SGD; weight decay on convolution kernels only, as in the study."""
+    decayed, plain = [], []
+    for module in (network, task):
+        for param in module.parameters():
+            if param.requires_grad:
+                (decayed if param.ndim == 4 else plain).append(param)
+    return torch.optim.SGD(
+        [{"params": decayed, "weight_decay": config.weight_decay}, {"params": plain, "weight_decay": 0.0}],
+        lr=0.0,
+        momentum=config.momentum,
+    )
+
+
+@dataclass
+class RunFiles:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / CHECKPOINT_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY_FILE
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = RunFiles(Path(run_dir)).metrics
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    path = RunFiles(Path(run_dir)).config
+    if not path.exists():
+        raise PretextlabError(f"{run_dir} is not a pretextlab run (no {CONFIG_FILE}): pass the --out of a train run")
+    return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+
+
+def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, nn.Module, PretextTask]:
+    """The config, network and task head of a run, with the weights of its last checkpoint."""
+    config = load_config(run_dir)
+    files = RunFiles(Path(run_dir))
+    if not files.checkpoint.exists():
+        raise PretextlabError(f"{run_dir} has no checkpoint yet: train it first (pretextlab train ... --out {run_dir})")
+    state = torch.load(files.checkpoint, map_location=device, weights_only=False)
+    network, task = build_model(config)
+    network.load_state_dict(state["network"])
+    task.load_state_dict(state["task"])
+    return config, network.to(device).eval(), task.to(device).eval()
+
+
+class Trainer:
+    """Trains one pretext run; ``fit`` can be interrupted at any point and resumed."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        splits: DatasetSplits | None = None,
+    ) -> None:
+        self.config = resolve(config)
+        self.files = RunFiles(Path(run_dir))
+        self.progress = progress
+        self.device = resolve_device(self.config.device)
+        self.rank, self.world_size = 0, 1
+        self._check_run_dir(resume)
+        self.splits = splits or load_dataset(
+            self.config.dataset,
+            data_dir=self.config.data_dir,
+            image_size=self.config.decode_size,
+            val_size=self.config.val_size,
+            limit=self.config.limit,
+            test_limit=self.config.test_limit,
+            seed=self.config.seed,
+        )
+        torch.manual_seed(self.config.seed)
+        self.network, self.task = build_model(self.config)
+        self.channels_last = self.config.channels_last if self.config.channels_last is not None else self.device.type == "cuda"
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.network.to(self.device, memory_format=memory_format)
+        self.task.to(self.device)
+        self.optimizer = optimizer_for(self.network, self.task, self.config)
+        precision = self.config.precision
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and self.device.type == "cuda") else None
+        self.steps_per_epoch = batches_per_epoch(len(self.splits.train), self.config.batch_size, True, self.world_size)
+        if self.steps_per_epoch < 1:
+            raise PretextlabError(
+                f"the training split has {len(self.splits.train)} images, fewer than one batch of "
+                f"{self.config.batch_size}: lower --batch-size or raise --limit"
+            )
+        self.total_steps = math.ceil(self.config.epochs * self.steps_per_epoch)
+        self.step = 0
+        self.skipped = 0
+        if resume and self.files.checkpoint.exists():
+            self._load_checkpoint()
+
+    # -- run directory --------------------------------------------------------------------------
+
+    def _check_run_dir(self, resume: bool) -> None:
+        files = self.files
+        new = {"config": self.config.to_dict(), "hash": self.config.config_hash()}
+        if files.config.exists():
+            old = json.loads(files.config.read_text())
+            if not resume:
+                raise PretextlabError(
+                    f"{files.root} already holds a run: pass --resume to continue it, or choose a new --out"
+                )
+            differences = config_differences(old["config"], new["config"])
+            if differences:
+                raise PretextlabError(
+                    f"cannot resume {files.root}: its config differs from this one ({'; '.join(differences)}); "
+                    "use the run's own settings or a new --out"
+                )
+        files.root.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(files.config, new)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "network": self.network.state_dict(),
+            "task": self.task.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "skipped": self.skipped,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "config_hash": self.config.config_hash(),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.rank == 0:
+            atomic.save_torch(self.files.checkpoint, self._checkpoint_state())
+
+    def _load_checkpoint(self) -> None:
+        state = torch.load(self.files.checkpoint, map_location=self.device, weights_only=False)
+        self.network.load_state_dict(state["network"])
+        self.task.load_state_dict(state["task"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.skipped = int(state["skipped"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        # Lines logged after the checkpoint will be logged again: drop them so each step appears once.
+        kept = [m for m in read_metrics(self.files.root) if m["step"] <= self.step]
+        atomic.write_text(self.files.metrics, "".join(json.dumps(m) + "\n" for m in kept))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            with open(self.files.metrics, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # -- training -------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True)
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return self.task(self.network(inputs)["pre_logits"])
+
+    def _generator(self, step: int) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(step_seed(self.config.seed, step, self.rank))
+        return generator
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        epoch, start = divmod(self.step, self.steps_per_epoch)
+        return iter(
+            make_loader(
+                self.splits.train,
+                self.config.batch_size,
+                shuffle=True,
+                seed=self.config.seed,
+                epoch=epoch,
+                start_batch=start,
+                drop_last=True,
+                workers=self.config.workers,
+                pin_memory=self.device.type == "cuda",
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+        )
+
+    def train_step(self, images: torch.Tensor) -> tuple[float, int, int]:
+        self.network.train()
+        self.task.train()
+        lr = learning_rate(self.config, self.step, self.steps_per_epoch, self.world_size)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = self.task.prepare(self._to_device(images), True, self._generator(self.step))
+        outputs = self._forward(inputs)
+        loss = self.task.loss(outputs, targets)
+        if not torch.isfinite(loss):
+            raise PretextlabError(
+                f"the loss became {loss.item()} at step {self.step}: the run stopped and its last good "
+                f"checkpoint ({self.files.checkpoint}) is kept; lower the learning rate (--base-lr) and --resume"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        right, scored = self.task.correct(outputs.detach(), targets)
+        return loss.item(), right, scored
+
+    @torch.no_grad()
+    def pretext_accuracy(self, images: ImageSet) -> float:
+        """Pretext accuracy (%) of the current weights on ``images`` (the validation split)."""
+        self.network.eval()
+        self.task.eval()
+        right = scored = 0
+        loader = make_loader(images, self.config.batch_size, shuffle=False, drop_last=False, workers=self.config.workers)
+        for index, batch in enumerate(loader):
+            if self.config.val_batches is not None and index >= self.config.val_batches:
+                break
+            if len(batch.labels) < 2:
+                continue
+            inputs, targets = self.task.prepare(self._to_device(batch.images), False, self._generator(-1 - index))
+            r, s = self.task.correct(self._forward(inputs).float(), targets)
+            right, scored = right + r, scored + s
+        return 100.0 * right / max(scored, 1)
+
+    def fit(self) -> dict[str, Any]:
+        if self.files.summary.exists() and self.step >= self.total_steps:
+            return json.loads(self.files.summary.read_text())
+        started = time.perf_counter()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"{self.config.task}/{self.config.network}",
+            unit="step",
+            disable=not self.progress or self.rank != 0,
+            dynamic_ncols=True,
+        )
+        window_loss, window_right, window_scored, window_start = 0.0, 0, 0, time.perf_counter()
+        window_steps = 0
+        val_accuracy = None
+        try:
+            while self.step < self.total_steps:
+                for batch in self._epoch_batches():
+                    if self.step >= self.total_steps:
+                        break
+                    self.skipped += batch.skipped
+                    if len(batch.labels) >= 2:
+                        loss, right, scored = self.train_step(batch.images)
+                        window_loss, window_right, window_scored = window_loss + loss, window_right + right, window_scored + scored
+                        window_steps += 1
+                    # else: (almost) every image of this batch was unreadable; BatchNorm cannot train
+                    # on it, but the step still counts so step numbers stay equal to batch positions.
+                    self.step += 1
+                    bar.update(1)
+                    if window_steps and (self.step % self.config.log_every == 0 or self.step == self.total_steps):
+                        elapsed = time.perf_counter() - window_start
+                        record = {
+                            "step": self.step,
+                            "epoch": self.step / self.steps_per_epoch,
+                            "lr": learning_rate(self.config, self.step - 1, self.steps_per_epoch, self.world_size),
+                            "loss": window_loss / window_steps,
+                            "pretext_accuracy": 100.0 * window_right / max(window_scored, 1),
+                            "images_per_s": window_steps * self.config.batch_size * self.world_size / max(elapsed, 1e-9),
+                        }
+                        self._log(record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['pretext_accuracy']:.1f}", lr=f"{record['lr']:.3g}")
+                        window_loss, window_right, window_scored, window_steps = 0.0, 0, 0, 0
+                        window_start = time.perf_counter()
+                    end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                    if end_of_epoch:
+                        val_accuracy = self.pretext_accuracy(self.splits.val)
+                        self._log(
+                            {
+                                "step": self.step,
+                                "epoch": self.step / self.steps_per_epoch,
+                                "val_pretext_accuracy": val_accuracy,
+                                "skipped_images": self.skipped,
+                            }
+                        )
+                        bar.write(f"epoch {self.step / self.steps_per_epoch:.2f}: val pretext accuracy {val_accuracy:.2f}%")
+                        self.save_checkpoint()
+                    elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                        self.save_checkpoint()
+        finally:
+            bar.close()
+        if val_accuracy is None:
+            val_accuracy = self.pretext_accuracy(self.splits.val)
+        summary = {
+            "status": "finished",
+            "config_hash": self.config.config_hash(),
+            "steps": self.step,
+            "epochs": self.config.epochs,
+            "val_pretext_accuracy": val_accuracy,
+            "skipped_images": self.skipped,
+            "seconds_this_session": time.perf_counter() - started,
+            "data": self.splits.describe(),
+        }
+        if self.rank == 0:
+            atomic.write_json(self.files.summary, summary)
+        return summary
+
+
+def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) one pretext run in ``run_dir``; returns its summary."""
+    return Trainer(config, run_dir, resume=resume, progress=progress).fit()

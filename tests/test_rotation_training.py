@@ -1,0 +1,132 @@
+"""Rotation, the trainer (schedule, checkpoints, exact resume) and the L-BFGS probe, end to end on
+real Fashion-MNIST."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretextlab.config import TrainConfig
+from pretextlab.errors import PretextlabError
+from pretextlab.tasks import TaskOptions, build_task
+from pretextlab.tasks.rotation import rotate_all
+from pretextlab.train import Trainer, load_trained, read_metrics
+
+
+def _tiny(**changes) -> TrainConfig:
+    base = dict(
+        task="rotation", network="resnet50v1", width=1, dataset="fashion-mnist", image_size=32, limit=640,
+        val_size=64, test_limit=200, epochs=2, batch_size=32, crop_scale=(0.6, 1.0), color_jitter=0.0,
+        base_lr=0.4, log_every=5, device="cpu",
+    )
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def test_every_image_appears_in_all_four_rotations():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).view(2, 3, 4, 4)
+    rotated, labels = rotate_all(x)
+    assert rotated.shape == (8, 3, 4, 4)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    for row in range(8):
+        k, image = divmod(row, 2)
+        assert torch.equal(rotated[row], torch.rot90(x[image], k, dims=(-2, -1)))
+    task = build_task("rotation", 16, TaskOptions(image_size=24))
+    inputs, targets = task.prepare(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8), True, torch.Generator().manual_seed(0))
+    assert inputs.shape == (20, 3, 24, 24) and targets.shape == (20,)
+    assert inputs.min() >= -1 and inputs.max() <= 1
+    assert task(torch.randn(20, 16)).shape == (20, 4)
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingTrainer(Trainer):
+    """Dies partway through an epoch, after a mid-epoch checkpoint, like a killed job."""
+
+    crash_at = 13
+
+    def train_step(self, images):
+        if self.step == self.crash_at:
+            raise _Crash()
+        return super().train_step(images)
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    whole = Trainer(_tiny(checkpoint_every=4), tmp_path / "whole", progress=False)
+    whole.fit()
+    crashed = _CrashingTrainer(_tiny(checkpoint_every=4), tmp_path / "resumed", progress=False)
+    with pytest.raises(_Crash):
+        crashed.fit()
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 12
+    resumed = Trainer(_tiny(checkpoint_every=4), tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.step == 12
+    resumed.fit()
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == whole.total_steps
+    for name, tensor in a["network"].items():
+        assert torch.equal(tensor, b["network"][name]), name
+    for name, tensor in a["task"].items():
+        assert torch.equal(tensor, b["task"][name]), name
+    # The metrics log holds every step once, as if the run had never stopped.
+    steps = [m["step"] for m in read_metrics(tmp_path / "resumed") if "loss" in m]
+    assert steps == [m["step"] for m in read_metrics(tmp_path / "whole") if "loss" in m]
+
+
+def test_run_directory_guards(tmp_path):
+    Trainer(_tiny(epochs=0.1), tmp_path / "run", progress=False).fit()
+    with pytest.raises(PretextlabError, match="already holds a run: pass --resume"):
+        Trainer(_tiny(epochs=0.1), tmp_path / "run", progress=False)
+    with pytest.raises(PretextlabError, match="config differs.*width: 1 -> 2"):
+        Trainer(_tiny(epochs=0.1, width=2), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(PretextlabError, match="fewer than one batch"):
+        Trainer(_tiny(limit=40, val_size=20, batch_size=32), tmp_path / "small", progress=False)
+
+
+@pytest.mark.slow
+def test_rotation_learns_and_the_probe_reads_its_features(tmp_path):
+    """The CLI end to end: train (loss falls, pretext accuracy above chance), then evaluate."""
+    run = tmp_path / "rot"
+    cmd = [sys.executable, "-m", "pretextlab", "train", "--task", "rotation", "--network", "resnet50v1",
+           "--width", "1", "--limit", "2000", "--val-size", "200", "--test-limit", "500", "--epochs", "3",
+           "--batch-size", "32", "--base-lr", "0.4", "--crop-scale", "0.6", "1.0", "--color-jitter", "0",
+           "--device", "cpu", "--out", str(run), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    metrics = read_metrics(run)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < losses[0] - 0.2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val_pretext_accuracy"] > 50.0  # chance is 25%
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["warmup_epochs"] == pytest.approx(3 * 5 / 35) and config["batch_size"] == 32
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pretextlab", "evaluate", "--run", str(run), "--limit", "2000", "--val-size", "200",
+         "--test-limit", "500", "--device", "cpu", "--no-progress"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    stored = json.loads(next((run / "probes").glob("fashion-mnist-pre_logits-lbfgs-*.json")).read_text())
+    assert stored["output"] == "pre_logits" and stored["probe"] == "lbfgs"
+    assert stored["test_top1"] > 55.0  # 10 classes: chance is 10%
+    assert "l2" in stored["chosen"]
+    assert stored["run_config_hash"] == json.loads((run / "config.json").read_text())["hash"]
+    assert "pre_logits" in done.stdout
+    _, network, _ = load_trained(run)
+    assert not network.training
+
+
+def test_cli_reports_bad_input_clearly(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pretextlab", "train", "--task", "colorization", "--out", str(tmp_path / "x")],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 2
+    assert "unknown task 'colorization': choose one of rotation, exemplar, jigsaw, relative_patch" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "pretextlab", "evaluate", "--run", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert done.returncode == 2 and "not a pretextlab run" in done.stderr
