@@ -71,4 +71,4 @@ def test_config_round_trip_hash_and_differences():
     other = resolve(TrainConfig(width=2, epochs=4))
     assert other.config_hash() != c.config_hash()
     diffs = config_differences(c.to_dict(), other.to_dict())
-    assert any(d.startswith("epochs: 3.0 -> 4.0") for d in diffs)
+    assert any(d.startswith("epochs: 3 -> 4") for d in diffs)

@@ -33,14 +33,30 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--crop-scale", type=float, nargs=2, default=list(defaults.crop_scale), metavar=("MIN", "MAX"))
     parser.add_argument("--color-jitter", type=float, default=defaults.color_jitter)
+    parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips (digits, text)")
     parser.add_argument("--patch-size", type=int, default=defaults.patch_size, help="patch side for jigsaw/relative_patch (64 = the study)")
     parser.add_argument("--copies", type=int, default=defaults.copies, help="exemplar copies per image")
+    parser.add_argument("--margin", type=float, default=defaults.margin, help="exemplar triplet-loss margin")
+    parser.add_argument("--permutations-per-batch", type=int, default=defaults.permutations_per_batch, help="jigsaw permutations drawn per image")
+    parser.add_argument("--num-permutations", type=int, default=defaults.num_permutations, help="size of the jigsaw permutation set")
+    parser.add_argument("--permutation-criterion", choices=("mean", "min"), default=defaults.permutation_criterion,
+                        help="jigsaw set: mean (Noroozi & Favaro, the released set) or min (max-min) Hamming distance")
+    parser.add_argument("--patch-eval-geometry", choices=("released", "pretext"), default=defaults.patch_eval_geometry,
+                        help="how a patch-trained network is fed to probes")
+    parser.add_argument("--exemplar-normalization", choices=("batch", "embedding", "none"), default=defaults.exemplar_normalization)
+    parser.add_argument("--no-exemplar-color-distortion", action="store_true")
+    parser.add_argument("--reversible-backward", dest="reversible_backward", action="store_true", default=None,
+                        help="revnet50: recompute activations in the backward pass (saves memory)")
+    parser.add_argument("--no-reversible-backward", dest="reversible_backward", action="store_false")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="data loader processes (decoding only)")
-    parser.add_argument("--precision", default=defaults.precision, help="auto (bf16 on GPU), fp32 or bf16")
+    parser.add_argument("--precision", default=defaults.precision, help="auto (bf16 on GPU), fp32, bf16, or fp64 (exactness checks)")
     parser.add_argument("--val-batches", type=int, default=None, help="cap on validation batches scored per epoch")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
+    parser.add_argument("--log-every", type=int, default=defaults.log_every, help="log metrics every N steps")
+    parser.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over the global batch (multi-process)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (GPU)")
 
 
 def _train_config(args: argparse.Namespace):
@@ -66,14 +82,26 @@ def _train_config(args: argparse.Namespace):
         weight_decay=args.weight_decay,
         crop_scale=tuple(args.crop_scale),
         color_jitter=args.color_jitter,
+        flip=not args.no_flip,
         patch_size=args.patch_size,
         copies=args.copies,
+        margin=args.margin,
+        permutations_per_batch=args.permutations_per_batch,
+        num_permutations=args.num_permutations,
+        permutation_criterion=args.permutation_criterion,
+        patch_eval_geometry=args.patch_eval_geometry,
+        exemplar_normalization=args.exemplar_normalization,
+        exemplar_color_distortion=not args.no_exemplar_color_distortion,
+        reversible_backward=args.reversible_backward,
         seed=args.seed,
         device=args.device,
         workers=args.workers,
         precision=args.precision,
         val_batches=args.val_batches,
         checkpoint_every=args.checkpoint_every,
+        sync_bn=args.sync_bn,
+        log_every=args.log_every,
+        compile=args.compile,
     )
 
 
@@ -87,7 +115,7 @@ def _cmd_networks(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pretextlab.train import train
 
-    summary = train(_train_config(args), args.out, resume=args.resume, progress=not args.no_progress)
+    summary = train(_train_config(args), args.out, resume=args.resume, progress=not args.no_progress, force=args.force)
     print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
     return 0
 
@@ -128,6 +156,49 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from pretextlab.study import load_study, run_study
+
+    study = load_study(args.file, out=args.out)
+    outcome = run_study(study, executor=args.executor, dry_run=args.dry_run, wait=not args.no_wait, progress=not args.no_progress)
+    return 0 if outcome.ok else 1
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from pretextlab import atomic
+    from pretextlab.store import ResultsStore, locate_store
+
+    with ResultsStore(locate_store(args.file), create=False) as store:
+        if args.csv is not None:
+            text = store.probes_csv()
+            if args.csv == "-":
+                sys.stdout.write(text)
+            else:
+                atomic.write_text(args.csv, text)
+                print(f"wrote {len(text.splitlines()) - 1} probe results to {args.csv}")
+            return 0
+        runs = store.runs()
+        print(f"{'hash':<12} {'task':<15} {'network':<15} {'k':>3} {'size':>5} {'status':<11} {'pretext':>8}")
+        for r in runs:
+            pretext = "" if r["pretext_val_accuracy"] is None else f"{r['pretext_val_accuracy']:.2f}"
+            print(f"{r['config_hash']:<12} {r['task']:<15} {r['network']:<15} {r['width']:>3} {r['representation_size'] or '':>5} {r['status']:<11} {pretext:>8}")
+        print()
+        print(f"{'hash':<12} {'dataset':<14} {'output':<11} {'probe':<6} {'labels':<8} {'val %':>6} {'test %':>6}  chosen")
+        for p in store.probes():
+            print(f"{p['config_hash']:<12} {p['dataset']:<14} {p['output']:<11} {p['probe']:<6} {p['labels']:<8} "
+                  f"{100 * p['val_top1']:>6.2f} {100 * p['test_top1']:>6.2f}  {p['chosen']}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pretextlab.report import build_report
+    from pretextlab.store import locate_store
+
+    report = build_report(locate_store(args.file), args.out, main_output=args.main_output, main_probe=args.main_probe)
+    print(f"wrote {report.markdown} and {report.html} ({len(report.figures)} figures)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretextlab",
@@ -143,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(p)
     p.add_argument("--out", required=True, help="run directory (config, checkpoints, metrics)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a changed config (differences are recorded)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -169,6 +241,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("study", help="run a study's grid (a YAML file): skip what is done, resume what was interrupted")
+    p.add_argument("file", help="the study file, e.g. configs/mini-fashion.yaml")
+    p.add_argument("--dry-run", action="store_true", help="only show what is done / running / left")
+    p.add_argument("--executor", choices=("inline", "local", "slurm"), default=None,
+                   help="inline: one cell after another here; local/slurm: parallel jobs through submitit (default: the study file's)")
+    p.add_argument("--out", default=None, help="the study directory (default: the study file's out, else runs/studies/NAME)")
+    p.add_argument("--no-wait", action="store_true", help="local/slurm: submit the jobs and return")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_study)
+
+    p = sub.add_parser("results", help="list a study's runs and probe results, or export them as CSV")
+    p.add_argument("file", help="a study file, a study directory or its results.sqlite")
+    p.add_argument("--csv", nargs="?", const="-", default=None, metavar="PATH", help="write CSV to PATH (or stdout)")
+    p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser("report", help="the study's tables and figures (Markdown + HTML + PNG) from its results store")
+    p.add_argument("file", help="a study file, a study directory or its results.sqlite")
+    p.add_argument("--out", required=True, help="directory for report.md, report.html and the figures")
+    p.add_argument("--main-output", default="pre_logits", help="the output the main table and width plots read")
+    p.add_argument("--main-probe", default="lbfgs", help="the probe the main table and width plots read")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -178,8 +271,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from pretextlab.train import Preempted
+
     try:
         return args.func(args)
+    except Preempted as stopped:
+        print(f"pretextlab: {stopped}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a job scheduler expects from a preempted job
     except PretextlabError as error:
         print(f"pretextlab: error: {error}", file=sys.stderr)
         return 2

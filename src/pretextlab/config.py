@@ -25,7 +25,7 @@ PAPER_DECAY_EPOCHS = (15.0, 25.0)
 PAPER_BATCH_SIZES = {"rotation": 64, "exemplar": 64, "jigsaw": 128, "relative_patch": 128}
 
 # Fields that change what a run computes; the others (device, workers, progress) do not.
-_RUNTIME_FIELDS = frozenset({"device", "workers", "data_dir", "progress", "checkpoint_every"})
+_RUNTIME_FIELDS = frozenset({"device", "workers", "data_dir", "progress", "checkpoint_every", "compile"})
 
 
 @dataclass
@@ -57,16 +57,27 @@ class TrainConfig:
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
     color_jitter: float = 0.4
+    flip: bool = True  # random horizontal flips in the training augmentation
     gray_probability: float = 0.66
     patch_size: int = 64
     copies: int = 8
     permutations_per_batch: int = 8
+    num_permutations: int = 100
+    margin: float = 0.5
+    # Where the released code and the paper's text differ (tasks.base.TaskOptions explains each).
+    permutation_criterion: str = "mean"
+    patch_eval_geometry: str = "released"
+    exemplar_normalization: str = "batch"
+    exemplar_color_distortion: bool = True
+    reversible_backward: bool | None = None  # RevNet: recompute activations in backward (None = default)
 
     seed: int = 0
     device: str = "auto"
     workers: int = 0
-    precision: str = "auto"  # "auto" = bf16 autocast on CUDA, float32 elsewhere; or "fp32", "bf16"
+    precision: str = "auto"  # "auto" = bf16 autocast on CUDA, float32 elsewhere; "fp32", "bf16", or "fp64" (exactness checks)
     channels_last: bool | None = None  # None = on for CUDA
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (the study: per device)
+    compile: bool = False  # torch.compile the network (GPU speed; same results)
     val_batches: int | None = None  # cap on the validation batches scored per epoch
     checkpoint_every: int | None = None  # also checkpoint every N steps inside an epoch
     log_every: int = 10
@@ -141,12 +152,28 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise PretextlabError(f"base learning rate must be > 0, got {c.base_lr}")
     if not (0 < c.crop_scale[0] <= c.crop_scale[1] <= 1):
         raise PretextlabError(f"crop scale {c.crop_scale} must satisfy 0 < min <= max <= 1")
-    if c.precision not in ("auto", "fp32", "bf16"):
-        raise PretextlabError(f"precision {c.precision!r}: choose auto, fp32 or bf16")
+    if c.precision not in ("auto", "fp32", "bf16", "fp64"):
+        raise PretextlabError(f"precision {c.precision!r}: choose auto, fp32, bf16 or fp64")
     if c.representation_size is not None and c.representation_size < 1:
         raise PretextlabError(f"representation size must be >= 1, got {c.representation_size}")
     if c.limit is not None and c.limit < 2:
         raise PretextlabError(f"--limit must be >= 2 images, got {c.limit}")
+    if c.copies < 2:
+        raise PretextlabError(f"exemplar needs >= 2 copies per image (the triplet loss needs a positive), got {c.copies}")
+    if not 1 <= c.permutations_per_batch <= c.num_permutations:
+        raise PretextlabError(
+            f"--permutations-per-batch {c.permutations_per_batch} must be between 1 and --num-permutations {c.num_permutations}"
+        )
+    choices = {
+        "permutation_criterion": ("mean", "min"),
+        "patch_eval_geometry": ("released", "pretext"),
+        "exemplar_normalization": ("batch", "embedding", "none"),
+    }
+    for name, valid in choices.items():
+        if getattr(c, name) not in valid:
+            raise PretextlabError(f"{name} {getattr(c, name)!r}: choose one of {', '.join(valid)}")
+    if c.reversible_backward and c.network != "revnet50":
+        raise PretextlabError(f"--reversible-backward is for revnet50 only, not {c.network}: drop the flag")
     return c
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 from pretextlab import atomic
 from pretextlab.config import TrainConfig, config_differences, resolve
 from pretextlab.data import DatasetSplits, ImageSet, batches_per_epoch, load_dataset, make_loader
+from pretextlab.distributed import all_reduce_sum, barrier, convert_sync_batchnorm, distributed_context
 from pretextlab.errors import PretextlabError
 from pretextlab.models import build_network
 from pretextlab.tasks import PretextTask, TaskOptions, build_task, task_class
@@ -52,9 +55,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
+def step_seed(seed: int, step: int, rank: int = 0, purpose: int = 0) -> int:
     """A well-mixed seed for one step's augmentations, independent across (seed, step, rank)."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, purpose, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, world_size: int = 1) -> float:
@@ -72,17 +75,27 @@ def task_options(config: TrainConfig) -> TaskOptions:
         image_size=config.image_size,
         crop_scale=tuple(config.crop_scale),
         color_jitter=config.color_jitter,
+        flip=config.flip,
         gray_probability=config.gray_probability,
         copies=config.copies,
         permutations_per_batch=config.permutations_per_batch,
+        num_permutations=config.num_permutations,
+        margin=config.margin,
         patch_size=config.patch_size,
         seed=config.seed,
+        permutation_criterion=config.permutation_criterion,
+        patch_eval_geometry=config.patch_eval_geometry,
+        exemplar_normalization=config.exemplar_normalization,
+        exemplar_color_distortion=config.exemplar_color_distortion,
     )
 
 
 def build_model(config: TrainConfig) -> tuple[nn.Module, PretextTask]:
     """The network and the task's head that a (resolved) config describes."""
     task_cls = task_class(config.task)
+    extra = {}
+    if config.network == "revnet50" and config.reversible_backward is not None:
+        extra["reversible_backward"] = config.reversible_backward
     network = build_network(
         config.network,
         width=config.width,
@@ -90,6 +103,7 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, PretextTask]:
         patch_mode=task_cls.patch_mode,
         representation_size=config.representation_size,
         input_size=config.patch_size if task_cls.patch_mode else config.image_size,
+        **extra,
     )
     task = build_task(config.task, network.out_dim, task_options(config))
     return network, task
@@ -157,8 +171,29 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> tup
     return config, network.to(device).eval(), task.to(device).eval()
 
 
+class PretextModel(nn.Module):
+    """Network and task head as one module, so DistributedDataParallel sees every parameter."""
+
+    def __init__(self, network: nn.Module, task: PretextTask) -> None:
+        super().__init__()
+        self.network = network
+        self.task = task
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.task(self.network(inputs)["pre_logits"])
+
+
+class Preempted(PretextlabError):
+    """The run received SIGTERM (or SIGINT under a scheduler) and stopped after checkpointing."""
+
+
 class Trainer:
-    """Trains one pretext run; ``fit`` can be interrupted at any point and resumed."""
+    """Trains one pretext run; ``fit`` can be interrupted at any point and resumed.
+
+    Under torchrun every rank builds a Trainer; rank 0 alone writes files. The per-step statistics
+    (loss, pretext accuracy, a non-finite loss, a stop signal) are summed over ranks in one
+    all-reduce, so every rank takes the same decision at the same step.
+    """
 
     def __init__(
         self,
@@ -168,13 +203,22 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         splits: DatasetSplits | None = None,
+        force: bool = False,
     ) -> None:
         self.config = resolve(config)
         self.files = RunFiles(Path(run_dir))
         self.progress = progress
-        self.device = resolve_device(self.config.device)
-        self.rank, self.world_size = 0, 1
-        self._check_run_dir(resume)
+        device = resolve_device(self.config.device)
+        self.dist = distributed_context(device.type)
+        if device.type == "cuda" and self.dist.enabled:
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.stop_requested: int | None = None  # set by a signal handler on this rank
+        self.stopping = False  # agreed by all ranks at the last step
+        if self.dist.is_main:
+            self._check_run_dir(resume, force)
+        barrier(self.dist)
         self.splits = splits or load_dataset(
             self.config.dataset,
             data_dir=self.config.data_dir,
@@ -188,8 +232,22 @@ class Trainer:
         self.network, self.task = build_model(self.config)
         self.channels_last = self.config.channels_last if self.config.channels_last is not None else self.device.type == "cuda"
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.network.to(self.device, memory_format=memory_format)
-        self.task.to(self.device)
+        if self.config.sync_bn and self.dist.enabled:
+            self.network = convert_sync_batchnorm(self.network, self.device.type)
+            self.task = convert_sync_batchnorm(self.task, self.device.type)
+        # fp64 is for exactness checks (e.g. one process against several): float32 roundoff is
+        # amplified enormously by a deep BatchNorm network's first steps.
+        self.dtype = torch.float64 if self.config.precision == "fp64" else torch.float32
+        self.network.to(self.device, dtype=self.dtype, memory_format=memory_format)
+        self.task.to(self.device, dtype=self.dtype)
+        self.model: nn.Module = PretextModel(self.network, self.task)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.compiled = torch.compile(self.model) if self.config.compile else self.model
         self.optimizer = optimizer_for(self.network, self.task, self.config)
         precision = self.config.precision
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and self.device.type == "cuda") else None
@@ -202,12 +260,13 @@ class Trainer:
         self.total_steps = math.ceil(self.config.epochs * self.steps_per_epoch)
         self.step = 0
         self.skipped = 0
+        self.skipped_val = 0  # unreadable images of the validation split, at its last pass
         if resume and self.files.checkpoint.exists():
             self._load_checkpoint()
 
     # -- run directory --------------------------------------------------------------------------
 
-    def _check_run_dir(self, resume: bool) -> None:
+    def _check_run_dir(self, resume: bool, force: bool) -> None:
         files = self.files
         new = {"config": self.config.to_dict(), "hash": self.config.config_hash()}
         if files.config.exists():
@@ -217,11 +276,14 @@ class Trainer:
                     f"{files.root} already holds a run: pass --resume to continue it, or choose a new --out"
                 )
             differences = config_differences(old["config"], new["config"])
-            if differences:
+            if differences and not force:
                 raise PretextlabError(
                     f"cannot resume {files.root}: its config differs from this one ({'; '.join(differences)}); "
-                    "use the run's own settings or a new --out"
+                    "use the run's own settings, a new --out, or --force to resume with the new settings"
                 )
+            if differences:
+                warnings.warn(f"resuming {files.root} with a changed config (--force): {'; '.join(differences)}")
+                new["forced_changes"] = old.get("forced_changes", []) + [differences]
         files.root.mkdir(parents=True, exist_ok=True)
         atomic.write_json(files.config, new)
 
@@ -252,8 +314,9 @@ class Trainer:
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         # Lines logged after the checkpoint will be logged again: drop them so each step appears once.
-        kept = [m for m in read_metrics(self.files.root) if m["step"] <= self.step]
-        atomic.write_text(self.files.metrics, "".join(json.dumps(m) + "\n" for m in kept))
+        if self.dist.is_main:
+            kept = [m for m in read_metrics(self.files.root) if m["step"] <= self.step]
+            atomic.write_text(self.files.metrics, "".join(json.dumps(m) + "\n" for m in kept))
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -270,15 +333,19 @@ class Trainer:
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True)
 
-    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _forward(self, inputs: torch.Tensor, train: bool = True) -> torch.Tensor:
+        inputs = inputs.to(self.dtype)
         if self.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            return self.task(self.network(inputs)["pre_logits"])
+            # Evaluation bypasses DDP: no gradient to reduce, and ranks may see different batch counts.
+            model = self.compiled if train else PretextModel(self.network, self.task)
+            return model(inputs)
 
-    def _generator(self, step: int) -> torch.Generator:
+    def _generator(self, step: int, purpose: int = 0) -> torch.Generator:
+        # purpose 0: training steps; 1: validation batches (their own stream, fixed across evaluations)
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(step_seed(self.config.seed, step, self.rank))
+        generator.manual_seed(step_seed(self.config.seed, step, self.rank, purpose))
         return generator
 
     def _epoch_batches(self) -> Iterator[Any]:
@@ -308,37 +375,73 @@ class Trainer:
         inputs, targets = self.task.prepare(self._to_device(images), True, self._generator(self.step))
         outputs = self._forward(inputs)
         loss = self.task.loss(outputs, targets)
-        if not torch.isfinite(loss):
+        right, scored = self.task.correct(outputs.detach(), targets)
+        local_loss = loss.item()
+        finite = math.isfinite(local_loss)
+        # One all-reduce carries everything the ranks must agree on before the weights change.
+        total_loss, right, scored, bad_ranks, stopping = all_reduce_sum(
+            [local_loss if finite else 0.0, right, scored, 0.0 if finite else 1.0, 1.0 if self.stop_requested else 0.0],
+            self.device,
+            self.dist,
+        )
+        if bad_ranks:
             raise PretextlabError(
-                f"the loss became {loss.item()} at step {self.step}: the run stopped and its last good "
-                f"checkpoint ({self.files.checkpoint}) is kept; lower the learning rate (--base-lr) and --resume"
+                f"the loss became {local_loss if not finite else 'non-finite on another rank'} at step {self.step}: "
+                f"the run stopped and its last good checkpoint ({self.files.checkpoint}) is kept; "
+                "lower the learning rate (--base-lr) and --resume"
             )
+        self.stopping = bool(stopping)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        right, scored = self.task.correct(outputs.detach(), targets)
-        return loss.item(), right, scored
+        return total_loss / self.world_size, int(right), int(scored)
 
     @torch.no_grad()
     def pretext_accuracy(self, images: ImageSet) -> float:
         """Pretext accuracy (%) of the current weights on ``images`` (the validation split)."""
         self.network.eval()
         self.task.eval()
-        right = scored = 0
-        loader = make_loader(images, self.config.batch_size, shuffle=False, drop_last=False, workers=self.config.workers)
+        right = scored = skipped = 0
+        loader = make_loader(
+            images, self.config.batch_size, shuffle=False, drop_last=False, workers=self.config.workers,
+            rank=self.rank, world_size=self.world_size,
+        )
         for index, batch in enumerate(loader):
             if self.config.val_batches is not None and index >= self.config.val_batches:
                 break
+            skipped += batch.skipped
             if len(batch.labels) < 2:
                 continue
-            inputs, targets = self.task.prepare(self._to_device(batch.images), False, self._generator(-1 - index))
-            r, s = self.task.correct(self._forward(inputs).float(), targets)
+            inputs, targets = self.task.prepare(self._to_device(batch.images), False, self._generator(index, purpose=1))
+            r, s = self.task.correct(self._forward(inputs, train=False).float(), targets)
             right, scored = right + r, scored + s
+        right, scored, skipped = all_reduce_sum([right, scored, skipped], self.device, self.dist)
+        self.skipped_val = int(skipped)
         return 100.0 * right / max(scored, 1)
+
+    @contextlib.contextmanager
+    def _stop_on_sigterm(self) -> Iterator[None]:
+        """SIGTERM (a preempted job) asks the run to checkpoint after the current step and stop."""
+        def request_stop(signum: int, frame: Any) -> None:
+            self.stop_requested = signum
+
+        try:
+            previous = signal.signal(signal.SIGTERM, request_stop)
+        except ValueError:  # not the main thread: leave signals to the caller
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def fit(self) -> dict[str, Any]:
         if self.files.summary.exists() and self.step >= self.total_steps:
             return json.loads(self.files.summary.read_text())
+        with self._stop_on_sigterm():
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         started = time.perf_counter()
         bar = tqdm(
             total=self.total_steps,
@@ -388,12 +491,21 @@ class Trainer:
                                 "epoch": self.step / self.steps_per_epoch,
                                 "val_pretext_accuracy": val_accuracy,
                                 "skipped_images": self.skipped,
+                                "skipped_val_images": self.skipped_val,
                             }
                         )
                         bar.write(f"epoch {self.step / self.steps_per_epoch:.2f}: val pretext accuracy {val_accuracy:.2f}%")
                         self.save_checkpoint()
                     elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                         self.save_checkpoint()
+                    if self.stopping:
+                        if not end_of_epoch:
+                            self.save_checkpoint()
+                        self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "event": "stopped by SIGTERM"})
+                        raise Preempted(
+                            f"stopped by SIGTERM at step {self.step} of {self.total_steps}; checkpoint saved in "
+                            f"{self.files.checkpoint}: continue with --resume"
+                        )
         finally:
             bar.close()
         if val_accuracy is None:
@@ -405,6 +517,7 @@ class Trainer:
             "epochs": self.config.epochs,
             "val_pretext_accuracy": val_accuracy,
             "skipped_images": self.skipped,
+            "skipped_val_images": self.skipped_val,
             "seconds_this_session": time.perf_counter() - started,
             "data": self.splits.describe(),
         }
@@ -413,6 +526,8 @@ class Trainer:
         return summary
 
 
-def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True, force: bool = False
+) -> dict[str, Any]:
     """Train (or resume) one pretext run in ``run_dir``; returns its summary."""
-    return Trainer(config, run_dir, resume=resume, progress=progress).fit()
+    return Trainer(config, run_dir, resume=resume, progress=progress, force=force).fit()

@@ -16,6 +16,12 @@ import torch
 from torch import nn
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least float32: losses are computed in full precision under bf16/fp16 autocast,
+    and float64 (the trainer's exactness-check precision) is kept as it is."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 @dataclass(frozen=True)
 class TaskOptions:
     """Options shared by the tasks; each task reads the ones it needs.
@@ -39,6 +45,7 @@ class TaskOptions:
     image_size: int = 224
     crop_scale: tuple[float, float] = (0.08, 1.0)
     color_jitter: float = 0.4
+    flip: bool = True  # random horizontal flips (off for data whose meaning flips, e.g. digits, text)
     gray_probability: float = 0.66
     copies: int = 8
     permutations_per_batch: int = 8

@@ -35,7 +35,7 @@ from torchvision.ops import roi_align
 
 from pretextlab.data import augment
 from pretextlab.errors import PretextlabError
-from pretextlab.tasks.base import PretextTask, TaskOptions
+from pretextlab.tasks.base import PretextTask, TaskOptions, full_precision
 from pretextlab.tasks.triplet import l2_normalize, nearest_neighbour_correct, triplet_semihard_loss
 
 NORMALIZATIONS = ("batch", "embedding", "none")
@@ -101,7 +101,8 @@ class ExemplarTask(PretextTask):
         gray = torch.rand(x.shape[0], generator=generator, device=x.device) < options.gray_probability
         x = torch.where(gray[:, None, None, None], augment.grayscale(x), x)
         x = crops_per_image(x, options.copies, options.image_size, tuple(options.crop_scale), generator)
-        x = augment.random_flip(x, generator)
+        if self.options.flip:
+            x = augment.random_flip(x, generator)
         if options.exemplar_color_distortion:
             x = distort_color(x, generator)
         return augment.standardize(x), gray
@@ -117,7 +118,7 @@ class ExemplarTask(PretextTask):
         return self.embedding(pre_logits)
 
     def normalized(self, outputs: torch.Tensor) -> torch.Tensor:
-        outputs = outputs.float()
+        outputs = full_precision(outputs)
         mode = self.options.exemplar_normalization
         if mode == "batch":
             return l2_normalize(outputs, dim=0)

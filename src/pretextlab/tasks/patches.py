@@ -33,7 +33,7 @@ from torch import nn
 
 from pretextlab.data import augment
 from pretextlab.errors import PretextlabError
-from pretextlab.tasks.base import PretextTask, TaskOptions
+from pretextlab.tasks.base import PretextTask, TaskOptions, full_precision
 
 GRID_SIDE = 3
 GRID_CELLS = GRID_SIDE * GRID_SIDE
@@ -268,7 +268,7 @@ class PatchTask(PretextTask):
         return self.head(self.embed(pre_logits), self.arrangements(pre_logits.device))
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(outputs.float(), targets)
+        return nn.functional.cross_entropy(full_precision(outputs), targets)
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
         return int((outputs.argmax(dim=1) == targets).sum()), int(targets.numel())

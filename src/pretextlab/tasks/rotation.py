@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretextlab.data import augment
-from pretextlab.tasks.base import PretextTask, TaskOptions
+from pretextlab.tasks.base import PretextTask, TaskOptions, full_precision
 
 NUM_ROTATIONS = 4
 
@@ -40,7 +40,8 @@ class RotationTask(PretextTask):
         size = self.options.image_size
         if train:
             x = augment.random_resized_crop(x, size, scale=self.options.crop_scale, generator=generator)
-            x = augment.random_flip(x, generator)
+            if self.options.flip:
+                x = augment.random_flip(x, generator)
             x = augment.color_jitter(x, self.options.color_jitter, generator)
         else:
             # Evaluation sees the central crop of the decoded image (decoded at 256 for a 224
@@ -57,7 +58,7 @@ class RotationTask(PretextTask):
         return self.classifier(pre_logits)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs.float(), targets)
+        return F.cross_entropy(full_precision(outputs), targets)
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
         return int((outputs.argmax(dim=1) == targets).sum()), int(targets.numel())

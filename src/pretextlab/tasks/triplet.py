@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from pretextlab.errors import PretextlabError
+from pretextlab.tasks.base import full_precision
 
 
 def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-12) -> torch.Tensor:
@@ -53,7 +54,7 @@ def triplet_semihard_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin
             f"got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
         )
     if embeddings.dtype in (torch.float16, torch.bfloat16):
-        embeddings = embeddings.float()
+        embeddings = full_precision(embeddings)
     count = len(embeddings)
     distances = pairwise_squared_distances(embeddings)
     same = labels[:, None] == labels[None, :]
@@ -80,7 +81,7 @@ def triplet_semihard_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin
 
 def nearest_neighbour_correct(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """(how many rows have a nearest other row with the same label, number of rows)."""
-    distances = pairwise_squared_distances(embeddings.float())
+    distances = pairwise_squared_distances(full_precision(embeddings))
     distances.fill_diagonal_(float("inf"))
     nearest = distances.argmin(dim=1)
     return int((labels[nearest] == labels).sum()), len(labels)

@@ -1,0 +1,580 @@
+"""The study's SGD-trained probes on frozen features: a linear layer ("linear") or an MLP ("mlp").
+
+The recipe is the released evaluation code's (``linear_eval.py`` + ``trainer.py``):
+
+- momentum SGD (0.9), softmax cross-entropy averaged over the minibatch;
+- learning rate ``base_lr x batch / 256``, set per step: an optional linear warm-up, then x``decay_factor``
+  once ``decay_epochs[i]`` epochs are done (30 and 50 of 70 epochs at batch 512; for the reported
+  numbers 480 and 500 of 520 epochs at batch 2048);
+- ``N // batch`` steps per epoch over a fresh shuffle (the remainder is left out that epoch);
+- weight decay on the weight matrices only, never on biases; the released evaluation script does not
+  set it, and its probe heads default to 0, so the presets use 0;
+- MLP: hidden 1000, ReLU, dropout 0.5 (inverted, active in training only), then the classifier;
+- Glorot-uniform weights and zero biases (TensorFlow's layer defaults).
+
+The number the study reports is the *final* model's accuracy (no early stopping): ``val_top1`` and
+``test_top1`` are the final epoch's, and the test split is scored exactly once, after training.
+The per-epoch validation accuracy is kept in ``curve`` (the convergence plot), with the best epoch
+noted in ``chosen`` for information only.
+
+Features are standardised with the training split's column mean and std. When the training and
+validation matrices fit (float32, standardised) they are moved to the device once; otherwise each
+minibatch is gathered from the given arrays (e.g. an ``np.memmap``) and moved on its own. Both
+paths give bit-identical results on the CPU. Shuffling, initialisation and dropout draw from
+their own seeded generators (nothing global), so a fixed seed gives the same result on the CPU,
+and a run resumed from its end-of-epoch checkpoint ends exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from pretextlab import atomic
+from pretextlab.errors import PretextlabError
+from pretextlab.evaluate.features import resolve_device
+
+KINDS = ("linear", "mlp")
+PROBE_NAMES = {"linear": "sgd", "mlp": "mlp"}
+RESIDENCY = ("auto", "device", "stream")
+LR_REFERENCE_BATCH = 256  # base_lr is the learning rate of a batch of this size (scaled linearly)
+CHUNK_ROWS = 8192  # rows per chunk when standardising or scoring, to bound temporary memory
+# Share of free memory the resident features may take: the rest is left for the head, its
+# gradients and momentum, the batch activations and whatever else shares the device.
+DEVICE_MEMORY_SHARE = 0.7
+HOST_MEMORY_SHARE = 0.5
+CHECKPOINT_FORMAT = 1
+FINGERPRINT_ROWS = 32  # rows sampled from each split to recognise the data a checkpoint belongs to
+
+Split = tuple[np.ndarray, np.ndarray]
+CurveCallback = Callable[[dict[str, float]], None]
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _tidy_epoch(value: float) -> int | float:
+    """Whole epochs stay ints (30, not 30.0); fractional ones (from ``scaled``) stay floats."""
+    value = float(value)
+    return int(value) if value.is_integer() else round(value, 9)
+
+
+@dataclass(frozen=True)
+class SgdConfig:
+    """How an SGD probe trains. The defaults are the study's 70-epoch linear probe (``paper("linear")``).
+
+    ``decay_epochs`` may be fractional (a decay then happens mid-epoch, at the step it falls on) and
+    may repeat a value (two decays at once). ``resident``: "auto" keeps the standardised train and
+    val features on the device when they fit, "device" insists, "stream" gathers every minibatch
+    from the given arrays.
+    """
+
+    kind: str = "linear"
+    epochs: int = 70
+    batch_size: int = 512
+    base_lr: float = 0.1
+    decay_epochs: tuple[float, ...] = (30, 50)
+    decay_factor: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0
+    hidden: int = 1000
+    dropout: float = 0.5
+    standardize: bool = True
+    device: str = "auto"
+    resident: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise PretextlabError(f"unknown probe kind {self.kind!r}: choose one of {', '.join(KINDS)}")
+        for name in ("epochs", "batch_size", "hidden"):
+            value = getattr(self, name)
+            if not _is_whole(value) or value < 1:
+                raise PretextlabError(f"{name} must be a whole number >= 1, got {value!r}")
+        if not _is_whole(self.seed):
+            raise PretextlabError(f"seed must be a whole number, got {self.seed!r}")
+        if not _is_number(self.base_lr) or self.base_lr <= 0:
+            raise PretextlabError(f"base_lr must be a number > 0 (the study uses 0.1 per 256 images), got {self.base_lr!r}")
+        try:
+            decays = tuple(self.decay_epochs)
+        except TypeError:
+            raise PretextlabError(f"decay_epochs must be a sequence of epochs, e.g. (30, 50), got {self.decay_epochs!r}") from None
+        if any(not _is_number(d) or not 0 <= d <= self.epochs for d in decays):
+            raise PretextlabError(f"decay_epochs must lie between 0 and epochs={self.epochs}, got {self.decay_epochs!r}")
+        if list(decays) != sorted(decays):
+            raise PretextlabError(f"decay_epochs must be in increasing order, e.g. (30, 50), got {self.decay_epochs!r}")
+        object.__setattr__(self, "decay_epochs", tuple(_tidy_epoch(d) for d in decays))
+        if not _is_number(self.decay_factor) or not 0 < self.decay_factor <= 1:
+            raise PretextlabError(f"decay_factor must be in (0, 1] (the study uses 0.1), got {self.decay_factor!r}")
+        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+            raise PretextlabError(f"momentum must be in [0, 1) (the study uses 0.9), got {self.momentum!r}")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise PretextlabError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if not _is_number(self.warmup_epochs) or not 0 <= self.warmup_epochs <= self.epochs:
+            raise PretextlabError(f"warmup_epochs must lie between 0 and epochs={self.epochs}, got {self.warmup_epochs!r}")
+        object.__setattr__(self, "warmup_epochs", _tidy_epoch(self.warmup_epochs))
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            raise PretextlabError(f"dropout must be in [0, 1) (the study's MLP uses 0.5), got {self.dropout!r}")
+        if not isinstance(self.standardize, bool):
+            raise PretextlabError(f"standardize must be True or False, got {self.standardize!r}")
+        if self.resident not in RESIDENCY:
+            raise PretextlabError(f"unknown resident mode {self.resident!r}: choose one of {', '.join(RESIDENCY)}")
+
+    @classmethod
+    def paper(cls, kind: str = "linear", **overrides: Any) -> "SgdConfig":
+        """The released evaluation script's schedule: batch 512, lr 0.1 x 512/256, x0.1 at 30 and 50 of 70 epochs."""
+        return cls(**{"kind": kind, "epochs": 70, "batch_size": 512, "decay_epochs": (30, 50), **overrides})
+
+    @classmethod
+    def paper_long(cls, kind: str = "linear", **overrides: Any) -> "SgdConfig":
+        """The schedule behind the reported SGD numbers: batch 2048, x0.1 at 480 and 500 of 520 epochs."""
+        return cls(**{"kind": kind, "epochs": 520, "batch_size": 2048, "decay_epochs": (480, 500), **overrides})
+
+    def scaled(self, epochs: int) -> "SgdConfig":
+        """The same schedule squeezed (or stretched) to ``epochs``: decays and warm-up keep their
+        fraction of the run (70 -> 7 epochs moves the decays from 30, 50 to 3, 5)."""
+        if not _is_whole(epochs) or epochs < 1:
+            raise PretextlabError(f"epochs must be a whole number >= 1, got {epochs!r}")
+        ratio = epochs / self.epochs
+        return dataclasses.replace(
+            self,
+            epochs=int(epochs),
+            decay_epochs=tuple(min(d * ratio, epochs) for d in self.decay_epochs),
+            warmup_epochs=min(self.warmup_epochs * ratio, epochs),
+        )
+
+    def peak_lr(self, batch_size: int) -> float:
+        """The learning rate after warm-up and before any decay: ``base_lr x batch_size / 256``."""
+        return self.base_lr * batch_size / LR_REFERENCE_BATCH
+
+    def learning_rate(self, step: int, steps_per_epoch: int, batch_size: int) -> float:
+        """The learning rate of the update numbered ``step`` (0-based, counted over the whole run).
+
+        Warm-up rises linearly so that its last step reaches the peak; a decay at epoch d applies
+        from step ``round(d x steps_per_epoch)`` on, i.e. after d full epochs.
+        """
+        peak = self.peak_lr(batch_size)
+        warmup_steps = round(self.warmup_epochs * steps_per_epoch)
+        if step < warmup_steps:
+            return peak * (step + 1) / warmup_steps
+        decays = sum(step >= round(d * steps_per_epoch) for d in self.decay_epochs)
+        return peak * self.decay_factor**decays
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "decay_epochs": list(self.decay_epochs)}
+
+
+@dataclass
+class SgdResult:
+    """One SGD probe's outcome, shaped like the L-BFGS probe's result.
+
+    ``val_top1`` / ``test_top1`` are fractions in [0, 1] of the *final* model (as the study reports).
+    ``chosen``: the schedule that produced them (final ``epoch``, peak ``lr``, ``batch_size``,
+    ``weight_decay``) plus, for information, ``best_val_epoch`` / ``best_val_top1`` from the curve.
+    ``curve``: one ``{epoch, lr, train_loss, val_top1}`` per epoch (1-based epochs; ``lr`` is the
+    rate of the epoch's last step; ``train_loss`` the mean minibatch loss, weight decay excluded).
+    ``seconds`` adds up the time of every call that worked on this probe (resumes included).
+    """
+
+    probe: str
+    val_top1: float
+    test_top1: float
+    chosen: dict[str, float]
+    curve: list[dict[str, float]]
+    seconds: float
+    train_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _ProbeHead(nn.Module):
+    """A linear classifier, or hidden layer + ReLU + dropout + classifier.
+
+    Dropout draws its masks from a caller-given generator, not the global one, so that a seeded run
+    is reproducible and a resumed run continues the very same stream of masks.
+    """
+
+    def __init__(self, dim: int, num_classes: int, config: SgdConfig, device: torch.device) -> None:
+        super().__init__()
+        # skip_init: the layers are built without drawing from the global RNG; _initialise fills them.
+        if config.kind == "mlp":
+            self.hidden = torch.nn.utils.skip_init(nn.Linear, dim, config.hidden, device=device)
+            self.classifier = torch.nn.utils.skip_init(nn.Linear, config.hidden, num_classes, device=device)
+        else:
+            self.hidden = None
+            self.classifier = torch.nn.utils.skip_init(nn.Linear, dim, num_classes, device=device)
+        self.dropout = float(config.dropout)
+
+    def initialise(self, generator: torch.Generator) -> None:
+        """Glorot-uniform weights, zero biases; drawn on the CPU so every device starts identically."""
+        with torch.no_grad():
+            for layer in (self.hidden, self.classifier):
+                if layer is None:
+                    continue
+                fan_out, fan_in = layer.weight.shape
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                values = torch.rand(layer.weight.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+                layer.weight.copy_(values)
+                layer.bias.zero_()
+
+    def weights_and_biases(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        layers = [layer for layer in (self.hidden, self.classifier) if layer is not None]
+        return [layer.weight for layer in layers], [layer.bias for layer in layers]
+
+    def forward(self, x: torch.Tensor, dropout_generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.hidden is not None:
+            x = torch.relu(self.hidden(x))
+            if self.training and self.dropout > 0:
+                keep = torch.rand(x.shape, generator=dropout_generator, device=x.device) >= self.dropout
+                x = x * keep / (1.0 - self.dropout)
+        return self.classifier(x)
+
+
+def _checked_split(split: Any, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(split, (tuple, list)) or len(split) != 2:
+        raise PretextlabError(f"{name} must be a pair (features (N, D), labels (N,)), got {type(split).__name__}")
+    features, labels = split
+    if not isinstance(features, np.ndarray):  # np.memmap is an ndarray and stays one (no copy)
+        features = np.asarray(features)
+    labels = np.asarray(labels)
+    if features.ndim != 2:
+        raise PretextlabError(f"{name} features must be 2-d (N, D), got shape {features.shape}")
+    if not (np.issubdtype(features.dtype, np.floating) or np.issubdtype(features.dtype, np.integer)):
+        raise PretextlabError(f"{name} features must be numbers (float32 preferred), got {features.dtype}")
+    if labels.ndim != 1 or len(labels) != len(features):
+        raise PretextlabError(f"{name} has {len(features)} feature rows but labels of shape {labels.shape}: give one label per row")
+    if len(features) == 0 or features.shape[1] == 0:
+        raise PretextlabError(f"{name} is empty (features of shape {features.shape}): it needs at least one row and one dimension")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise PretextlabError(f"{name} labels must be integers (class ids), got {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise PretextlabError(f"{name} labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}: check num_classes")
+    return features, labels.astype(np.int64, copy=False)
+
+
+def _non_finite_error(name: str) -> PretextlabError:
+    return PretextlabError(f"{name} features contain NaN or infinite values: fix the feature extraction (or drop those rows)")
+
+
+def _check_finite(features: np.ndarray, name: str) -> None:
+    for start in range(0, len(features), CHUNK_ROWS):
+        if not np.isfinite(features[start : start + CHUNK_ROWS]).all():
+            raise _non_finite_error(name)
+
+
+def _column_moments(features: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and std in float64, by chunks (no float64 copy of the whole matrix); a NaN or
+    inf anywhere makes the sums non-finite, so this is the finiteness check of the split too."""
+    total = np.zeros(features.shape[1])
+    squares = np.zeros(features.shape[1])
+    for start in range(0, len(features), CHUNK_ROWS):
+        chunk = np.asarray(features[start : start + CHUNK_ROWS], dtype=np.float64)
+        total += chunk.sum(0)
+        squares += np.square(chunk).sum(0)
+    if not (np.isfinite(total).all() and np.isfinite(squares).all()):
+        raise _non_finite_error(name)
+    mean = total / len(features)
+    std = np.sqrt(np.maximum(squares / len(features) - mean**2, 0.0))
+    # A constant column carries nothing: dividing it by 1 keeps it at 0 instead of NaN.
+    std[std < 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
+    return mean, std
+
+
+class _Standardised:
+    """One split as the probe reads it: standardised float32 rows on the device, either all held
+    there (resident) or gathered per request from the caller's array (which is never written to)."""
+
+    def __init__(self, features: np.ndarray, mean: torch.Tensor | None, inv_std: torch.Tensor | None, device: torch.device, resident: bool) -> None:
+        self.features = features
+        self.mean = mean
+        self.inv_std = inv_std
+        self.device = device
+        self.whole: torch.Tensor | None = None
+        if resident:
+            self.whole = torch.empty(features.shape, dtype=torch.float32, device=device)
+            for start in range(0, len(features), CHUNK_ROWS):
+                self.whole[start : start + CHUNK_ROWS] = self._load(features[start : start + CHUNK_ROWS])
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def _load(self, rows: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.array(rows, dtype=np.float32)).to(self.device)
+        if self.mean is not None:
+            x = x.sub_(self.mean).mul_(self.inv_std)
+        return x
+
+    def rows(self, order: torch.Tensor, order_on_device: torch.Tensor) -> torch.Tensor:
+        if self.whole is not None:
+            return self.whole.index_select(0, order_on_device)
+        return self._load(self.features[order.numpy()])
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.features), CHUNK_ROWS):
+            if self.whole is not None:
+                yield self.whole[start : start + CHUNK_ROWS]
+            else:
+                yield self._load(self.features[start : start + CHUNK_ROWS])
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(DEVICE_MEMORY_SHARE * free)
+    try:
+        return int(HOST_MEMORY_SHARE * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not a Linux-like host: assume it fits
+        return None
+
+
+def _keep_resident(mode: str, needed_bytes: int, device: torch.device) -> bool:
+    if mode == "stream":
+        return False
+    available = _available_bytes(device)
+    fits = available is None or needed_bytes <= available
+    if mode == "device" and not fits:
+        raise PretextlabError(
+            f"the standardised train+val features need {needed_bytes / 2**30:.1f} GiB but only about "
+            f"{available / 2**30:.1f} GiB is free on {device}: use resident='stream' (or 'auto')"
+        )
+    return fits
+
+
+def _accuracy(model: _ProbeHead, split: _Standardised, labels: torch.Tensor) -> float:
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    start = 0
+    with torch.no_grad():
+        for chunk in split.chunks():
+            predicted = model(chunk).argmax(1)
+            correct += (predicted == labels[start : start + len(chunk)]).sum()
+            start += len(chunk)
+    return int(correct) / len(labels)
+
+
+def _sample_digest(features: np.ndarray, labels: np.ndarray) -> str:
+    rows = np.unique(np.linspace(0, len(features) - 1, min(len(features), FINGERPRINT_ROWS)).astype(np.int64))
+    digest = hashlib.sha256(np.ascontiguousarray(labels).tobytes())
+    digest.update(str(features.shape).encode())
+    digest.update(np.ascontiguousarray(np.asarray(features[rows], dtype=np.float32)).tobytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(config: SgdConfig, num_classes: int, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """What a checkpoint must match to be resumed: the schedule, the model and the data. The
+    device and residency are left out: they do not change what is computed."""
+    recipe = {k: v for k, v in config.to_dict().items() if k not in ("device", "resident")}
+    parts = {
+        "format": CHECKPOINT_FORMAT,
+        "config": recipe,
+        "num_classes": int(num_classes),
+        "train": _sample_digest(*splits["train"]),
+        "val": _sample_digest(*splits["val"]),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _seeds(seed: int) -> tuple[int, int, int]:
+    """Independent seeds for initialisation, shuffling and dropout, derived from one seed."""
+    init, shuffle, dropout = (int(s.generate_state(1, np.uint64)[0] >> 1) for s in np.random.SeedSequence(seed).spawn(3))
+    return init, shuffle, dropout
+
+
+def _load_checkpoint(path: Path, fingerprint: str, device: torch.device) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: the advice is the same
+        raise PretextlabError(f"cannot read the probe checkpoint {path} ({error}): delete it to start the probe over") from error
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        raise PretextlabError(
+            f"the probe checkpoint {path} was written for another configuration or other features: "
+            f"delete it to start over, or give this probe its own checkpoint_path"
+        )
+    if state["device_type"] != device.type:
+        raise PretextlabError(
+            f"the probe checkpoint {path} was written on {state['device_type']} and cannot continue its random "
+            f"streams on {device.type}: resume it on {state['device_type']}, or delete it to start over"
+        )
+    return state
+
+
+def sgd_probe(
+    train: Split,
+    val: Split,
+    test: Split,
+    num_classes: int,
+    config: SgdConfig | None = None,
+    progress: bool = True,
+    curve_callback: CurveCallback | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+) -> SgdResult:
+    """Train a linear or MLP probe with SGD on ``train``, follow it on ``val``, score ``test`` once.
+
+    Each split is (features float (N, D), labels int (N,)); features may be ``np.memmap``s. The
+    result's accuracies are the final model's, as fractions in [0, 1]. ``curve_callback`` receives
+    each epoch's curve entry once that epoch is checkpointed. With ``checkpoint_path``, the state
+    is saved (atomically) after every epoch and a later call with the same arguments continues
+    from it; a finished checkpoint is only scored.
+    """
+    started = time.perf_counter()
+    config = config or SgdConfig()
+    if not isinstance(config, SgdConfig):
+        raise PretextlabError(f"config must be an SgdConfig (e.g. SgdConfig.paper('linear')), got {type(config).__name__}")
+    if not _is_whole(num_classes) or num_classes < 2:
+        raise PretextlabError(f"num_classes must be a whole number >= 2, got {num_classes!r}")
+    splits = {
+        "train": _checked_split(train, "train", num_classes),
+        "val": _checked_split(val, "val", num_classes),
+        "test": _checked_split(test, "test", num_classes),
+    }
+    dims = {name: x.shape[1] for name, (x, _) in splits.items()}
+    if len(set(dims.values())) != 1:
+        raise PretextlabError(f"the splits have different feature sizes {dims}: they must come from the same output")
+    train_x, train_y = splits["train"]
+    missing = np.flatnonzero(np.bincount(train_y, minlength=num_classes) == 0)
+    if len(missing):
+        raise PretextlabError(
+            f"class{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing[:10]))} "
+            f"{'have' if len(missing) > 1 else 'has'} no training example: give at least one labelled image per class "
+            f"(or lower num_classes)"
+        )
+    device = resolve_device(config.device)
+    if config.standardize:
+        mean64, std64 = _column_moments(train_x, "train")
+        mean = torch.from_numpy(mean64).to(device=device, dtype=torch.float32)
+        inv_std = torch.from_numpy(1.0 / std64).to(device=device, dtype=torch.float32)
+    else:
+        _check_finite(train_x, "train")
+        mean = inv_std = None
+    _check_finite(splits["val"][0], "val")
+    _check_finite(splits["test"][0], "test")
+
+    n, dim = train_x.shape
+    resident = _keep_resident(config.resident, 4 * dim * (n + len(splits["val"][0])), device)
+    train_set = _Standardised(train_x, mean, inv_std, device, resident)
+    val_set = _Standardised(splits["val"][0], mean, inv_std, device, resident)
+    labels = {name: torch.from_numpy(y).to(device) for name, (_, y) in splits.items()}
+
+    # The released code drops each epoch's remainder; a training set smaller than one batch is
+    # taken whole instead (one step per epoch), and the learning rate scales with that batch.
+    batch_size = min(config.batch_size, n)
+    steps_per_epoch = n // batch_size
+    init_seed, shuffle_seed, dropout_seed = _seeds(config.seed)
+    model = _ProbeHead(dim, num_classes, config, device)
+    model.initialise(torch.Generator().manual_seed(init_seed))
+    weights, biases = model.weights_and_biases()
+    optimizer = torch.optim.SGD(
+        [{"params": weights, "weight_decay": config.weight_decay}, {"params": biases, "weight_decay": 0.0}],
+        lr=config.peak_lr(batch_size),
+        momentum=config.momentum,
+    )
+    shuffle_generator = torch.Generator().manual_seed(shuffle_seed)
+    dropout_generator = torch.Generator(device=device).manual_seed(dropout_seed)
+
+    curve: list[dict[str, float]] = []
+    start_epoch = 0
+    earlier_seconds = 0.0
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    fingerprint = _fingerprint(config, num_classes, splits) if path is not None else ""
+    if path is not None and path.exists():
+        state = _load_checkpoint(path, fingerprint, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        shuffle_generator.set_state(state["shuffle_rng"])
+        dropout_generator.set_state(state["dropout_rng"])
+        curve = list(state["curve"])
+        start_epoch = int(state["epoch"])
+        earlier_seconds = float(state["seconds"])
+
+    bar = tqdm(
+        range(start_epoch, config.epochs),
+        desc=f"SGD probe ({config.kind})",
+        unit="epoch",
+        initial=start_epoch,
+        total=config.epochs,
+        disable=not progress,
+    )
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=shuffle_generator)
+        order_on_device = order.to(device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for step in range(steps_per_epoch):
+            lr = config.learning_rate(epoch * steps_per_epoch + step, steps_per_epoch, batch_size)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = slice(step * batch_size, (step + 1) * batch_size)
+            logits = model(train_set.rows(order[batch], order_on_device[batch]), dropout_generator)
+            loss = F.cross_entropy(logits, labels["train"].index_select(0, order_on_device[batch]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()  # summed on the device: no host sync per step
+        train_loss = float(loss_sum) / steps_per_epoch
+        if not math.isfinite(train_loss):
+            raise PretextlabError(
+                f"the {config.kind} probe diverged in epoch {epoch + 1} (training loss {train_loss}) at lr {lr:g}: "
+                f"lower base_lr (now {config.base_lr:g} per {LR_REFERENCE_BATCH} images) or keep standardize=True"
+            )
+        entry = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_top1": _accuracy(model, val_set, labels["val"])}
+        curve.append(entry)
+        if path is not None:
+            atomic.save_torch(
+                path,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "fingerprint": fingerprint,
+                    "device_type": device.type,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "shuffle_rng": shuffle_generator.get_state(),
+                    "dropout_rng": dropout_generator.get_state(),
+                    "curve": curve,
+                    "seconds": earlier_seconds + time.perf_counter() - started,
+                },
+            )
+        bar.set_postfix(val=f"{entry['val_top1']:.4f}", loss=f"{train_loss:.4f}", lr=f"{lr:.3g}")
+        if curve_callback is not None:
+            curve_callback(dict(entry))
+    bar.close()
+
+    test_set = _Standardised(splits["test"][0], mean, inv_std, device, resident=False)
+    test_top1 = _accuracy(model, test_set, labels["test"])
+    best = max(curve, key=lambda e: e["val_top1"])  # the first of equals: the earliest epoch
+    return SgdResult(
+        probe=PROBE_NAMES[config.kind],
+        val_top1=curve[-1]["val_top1"],
+        test_top1=test_top1,
+        chosen={
+            "epoch": config.epochs,
+            "lr": config.peak_lr(batch_size),
+            "batch_size": batch_size,
+            "weight_decay": config.weight_decay,
+            "best_val_epoch": best["epoch"],
+            "best_val_top1": best["val_top1"],
+        },
+        curve=curve,
+        seconds=earlier_seconds + time.perf_counter() - started,
+        train_size=int(n),
+    )

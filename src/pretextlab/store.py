@@ -1,0 +1,467 @@
+"""The results store of a study: one SQLite file (standard library), WAL mode, safe for parallel workers.
+
+Tables::
+
+    meta      key -> value: the study's name, its study file's text, the schema version
+    runs      one row per cell of the grid (keyed by the pretext config's hash): its config, status
+              (pending / running / finished / failed / interrupted), the worker holding it and its
+              heartbeat, pretext metrics and timings (``trained`` is when its pretext run ended)
+    attempts  one row per time a worker took a cell: when, who, from which step, how it ended
+    plan      the probe results a cell is expected to produce (dataset, output, probe, labels)
+    probes    the probe results: accuracy on val and test (fractions in [0, 1]), regularisation
+              chosen, the full record as JSON; unique per (run, dataset, output, probe, labels)
+    curves    pretext training curves (metrics.jsonl), one row per (run, step, metric)
+
+Every write is one short transaction; ``busy_timeout`` makes a writer wait for another's lock
+instead of failing, and the unique constraints make a repeated write a no-op, so several workers
+(local processes or cluster jobs on a shared file system with working locks) can write at once
+without losing or duplicating rows. The report is built from this file alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from pretextlab.errors import PretextlabError
+
+SCHEMA_VERSION = 1
+STORE_FILE = "results.sqlite"
+RUN_STATUSES = ("pending", "running", "finished", "failed", "interrupted")
+# Seconds without a heartbeat after which a 'running' cell held by another machine counts as abandoned.
+DEFAULT_STALE_SECONDS = 300.0
+BUSY_TIMEOUT_MS = 120_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    config_hash TEXT PRIMARY KEY,
+    task TEXT NOT NULL,
+    network TEXT NOT NULL,
+    width INTEGER,
+    representation_size INTEGER,
+    config_json TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    owner TEXT,
+    heartbeat REAL,
+    pretext_val_accuracy REAL,
+    steps INTEGER,
+    train_seconds REAL,
+    probe_seconds REAL,
+    summary_json TEXT,
+    error TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    trained REAL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
+    owner TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    outcome TEXT,
+    start_step INTEGER
+);
+CREATE TABLE IF NOT EXISTS plan (
+    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
+    dataset TEXT NOT NULL,
+    output TEXT NOT NULL,
+    probe TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    UNIQUE (config_hash, dataset, output, probe, labels)
+);
+CREATE TABLE IF NOT EXISTS probes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
+    dataset TEXT NOT NULL,
+    output TEXT NOT NULL,
+    probe TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    val_top1 REAL,
+    test_top1 REAL,
+    chosen_json TEXT,
+    feature_dim INTEGER,
+    train_images INTEGER,
+    seconds REAL,
+    record_json TEXT NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (config_hash, dataset, output, probe, labels)
+);
+CREATE TABLE IF NOT EXISTS curves (
+    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
+    step INTEGER NOT NULL,
+    epoch REAL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    UNIQUE (config_hash, step, name)
+);
+"""
+
+ProbeKey = tuple[str, str, str, str]  # (dataset, output, probe, labels)
+
+
+def worker_id() -> str:
+    """This process as 'host:pid', the owner recorded on the cells it holds."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_is_dead(owner: str | None) -> bool:
+    """True when ``owner`` is a process of this machine that no longer exists."""
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def locate_store(path: str | os.PathLike) -> Path:
+    """The store file for ``path``: a .sqlite file itself, a study directory, or a study YAML file."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        from pretextlab.study import load_study  # the study file knows where its directory is
+
+        return load_study(path).store_path
+    if path.is_dir():
+        path = path / STORE_FILE
+    if not path.exists():
+        raise PretextlabError(
+            f"no results store at {path}: pass a study file (.yaml), a study directory or its {STORE_FILE}, "
+            "and run `pretextlab study FILE` first"
+        )
+    return path
+
+
+class ResultsStore:
+    """One study's SQLite store. Open one per process (or thread); every method commits at once."""
+
+    def __init__(self, path: str | os.PathLike, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise PretextlabError(f"no results store at {self.path}: run `pretextlab study FILE` first")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: autocommit, transactions are explicit BEGIN IMMEDIATE blocks below,
+        # so a writer takes the lock before reading what it will change.
+        self.connection = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        self.connection.row_factory = sqlite3.Row
+        self.connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise PretextlabError(f"{self.path} cannot use SQLite's WAL mode (got {mode!r}): put the study on a local or POSIX file system")
+        self.connection.execute("PRAGMA synchronous = NORMAL")
+        self.connection.execute("PRAGMA foreign_keys = ON")
+        with self.transaction() as db:
+            db.executescript_safe(_SCHEMA)
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        version = self.get_meta("schema_version")
+        if version != str(SCHEMA_VERSION):
+            raise PretextlabError(
+                f"{self.path} was written by another pretextlab version (schema {version}, this one reads {SCHEMA_VERSION}): "
+                "use that version or start a new study directory"
+            )
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> "ResultsStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator["_Transaction"]:
+        """BEGIN IMMEDIATE ... COMMIT, retried while another process holds the write lock."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self.connection.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) and "busy" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        try:
+            yield _Transaction(self.connection)
+        except BaseException:
+            self.connection.execute("ROLLBACK")
+            raise
+        self.connection.execute("COMMIT")
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return [dict(row) for row in self.connection.execute(sql, params).fetchall()]
+
+    # -- study ---------------------------------------------------------------------------------
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def register_run(
+        self,
+        config_hash: str,
+        *,
+        task: str,
+        network: str,
+        width: int | None,
+        representation_size: int | None,
+        config: dict[str, Any],
+        run_dir: str,
+        plan: Iterable[ProbeKey] = (),
+    ) -> None:
+        """Add a cell (pending) and its planned probes; an existing cell keeps its status and results."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO runs (config_hash, task, network, width, representation_size, config_json, run_dir, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (config_hash, task, network, width, representation_size, json.dumps(config, sort_keys=True, default=str), run_dir, time.time()),
+            )
+            # The study directory may have moved since the cell was first registered.
+            db.execute("UPDATE runs SET run_dir = ? WHERE config_hash = ?", (run_dir, config_hash))
+            db.executemany(
+                "INSERT OR IGNORE INTO plan (config_hash, dataset, output, probe, labels) VALUES (?, ?, ?, ?, ?)",
+                [(config_hash, *key) for key in plan],
+            )
+
+    # -- claiming and status ---------------------------------------------------------------------
+
+    def claim(self, config_hash: str, owner: str, stale_seconds: float = DEFAULT_STALE_SECONDS) -> int | None:
+        """Take the cell for ``owner`` unless a live worker holds it; returns the attempt id, or None.
+
+        A 'running' cell is free again when its heartbeat is older than ``stale_seconds`` or its
+        owner is a process of this machine that has died (a killed run resumes at once).
+        """
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT status, owner, heartbeat FROM runs WHERE config_hash = ?", (config_hash,)).fetchone()
+            if row is None:
+                raise PretextlabError(f"cell {config_hash} is not in the store {self.path}: register the study first")
+            status, holder, heartbeat = row
+            if status == "finished":
+                return None
+            if status == "running" and holder != owner:
+                alive = heartbeat is not None and now - heartbeat < stale_seconds and not _owner_is_dead(holder)
+                if alive:
+                    return None
+                db.execute(
+                    "UPDATE attempts SET ended = ?, outcome = 'abandoned' WHERE config_hash = ? AND owner = ? AND ended IS NULL",
+                    (now, config_hash, holder),
+                )
+            db.execute(
+                "UPDATE runs SET status = 'running', owner = ?, heartbeat = ?, started = COALESCE(started, ?), error = NULL "
+                "WHERE config_hash = ?",
+                (owner, now, now, config_hash),
+            )
+            cursor = db.execute(
+                "INSERT INTO attempts (config_hash, owner, started) VALUES (?, ?, ?)", (config_hash, owner, now)
+            )
+            return int(cursor.lastrowid)
+
+    def beat(self, config_hash: str, owner: str) -> None:
+        """Refresh the heartbeat of a cell this owner holds."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET heartbeat = ? WHERE config_hash = ? AND owner = ? AND status = 'running'",
+                (time.time(), config_hash, owner),
+            )
+
+    def set_attempt_start_step(self, attempt: int, step: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE attempts SET start_step = ? WHERE id = ?", (step, attempt))
+
+    def record_training(self, config_hash: str, summary: dict[str, Any], train_seconds: float | None) -> None:
+        """The pretext run has finished: its accuracy, steps and timing."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET pretext_val_accuracy = ?, steps = ?, summary_json = ?, "
+                "train_seconds = COALESCE(train_seconds, 0) + COALESCE(?, 0), trained = COALESCE(trained, ?) "
+                "WHERE config_hash = ?",
+                (
+                    summary.get("val_pretext_accuracy"),
+                    summary.get("steps"),
+                    json.dumps(summary, sort_keys=True, default=str),
+                    train_seconds,
+                    time.time(),
+                    config_hash,
+                ),
+            )
+
+    def add_probe_seconds(self, config_hash: str, seconds: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET probe_seconds = COALESCE(probe_seconds, 0) + ? WHERE config_hash = ?", (seconds, config_hash)
+            )
+
+    def end_attempt(self, config_hash: str, attempt: int, outcome: str, error: str | None = None) -> None:
+        """Close an attempt; ``outcome`` becomes the cell's status (finished, failed, interrupted)."""
+        if outcome not in RUN_STATUSES:
+            raise PretextlabError(f"unknown outcome {outcome!r}: choose one of {', '.join(RUN_STATUSES)}")
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("UPDATE attempts SET ended = ?, outcome = ? WHERE id = ?", (now, outcome, attempt))
+            db.execute(
+                "UPDATE runs SET status = ?, error = ?, heartbeat = ?, finished = CASE WHEN ? = 'finished' THEN ? ELSE finished END "
+                "WHERE config_hash = ?",
+                (outcome, error, now, outcome, now, config_hash),
+            )
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def add_probe_result(self, config_hash: str, dataset: str, record: dict[str, Any]) -> bool:
+        """Store one probe result; returns False when that (run, dataset, output, probe, labels) was already there."""
+        for field in ("output", "probe", "labels"):
+            if field not in record:
+                raise PretextlabError(f"a probe record needs {field!r}; got keys {', '.join(sorted(record))}")
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO probes (config_hash, dataset, output, probe, labels, val_top1, test_top1, chosen_json, "
+                "feature_dim, train_images, seconds, record_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    config_hash,
+                    dataset,
+                    record["output"],
+                    record["probe"],
+                    record["labels"],
+                    record.get("val_top1"),
+                    record.get("test_top1"),
+                    json.dumps(record.get("chosen"), sort_keys=True, default=str),
+                    record.get("feature_dim"),
+                    record.get("train_images"),
+                    record.get("seconds"),
+                    json.dumps(record, sort_keys=True, default=str),
+                    time.time(),
+                ),
+            )
+            return cursor.rowcount == 1
+
+    def add_curve_points(self, config_hash: str, records: Iterable[dict[str, Any]]) -> int:
+        """Store the numeric metrics of metrics.jsonl records; returns how many points were new."""
+        points = []
+        for record in records:
+            if "step" not in record:
+                continue
+            for name, value in record.items():
+                if name in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                points.append((config_hash, int(record["step"]), record.get("epoch"), name, float(value)))
+        with self.transaction() as db:
+            before = db.execute("SELECT COUNT(*) FROM curves WHERE config_hash = ?", (config_hash,)).fetchone()[0]
+            db.executemany(
+                "INSERT OR REPLACE INTO curves (config_hash, step, epoch, name, value) VALUES (?, ?, ?, ?, ?)", points
+            )
+            after = db.execute("SELECT COUNT(*) FROM curves WHERE config_hash = ?", (config_hash,)).fetchone()[0]
+        return after - before
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def runs(self) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT * FROM runs ORDER BY task, network, width, representation_size, config_hash")
+        for row in rows:
+            row["config"] = json.loads(row.pop("config_json"))
+            row["summary"] = json.loads(row.pop("summary_json")) if row.get("summary_json") else None
+        return rows
+
+    def run(self, config_hash: str) -> dict[str, Any] | None:
+        rows = [r for r in self.runs() if r["config_hash"] == config_hash]
+        return rows[0] if rows else None
+
+    def probes(self, config_hash: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE p.config_hash = ?", (config_hash,)) if config_hash else ("", ())
+        rows = self._rows(
+            "SELECT p.*, r.task, r.network, r.width, r.representation_size, r.run_dir FROM probes p "
+            f"JOIN runs r ON r.config_hash = p.config_hash {where} ORDER BY r.task, r.network, r.width, p.dataset, p.output, p.probe, p.labels",
+            params,
+        )
+        for row in rows:
+            row["chosen"] = json.loads(row.pop("chosen_json")) if row.get("chosen_json") else None
+            row["record"] = json.loads(row.pop("record_json"))
+        return rows
+
+    def probe_keys(self, config_hash: str) -> set[ProbeKey]:
+        rows = self.connection.execute(
+            "SELECT dataset, output, probe, labels FROM probes WHERE config_hash = ?", (config_hash,)
+        ).fetchall()
+        return {tuple(r) for r in rows}  # type: ignore[misc]
+
+    def planned(self, config_hash: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE config_hash = ?", (config_hash,)) if config_hash else ("", ())
+        return self._rows(f"SELECT * FROM plan {where} ORDER BY config_hash, dataset, output, probe, labels", params)
+
+    def attempts(self, config_hash: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE config_hash = ?", (config_hash,)) if config_hash else ("", ())
+        return self._rows(f"SELECT * FROM attempts {where} ORDER BY id", params)
+
+    def curves(self, config_hash: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE config_hash = ?", (config_hash,)) if config_hash else ("", ())
+        return self._rows(f"SELECT * FROM curves {where} ORDER BY config_hash, name, step", params)
+
+    def cell_state(self, run: dict[str, Any], stale_seconds: float = DEFAULT_STALE_SECONDS) -> str:
+        """done / running / left for one row of ``runs()`` (left covers pending, interrupted, failed)."""
+        if run["status"] == "finished":
+            return "done"
+        if run["status"] == "running":
+            fresh = run["heartbeat"] is not None and time.time() - run["heartbeat"] < stale_seconds
+            if fresh and not _owner_is_dead(run["owner"]):
+                return "running"
+        return "left"
+
+    # -- export ----------------------------------------------------------------------------------
+
+    def probes_csv(self) -> str:
+        """Every probe result joined with its run, as CSV (accuracies as fractions)."""
+        columns = [
+            "config_hash", "task", "network", "width", "representation_size", "dataset", "output", "probe",
+            "labels", "val_top1", "test_top1", "chosen", "feature_dim", "train_images", "seconds", "run_dir",
+        ]
+        pretext = {r["config_hash"]: r["pretext_val_accuracy"] for r in self.runs()}
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns + ["pretext_val_accuracy"])
+        for row in self.probes():
+            values = dict(row, chosen=json.dumps(row["chosen"], sort_keys=True))
+            writer.writerow([values.get(c) for c in columns] + [pretext.get(row["config_hash"])])
+        return buffer.getvalue()
+
+
+class _Transaction:
+    """The connection inside one BEGIN IMMEDIATE block (executescript would commit it, so split)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self.connection.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        return self.connection.executemany(sql, rows)
+
+    def executescript_safe(self, script: str) -> None:
+        for statement in script.split(";"):
+            if statement.strip():
+                self.connection.execute(statement)

@@ -1,0 +1,220 @@
+"""Faults lose nothing: SIGKILL and SIGTERM mid-epoch, a NaN, a failed checkpoint write, bad images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pretextlab import atomic
+from pretextlab.config import TrainConfig
+from pretextlab.errors import PretextlabError
+from pretextlab.train import Trainer, read_metrics
+
+TINY = [
+    "--task", "rotation", "--network", "resnet50v1", "--width", "1", "--limit", "320", "--val-size", "32",
+    "--test-limit", "64", "--epochs", "1", "--batch-size", "16", "--crop-scale", "0.6", "1.0",
+    "--color-jitter", "0", "--device", "cpu", "--val-batches", "1", "--no-progress",
+]
+
+
+def _train_cli(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pretextlab", "train", *TINY, "--out", str(out), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoint.pt", weights_only=False)["network"]
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before the fault was injected: {process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the run to make progress")
+        time.sleep(0.05)
+
+
+def _logged_steps(run: Path) -> int:
+    return max((m["step"] for m in read_metrics(run) if "loss" in m), default=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("faults") / "whole"
+    done = _train_cli(run, "--log-every", "1")
+    _, err = done.communicate()
+    assert done.returncode == 0, err
+    return run
+
+
+def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted):
+    run = tmp_path / "killed"
+    process = _train_cli(run, "--checkpoint-every", "3", "--log-every", "1")
+    _wait_for(lambda: _logged_steps(run) >= 7, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert killed_at >= 3 and killed_at % 3 == 0  # a mid-epoch checkpoint
+    resumed = _train_cli(run, "--checkpoint-every", "3", "--log-every", "1", "--resume")
+    _, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    expected, got = _weights(uninterrupted), _weights(run)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    steps = [m["step"] for m in read_metrics(run) if "loss" in m]
+    total = json.loads((run / "summary.json").read_text())["steps"]
+    assert killed_at < total
+    assert steps == list(range(1, total + 1))  # every step logged exactly once across the kill
+
+
+def test_sigterm_checkpoints_and_the_run_resumes(tmp_path, uninterrupted):
+    run = tmp_path / "preempted"
+    process = _train_cli(run, "--log-every", "1")
+    _wait_for(lambda: _logged_steps(run) >= 4, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert 4 <= state["step"] < json.loads((uninterrupted / "summary.json").read_text())["steps"]
+    stopped = [m for m in read_metrics(run) if m.get("event") == "stopped by SIGTERM"]
+    assert [m["step"] for m in stopped] == [state["step"]]
+    resumed = _train_cli(run, "--log-every", "1", "--resume")
+    _, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    expected, got = _weights(uninterrupted), _weights(run)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def _tiny_config(**changes) -> TrainConfig:
+    base = dict(
+        task="rotation", network="resnet50v1", width=1, image_size=32, limit=192, val_size=32, test_limit=64,
+        epochs=2, batch_size=16, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1,
+    )
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+class _PoisonedTrainer(Trainer):
+    """Plants a NaN in the first convolution's weights just before step ``poison_at``."""
+
+    poison_at = 15
+
+    def train_step(self, images):
+        if self.step == self.poison_at:
+            with torch.no_grad():
+                next(p for p in self.network.parameters() if p.ndim == 4).view(-1)[0] = float("nan")
+        return super().train_step(images)
+
+
+def test_a_planted_nan_stops_cleanly_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+    run = tmp_path / "nan"
+    trainer = _PoisonedTrainer(_tiny_config(), run, progress=False)
+    with pytest.raises(PretextlabError, match=r"at step 15: the run stopped and its last good checkpoint"):
+        trainer.fit()
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 10  # the end of epoch 1 (10 steps per epoch), before the NaN
+    assert all(torch.isfinite(v).all() for v in state["network"].values() if v.is_floating_point())
+    assert not (run / "summary.json").exists()
+    # The good checkpoint resumes (the NaN was planted, not learned) and the run finishes.
+    assert Trainer(_tiny_config(), run, resume=True, progress=False).fit()["steps"] == 20
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    run = tmp_path / "full-disk"
+    trainer = Trainer(_tiny_config(epochs=1), run, progress=False)
+    trainer.fit()
+    before = (run / "checkpoint.pt").read_bytes()
+
+    def disk_full(obj, handle, *args, **kwargs):
+        # A real partial write first, then the error a full disk gives.
+        handle.write(b"\0" * 4096)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.torch, "save", disk_full)
+    trainer.step += 1
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 10
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resuming_with_a_changed_config_is_refused_unless_forced(tmp_path):
+    run = tmp_path / "changed"
+    Trainer(_tiny_config(epochs=1), run, progress=False).fit()
+    with pytest.raises(PretextlabError, match=r"config differs.*base_lr: 0\.1 -> 0\.2.*--force"):
+        Trainer(_tiny_config(epochs=1, base_lr=0.2), run, resume=True, progress=False)
+    with pytest.warns(UserWarning, match="changed config"):
+        Trainer(_tiny_config(epochs=1, base_lr=0.2), run, resume=True, force=True, progress=False)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["base_lr"] == 0.2
+    assert any("base_lr" in d for change in saved["forced_changes"] for d in change)
+
+
+def _write_folder_dataset(root: Path) -> dict[str, int]:
+    """Two classes of real images in every mode a crawl meets, plus files that cannot be decoded."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("val", 4)):
+        for label, name in enumerate(("circles", "stripes")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                pixels[:, ::4] = 255 * label
+                image = Image.fromarray(pixels)
+                kind = i % 4
+                if kind == 0:
+                    image.save(folder / f"{i}.jpg")
+                elif kind == 1:
+                    image.convert("CMYK").save(folder / f"{i}.jpg")
+                elif kind == 2:
+                    image.convert("P").save(folder / f"{i}.png")
+                else:
+                    sixteen = (pixels[..., 0].astype(np.uint16) * 257)
+                    Image.fromarray(sixteen).save(folder / f"{i}.png")  # mode I;16
+    bad = root / "train" / "circles"
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "not-an-image.png").write_text("this is a text file with an image extension")
+    good = (bad / "0.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    return {"bad_train_files": 3}
+
+
+def test_a_folder_of_odd_and_broken_images_trains_and_reports_what_it_skipped(tmp_path):
+    data = tmp_path / "data"
+    expected = _write_folder_dataset(data)
+    run = tmp_path / "odd"
+    done = subprocess.run(
+        [sys.executable, "-m", "pretextlab", "train", "--task", "rotation", "--network", "resnet50v1", "--width", "1",
+         "--dataset", "folder", "--data-dir", str(data), "--image-size", "32", "--val-size", "4", "--epochs", "1",
+         "--batch-size", "8", "--device", "cpu", "--out", str(run), "--no-progress"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    # Each unreadable file is skipped wherever it landed (train or held-out validation) and counted.
+    skipped_lines = [line for line in done.stderr.splitlines() if "skipped unreadable image" in line]
+    named = {name for name in ("zero.jpg", "not-an-image.png", "truncated.jpg") if any(name in l for l in skipped_lines)}
+    assert named == {"zero.jpg", "not-an-image.png", "truncated.jpg"}
+    assert summary["skipped_images"] + summary["skipped_val_images"] == expected["bad_train_files"]
+    assert summary["steps"] >= 2

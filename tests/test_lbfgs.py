@@ -1,0 +1,128 @@
+"""The L-BFGS logistic-regression probe on real Fashion-MNIST pixels, checked against scikit-learn."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pretextlab.data import load_dataset
+from pretextlab.errors import PretextlabError
+from pretextlab.evaluate.lbfgs import LbfgsConfig, ProbeResult, fit_logistic_regression, lbfgs_probe
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def _pixels(images) -> tuple[np.ndarray, np.ndarray]:
+    batch, labels = images.take(np.arange(len(images)))
+    return batch[:, 0].reshape(len(images), -1).float().numpy(), labels.numpy()
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    """Raw 28x28 pixels (784-d): 2,700 train, 300 val, 1,000 test images."""
+    splits = load_dataset("fashion-mnist", data_dir=FASHION_MNIST, image_size=28, limit=3000, test_limit=1000, download=False)
+    return _pixels(splits.train), _pixels(splits.val), _pixels(splits.test)
+
+
+@pytest.fixture(scope="module")
+def standardized(pixels):
+    (train_x, train_y), _, (test_x, test_y) = pixels
+    mean, std = train_x.mean(0), train_x.std(0)
+    std[std == 0] = 1
+    return (train_x - mean) / std, train_y, (test_x - mean) / std, test_y
+
+
+def test_probe_on_raw_pixels_is_accurate_and_chooses_on_val(pixels) -> None:
+    train, val, test = pixels
+    config = LbfgsConfig(l2_grid=(1e-4, 1e-1, 1e-2, 1e-3), max_iter=100, device="cpu")
+    result = lbfgs_probe(train, val, test, num_classes=10, config=config, progress=False)
+    assert isinstance(result, ProbeResult) and result.probe == "lbfgs"
+    assert [s["l2"] for s in result.per_setting] == [1e-1, 1e-2, 1e-3, 1e-4]  # strongest first
+    assert result.test_top1 > 0.75
+    assert 0 <= result.val_top1 <= 1 and 0 <= result.test_top1 <= 1  # fractions, not percent
+    val_scores = [s["val_top1"] for s in result.per_setting]
+    assert result.val_top1 == max(val_scores)
+    assert result.chosen == {"l2": result.per_setting[val_scores.index(max(val_scores))]["l2"]}  # first best = strongest
+    assert result.train_size == len(train[1])
+    json.dumps(result.to_dict())  # storable as it is
+
+    # Scored on the training images themselves, the weakest L2 wins: the choice really follows `val`.
+    on_train = lbfgs_probe(train, train, test, num_classes=10, config=config, progress=False)
+    assert on_train.chosen == {"l2": 1e-4}
+    assert on_train.val_top1 > result.val_top1
+
+
+def test_fit_agrees_with_scikit_learn_at_the_same_c(standardized) -> None:
+    sklearn_linear = pytest.importorskip("sklearn.linear_model")
+    train_x, train_y, test_x, test_y = standardized
+    l2 = 1e-2
+    weight, bias, info = fit_logistic_regression(
+        torch.from_numpy(train_x), train_y, 10, l2, max_iter=500, tolerance=1e-5, history_size=50
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a convergence warning, should sklearn stop at max_iter
+        reference = sklearn_linear.LogisticRegression(C=1 / (len(train_x) * l2), max_iter=500, tol=1e-5).fit(train_x, train_y)
+
+    def objective(w: np.ndarray, b: np.ndarray) -> float:
+        logits = train_x.astype(np.float64) @ w.T + b
+        logits -= logits.max(1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        return float(-log_probs[np.arange(len(train_y)), train_y].mean() + l2 / 2 * (w**2).sum())
+
+    ours_objective = objective(weight.numpy().astype(np.float64), bias.numpy().astype(np.float64))
+    assert info["loss"] == pytest.approx(ours_objective, rel=1e-4)
+    assert ours_objective == pytest.approx(objective(reference.coef_, reference.intercept_), rel=1e-3)
+    ours_test = float(((torch.from_numpy(test_x) @ weight.T + bias).argmax(1).numpy() == test_y).mean())
+    assert abs(ours_test - reference.score(test_x, test_y)) <= 0.01
+
+
+def test_warm_start_needs_fewer_iterations(standardized) -> None:
+    train_x, train_y, _, _ = standardized
+    x = torch.from_numpy(train_x)
+    settings = dict(max_iter=400, tolerance=1e-4, history_size=50)
+    stronger = fit_logistic_regression(x, train_y, 10, 1e-2, **settings)
+    cold = fit_logistic_regression(x, train_y, 10, 3e-3, **settings)
+    warm = fit_logistic_regression(x, train_y, 10, 3e-3, init=stronger[:2], **settings)
+    assert cold[2]["converged"] and warm[2]["converged"]
+    assert warm[2]["iterations"] < cold[2]["iterations"]
+    assert warm[2]["loss"] == pytest.approx(cold[2]["loss"], rel=1e-3)
+
+
+def test_bad_input_is_refused_with_a_clear_message(pixels) -> None:
+    train, val, test = pixels
+    config = LbfgsConfig(l2_grid=(1e-2,), max_iter=5, device="cpu")
+
+    def probe(train=train, val=val, test=test, num_classes=10):
+        return lbfgs_probe(train, val, test, num_classes=num_classes, config=config, progress=False)
+
+    with pytest.raises(PretextlabError, match="one label per row"):
+        probe(train=(train[0], train[1][:-1]))
+    missing = train[1] != 3
+    with pytest.raises(PretextlabError, match="class 3 has no training example"):
+        probe(train=(train[0][missing], train[1][missing]))
+    with_nan = val[0].copy()
+    with_nan[5, 100] = np.nan
+    with pytest.raises(PretextlabError, match="NaN"):
+        probe(val=(with_nan, val[1]))
+    with_inf = train[0].copy()
+    with_inf[0, 0] = np.inf
+    with pytest.raises(PretextlabError, match="NaN or infinite"):
+        probe(train=(with_inf, train[1]))
+    with pytest.raises(PretextlabError, match="empty"):
+        probe(test=(np.zeros((0, 784), np.float32), np.zeros(0, np.int64)))
+    with pytest.raises(PretextlabError, match="different feature sizes"):
+        probe(test=(test[0][:, :100], test[1]))
+    with pytest.raises(PretextlabError, match=r"lie in \[0, 5\)"):
+        probe(num_classes=5)
+    with pytest.raises(PretextlabError, match="l2_grid"):
+        LbfgsConfig(l2_grid=())
+    with pytest.raises(PretextlabError, match="l2_grid"):
+        LbfgsConfig(l2_grid=(1e-3, -1.0))
+    with pytest.raises(PretextlabError, match="max_iter"):
+        LbfgsConfig(max_iter=0)
+    with pytest.raises(PretextlabError, match="device"):
+        lbfgs_probe(train, val, test, 10, LbfgsConfig(device="tpu"), progress=False)

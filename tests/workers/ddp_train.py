@@ -1,0 +1,16 @@
+"""Run by torchrun in tests: train one tiny run, then each rank dumps its own network weights."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pretextlab.config import TrainConfig
+from pretextlab.train import Trainer
+
+config = TrainConfig.from_dict(json.loads(sys.argv[1]))
+run_dir, dump_dir = Path(sys.argv[2]), Path(sys.argv[3])
+trainer = Trainer(config, run_dir, resume=True, progress=False)
+trainer.fit()
+torch.save(trainer.network.state_dict(), dump_dir / f"rank{trainer.rank}.pt")
