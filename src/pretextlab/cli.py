@@ -36,6 +36,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips (digits, text)")
     parser.add_argument("--patch-size", type=int, default=defaults.patch_size, help="patch side for jigsaw/relative_patch (64 = the study)")
     parser.add_argument("--copies", type=int, default=defaults.copies, help="exemplar copies per image")
+    parser.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim,
+                        help="per-patch vector (jigsaw, relative_patch) and exemplar embedding size")
+    parser.add_argument("--head-hidden", type=int, default=defaults.head_hidden, help="patch tasks' FC layer width")
     parser.add_argument("--margin", type=float, default=defaults.margin, help="exemplar triplet-loss margin")
     parser.add_argument("--permutations-per-batch", type=int, default=defaults.permutations_per_batch, help="jigsaw permutations drawn per image")
     parser.add_argument("--num-permutations", type=int, default=defaults.num_permutations, help="size of the jigsaw permutation set")
@@ -86,6 +89,8 @@ def _train_config(args: argparse.Namespace):
         patch_size=args.patch_size,
         copies=args.copies,
         margin=args.margin,
+        embedding_dim=args.embedding_dim,
+        head_hidden=args.head_hidden,
         permutations_per_batch=args.permutations_per_batch,
         num_permutations=args.num_permutations,
         permutation_criterion=args.permutation_criterion,
@@ -136,6 +141,10 @@ def _eval_config(args: argparse.Namespace):
         batch_size=args.batch_size,
         device=args.device,
         seed=args.seed,
+        sgd_schedule=args.sgd_schedule,
+        sgd_epochs=args.sgd_epochs,
+        sgd_batch_size=args.sgd_batch_size,
+        sgd_base_lr=args.sgd_base_lr,
     )
 
 
@@ -143,9 +152,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pretextlab.evaluate.probe_run import evaluate_run
 
     results = evaluate_run(args.run, _eval_config(args), progress=not args.no_progress)
-    print(f"{'output':<12} {'probe':<7} {'labels':<8} {'val top-1':>9} {'test top-1':>10}  chosen")
+    print(f"{'output':<12} {'dims':>6} {'probe':<7} {'labels':<8} {'val top-1 %':>11} {'test top-1 %':>12}  chosen")
     for r in results:
-        print(f"{r['output']:<12} {r['probe']:<7} {r['labels']:<8} {r['val_top1']:>9.2f} {r['test_top1']:>10.2f}  {r['chosen']}")
+        print(
+            f"{r['output']:<12} {r['feature_dim']:>6} {r['probe']:<7} {r['labels']:<8} {100 * r['val_top1']:>11.2f} "
+            f"{100 * r['test_top1']:>12.2f}  {r['chosen']}"
+        )
     return 0
 
 
@@ -221,7 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="probe a trained run's frozen features")
     p.add_argument("--run", required=True, help="a train run directory")
     p.add_argument("--output", nargs="+", default=["pre_logits"], help="named outputs (block1..., pre_logits) or all")
-    p.add_argument("--probe", default="lbfgs", help="lbfgs")
+    p.add_argument("--probe", default="lbfgs", choices=("lbfgs", "sgd", "mlp"),
+                   help="lbfgs (full-batch logistic regression, L2 picked on val), sgd (linear) or mlp")
+    p.add_argument("--sgd-schedule", default="paper", choices=("paper", "paper_long"),
+                   help="sgd/mlp: the study's 70-epoch (batch 512) or 520-epoch (batch 2048) schedule")
+    p.add_argument("--sgd-epochs", type=int, default=None, help="sgd/mlp: shorten the schedule to N epochs (same proportions)")
+    p.add_argument("--sgd-batch-size", type=int, default=None)
+    p.add_argument("--sgd-base-lr", type=float, default=None, help="sgd/mlp: learning rate at a batch of 256")
     p.add_argument("--dataset", default=None, help="downstream dataset (default: the run's own)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--val-size", type=float, default=None)

@@ -63,6 +63,8 @@ class TrainConfig:
     copies: int = 8
     permutations_per_batch: int = 8
     num_permutations: int = 100
+    embedding_dim: int = 1000  # per-patch vector (patch tasks) and Exemplar's embedding
+    head_hidden: int = 4096  # the patch tasks' FC layer
     margin: float = 0.5
     # Where the released code and the paper's text differ (tasks.base.TaskOptions explains each).
     permutation_criterion: str = "mean"

@@ -203,7 +203,8 @@ class StudyData:
     """Everything the report reads from the store, indexed the ways the tables and figures need."""
 
     name: str
-    runs: dict[str, dict[str, Any]]
+    runs: dict[str, dict[str, Any]]  # the cells of the study file's current grid
+    retired: dict[str, dict[str, Any]]  # cells the study file no longer names (listed, not tabulated)
     probes: list[dict[str, Any]]
     plan: list[dict[str, Any]]
     curves: list[dict[str, Any]]
@@ -213,9 +214,11 @@ class StudyData:
 
     @classmethod
     def load(cls, store: ResultsStore) -> "StudyData":
-        runs = {r["config_hash"]: r for r in store.runs()}
-        probes = store.probes()
-        plan = store.planned()
+        everything = store.runs()
+        runs = {r["config_hash"]: r for r in everything if r["in_study"]}
+        retired = {r["config_hash"]: r for r in everything if not r["in_study"]}
+        probes = [p for p in store.probes() if p["config_hash"] in runs]
+        plan = [p for p in store.planned() if p["config_hash"] in runs]
         split = lambda key: [v for v in (store.get_meta(key) or "").split(",") if v]  # noqa: E731
         tasks = _ordered((r["task"] for r in runs.values()), TASK_ORDER, split("task_order"))
         networks = _ordered((r["network"] for r in runs.values()), NETWORK_ORDER, split("network_order"))
@@ -224,9 +227,10 @@ class StudyData:
         return cls(
             name=store.get_meta("study_name") or store.path.parent.name,
             runs=runs,
+            retired=retired,
             probes=probes,
             plan=plan,
-            curves=store.curves(),
+            curves=[c for c in store.curves() if c["config_hash"] in runs],
             tasks=tasks,
             networks=networks,
             datasets=datasets,
@@ -349,14 +353,25 @@ class FigureResult:
     points: int  # data points drawn; 0 = a placeholder saying what is missing
     table: Block | None = None
     note: str = ""
+    checks: dict[str, Any] = field(default_factory=dict)  # title, axis labels, legends (from _save)
 
 
-def _save(figure: Figure, path: Path) -> None:
+def _save(figure: Figure, path: Path) -> dict[str, Any]:
+    """Write the PNG; returns what it shows (title, each plot's axis labels and legend) for checking."""
     # atomic._atomic is the shared temp-file-and-rename writer; matplotlib writes into its handle.
     atomic._atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=FIGURE_DPI, bbox_inches="tight"), "wb")
+    colorbars = [ax for ax in figure.axes if getattr(ax, "_colorbar", None) is not None]
+    plots = [ax for ax in figure.axes if ax not in colorbars]
+    return {
+        "title": figure.get_suptitle() or " / ".join(ax.get_title() for ax in plots),
+        "axes": [
+            {"xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "legend": ax.get_legend() is not None or bool(colorbars)}
+            for ax in plots
+        ],
+    }
 
 
-def _placeholder(path: Path, title: str, xlabel: str, ylabel: str, reason: str) -> None:
+def _placeholder(path: Path, title: str, xlabel: str, ylabel: str, reason: str) -> dict[str, Any]:
     figure = Figure(figsize=(6.4, 3.2), layout="constrained")
     axes = figure.subplots()
     axes.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, transform=axes.transAxes, color="#777")
@@ -367,7 +382,7 @@ def _placeholder(path: Path, title: str, xlabel: str, ylabel: str, reason: str) 
     axes.set_yticks([])
     axes.legend(loc="lower right", fontsize="small")
     figure.suptitle(title)
-    _save(figure, path)
+    return _save(figure, path)
 
 
 def _panels(count: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure, list[Any]]:
@@ -406,8 +421,8 @@ def figure_by_output(data: StudyData, dataset: str, probe: str, path: Path) -> F
     outputs = [o for o in OUTPUT_ORDER if any(o == p[0] for s in series.values() for p in s)]
     points = sum(len(s) for s in series.values())
     if not points:
-        _placeholder(path, title, "output", "test top-1 (%)", f"no {probe} results on {dataset} yet")
-        return FigureResult("by_output", title, path, 0)
+        checks = _placeholder(path, title, "output", "test top-1 (%)", f"no {probe} results on {dataset} yet")
+        return FigureResult("by_output", title, path, 0, checks=checks)
     tasks = [t for t in data.tasks if any(k[0] == t for k in series)]
     figure, axes = _panels(len(tasks))
     for ax, task in zip(axes, tasks):
@@ -423,9 +438,9 @@ def figure_by_output(data: StudyData, dataset: str, probe: str, path: Path) -> F
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     figure.suptitle(title)
-    _save(figure, path)
+    checks = _save(figure, path)
     rows = [[Cell(task), Cell(network), Cell(o), Cell(_percent(v), link=h)] for (task, network), pts in series.items() for o, v, h in pts]
-    return FigureResult("by_output", title, path, points, _data_table(["task", "network", "output", "test top-1 %"], rows))
+    return FigureResult("by_output", title, path, points, _data_table(["task", "network", "output", "test top-1 %"], rows), checks=checks)
 
 
 def figure_by_width(data: StudyData, dataset: str, output: str, probe: str, path: Path) -> FigureResult:
@@ -438,8 +453,8 @@ def figure_by_width(data: StudyData, dataset: str, output: str, probe: str, path
             series.setdefault((run["task"], run["network"]), []).append((run["width"], result["test_top1"], run["config_hash"]))
     points = sum(len(s) for s in series.values())
     if not points:
-        _placeholder(path, title, "widening factor k", "test top-1 (%)", f"no {probe} results at {output} on {dataset} yet")
-        return FigureResult("by_width", title, path, 0)
+        checks = _placeholder(path, title, "widening factor k", "test top-1 (%)", f"no {probe} results at {output} on {dataset} yet")
+        return FigureResult("by_width", title, path, 0, checks=checks)
     widths = sorted({w for s in series.values() for w, _, _ in s})
     tasks = [t for t in data.tasks if any(k[0] == t for k in series)]
     figure, axes = _panels(len(tasks))
@@ -457,9 +472,9 @@ def figure_by_width(data: StudyData, dataset: str, output: str, probe: str, path
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     figure.suptitle(title)
-    _save(figure, path)
+    checks = _save(figure, path)
     rows = [[Cell(t), Cell(n), Cell(str(w)), Cell(_percent(v), link=h)] for (t, n), pts in series.items() for w, v, h in pts]
-    return FigureResult("by_width", title, path, points, _data_table(["task", "network", "k", "test top-1 %"], rows))
+    return FigureResult("by_width", title, path, points, _data_table(["task", "network", "k", "test top-1 %"], rows), checks=checks)
 
 
 def figure_pretext_vs_downstream(data: StudyData, dataset: str, output: str, probe: str, path: Path) -> FigureResult:
@@ -471,8 +486,8 @@ def figure_pretext_vs_downstream(data: StudyData, dataset: str, output: str, pro
         if result is not None and run["pretext_val_accuracy"] is not None:
             points.append((run, result["test_top1"]))
     if not points:
-        _placeholder(path, title, "pretext validation accuracy (%)", "test top-1 (%)", "no finished runs with both numbers yet")
-        return FigureResult("pretext_vs_downstream", title, path, 0)
+        checks = _placeholder(path, title, "pretext validation accuracy (%)", "test top-1 (%)", "no finished runs with both numbers yet")
+        return FigureResult("pretext_vs_downstream", title, path, 0, checks=checks)
     widths = sorted({run["width"] for run, _ in points})
     size = lambda w: 25 + 175 * (w - widths[0]) / max(widths[-1] - widths[0], 1)  # noqa: E731
     tasks = [t for t in data.tasks if any(run["task"] == t for run, _ in points)]
@@ -496,14 +511,14 @@ def figure_pretext_vs_downstream(data: StudyData, dataset: str, output: str, pro
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
     figure.suptitle(title)
-    _save(figure, path)
+    checks = _save(figure, path)
     rows = [
         [Cell(r["task"]), Cell(r["network"]), Cell(str(r["width"])), Cell(f"{r['pretext_val_accuracy']:.1f}", link=r["config_hash"]),
          Cell(_percent(v), link=r["config_hash"])]
         for r, v in points
     ]
     return FigureResult("pretext_vs_downstream", title, path, len(points),
-                        _data_table(["task", "network", "k", "pretext val %", "test top-1 %"], rows))
+                        _data_table(["task", "network", "k", "pretext val %", "test top-1 %"], rows), checks=checks)
 
 
 def figure_linear_vs_mlp(data: StudyData, dataset: str, probe: str, path: Path) -> FigureResult:
@@ -517,8 +532,8 @@ def figure_linear_vs_mlp(data: StudyData, dataset: str, probe: str, path: Path) 
             if linear is not None:
                 pairs.append((row, linear["test_top1"], row["test_top1"]))
     if not pairs:
-        _placeholder(path, title, f"linear ({probe}) test top-1 (%)", "MLP test top-1 (%)", f"no run has both {probe} and mlp results on {dataset} yet")
-        return FigureResult("linear_vs_mlp", title, path, 0)
+        checks = _placeholder(path, title, f"linear ({probe}) test top-1 (%)", "MLP test top-1 (%)", f"no run has both {probe} and mlp results on {dataset} yet")
+        return FigureResult("linear_vs_mlp", title, path, 0, checks=checks)
     figure = Figure(figsize=(5.6, 4.6), layout="constrained")
     ax = figure.subplots()
     for row, linear, mlp in pairs:
@@ -537,10 +552,10 @@ def figure_linear_vs_mlp(data: StudyData, dataset: str, probe: str, path: Path) 
     ax.set_ylabel("MLP test top-1 (%)")
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
-    _save(figure, path)
+    checks = _save(figure, path)
     rows = [[Cell(data.run_label(r["config_hash"])), Cell(r["output"]), Cell(_percent(a), link=r["config_hash"]),
              Cell(_percent(b), link=r["config_hash"])] for r, a, b in pairs]
-    return FigureResult("linear_vs_mlp", title, path, len(pairs), _data_table(["run", "output", "linear %", "MLP %"], rows))
+    return FigureResult("linear_vs_mlp", title, path, len(pairs), _data_table(["run", "output", "linear %", "MLP %"], rows), checks=checks)
 
 
 def figure_few_labels(data: StudyData, dataset: str, output: str, probe: str, path: Path) -> FigureResult:
@@ -551,8 +566,8 @@ def figure_few_labels(data: StudyData, dataset: str, output: str, probe: str, pa
             series.setdefault(row["config_hash"], []).append((row["train_images"], row["test_top1"], row["labels"]))
     series = {h: sorted(s) for h, s in series.items() if len(s) >= 2 and data.runs[h]["representation_size"] is None}
     if not series:
-        _placeholder(path, title, "labelled training images", "test top-1 (%)", f"no run has {probe} results at two label budgets yet")
-        return FigureResult("few_labels", title, path, 0)
+        checks = _placeholder(path, title, "labelled training images", "test top-1 (%)", f"no run has {probe} results at two label budgets yet")
+        return FigureResult("few_labels", title, path, 0, checks=checks)
     tasks = [t for t in data.tasks if any(data.runs[h]["task"] == t for h in series)]
     colors = _colors(data.networks)
     widths = sorted({data.runs[h]["width"] for h in series})
@@ -574,10 +589,10 @@ def figure_few_labels(data: StudyData, dataset: str, output: str, probe: str, pa
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     figure.suptitle(title)
-    _save(figure, path)
+    checks = _save(figure, path)
     rows = [[Cell(data.run_label(h)), Cell(tag), Cell(str(n)), Cell(_percent(v), link=h)] for h, pts in series.items() for n, v, tag in pts]
     return FigureResult("few_labels", title, path, sum(len(s) for s in series.values()),
-                        _data_table(["run", "labels", "images", "test top-1 %"], rows))
+                        _data_table(["run", "labels", "images", "test top-1 %"], rows), checks=checks)
 
 
 def figure_width_by_size(data: StudyData, dataset: str, output: str, probe: str, path: Path) -> FigureResult:
@@ -591,17 +606,21 @@ def figure_width_by_size(data: StudyData, dataset: str, output: str, probe: str,
             combos.setdefault((run["task"], run["network"]), {})[(run["width"], run["representation_size"])] = (
                 result["test_top1"], run["config_hash"])
     if not combos:
-        _placeholder(path, title, "representation size", "widening factor k", "no representation-size runs have finished yet")
-        return FigureResult("width_by_representation", title, path, 0)
+        checks = _placeholder(path, title, "representation size", "widening factor k", "no representation-size runs have finished yet")
+        return FigureResult("width_by_representation", title, path, 0, checks=checks)
     figure, axes = _panels(len(combos), width=4.8, height=3.8)
     for ax, ((task, network), cells) in zip(axes, combos.items()):
         widths = sorted({w for w, _ in cells})
         sizes = sorted({s for _, s in cells})
         grid = [[100 * cells[(w, s)][0] if (w, s) in cells else math.nan for s in sizes] for w in widths]
         image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+        finite = [v for row in grid for v in row if not math.isnan(v)]
+        middle = (min(finite) + max(finite)) / 2
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                ax.text(j, i, MISSING if math.isnan(value) else f"{value:.1f}", ha="center", va="center", color="white", fontsize="small")
+                # Dark text on the bright (high) end of viridis, white on the dark end.
+                color = "black" if not math.isnan(value) and value > middle else "white"
+                ax.text(j, i, MISSING if math.isnan(value) else f"{value:.1f}", ha="center", va="center", color=color, fontsize="small")
         ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
         ax.set_yticks(range(len(widths)), [str(w) for w in widths])
         ax.set_xlabel("representation size")
@@ -609,12 +628,12 @@ def figure_width_by_size(data: StudyData, dataset: str, output: str, probe: str,
         ax.set_title(f"{TASK_TITLES.get(task, task)}, {network}")
         figure.colorbar(image, ax=ax, label="test top-1 (%)")
     figure.suptitle(title)
-    _save(figure, path)
+    checks = _save(figure, path)
     rows = [[Cell(t), Cell(n), Cell(str(w)), Cell(str(s)), Cell(_percent(v), link=h)]
             for (t, n), cells in combos.items() for (w, s), (v, h) in sorted(cells.items())]
     return FigureResult("width_by_representation", title, path, len(rows),
                         _data_table(["task", "network", "k", "size", "test top-1 %"], rows),
-                        note="The colour bar is the heat map's legend.")
+                        note="The colour bar is the heat map's legend.", checks=checks)
 
 
 def _curve(record: dict[str, Any]) -> list[tuple[float, float]]:
@@ -643,8 +662,8 @@ def figure_sgd_convergence(data: StudyData, dataset: str, path: Path) -> FigureR
             if curve:
                 curves.append((row, curve))
     if not curves:
-        _placeholder(path, title, "probe training epoch", "validation top-1 (%)", f"no SGD probe results with a per-epoch curve on {dataset} yet")
-        return FigureResult("sgd_convergence", title, path, 0)
+        checks = _placeholder(path, title, "probe training epoch", "validation top-1 (%)", f"no SGD probe results with a per-epoch curve on {dataset} yet")
+        return FigureResult("sgd_convergence", title, path, 0, checks=checks)
     figure = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = figure.subplots()
     colors = _colors([f"{r['config_hash']}/{r['output']}" for r, _ in curves])
@@ -661,7 +680,7 @@ def figure_sgd_convergence(data: StudyData, dataset: str, path: Path) -> FigureR
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    _save(figure, path)
+    checks = _save(figure, path)
     rows = []
     for row, curve in curves:
         lbfgs = data.result(row["config_hash"], dataset, row["output"], "lbfgs")
@@ -669,7 +688,7 @@ def figure_sgd_convergence(data: StudyData, dataset: str, path: Path) -> FigureR
                      Cell(_percent(row["val_top1"]), link=row["config_hash"]),
                      Cell(_percent(lbfgs["val_top1"]) if lbfgs else MISSING, link=row["config_hash"] if lbfgs else None)])
     return FigureResult("sgd_convergence", title, path, len(curves),
-                        _data_table(["run", "output", "epochs", "SGD val %", "L-BFGS val %"], rows))
+                        _data_table(["run", "output", "epochs", "SGD val %", "L-BFGS val %"], rows), checks=checks)
 
 
 def figure_pretext_training(data: StudyData, path: Path) -> FigureResult:
@@ -679,8 +698,8 @@ def figure_pretext_training(data: StudyData, path: Path) -> FigureResult:
         if point["name"] in ("pretext_accuracy", "val_pretext_accuracy") and point["epoch"] is not None:
             by_run.setdefault(point["config_hash"], {}).setdefault(point["name"], []).append((point["epoch"], point["value"]))
     if not by_run:
-        _placeholder(path, title, "epoch", "pretext accuracy (%)", "no pretext training curves recorded yet")
-        return FigureResult("pretext_training", title, path, 0)
+        checks = _placeholder(path, title, "epoch", "pretext accuracy (%)", "no pretext training curves recorded yet")
+        return FigureResult("pretext_training", title, path, 0, checks=checks)
     tasks = [t for t in data.tasks if any(data.runs[h]["task"] == t for h in by_run)]
     colors = _colors(list(by_run))
     figure, axes = _panels(len(tasks))
@@ -704,14 +723,14 @@ def figure_pretext_training(data: StudyData, path: Path) -> FigureResult:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     figure.suptitle(title)
-    _save(figure, path)
+    checks = _save(figure, path)
     rows = []
     for config_hash, series in by_run.items():
         val = sorted(series.get("val_pretext_accuracy", []))
         if val:
             rows.append([Cell(data.run_label(config_hash)), Cell(f"{val[-1][0]:.2f}"), Cell(f"{val[-1][1]:.1f}", link=config_hash)])
     return FigureResult("pretext_training", title, path, len(by_run),
-                        _data_table(["run", "epoch", "final val pretext %"], rows))
+                        _data_table(["run", "epoch", "final val pretext %"], rows), checks=checks)
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -722,6 +741,7 @@ class Report:
     markdown: Path
     html: Path
     figures: dict[str, Path]  # figure file stem -> PNG
+    figure_checks: dict[str, dict[str, Any]]  # figure file stem -> its title, axis labels and legends
     empty_figures: list[str]  # stems drawn as placeholders (nothing finished for them yet)
     missing_cells: int  # main-table cells without a result
 
@@ -755,11 +775,13 @@ def build_report(
         )),
     ]
     figures: dict[str, Path] = {}
+    checks: dict[str, dict[str, Any]] = {}
     empty: list[str] = []
     missing_cells = 0
 
     def add_figure(result: FigureResult, heading: str) -> None:
         figures[result.path.stem] = result.path
+        checks[result.path.stem] = result.checks
         if not result.points:
             empty.append(result.path.stem)
         blocks.append(Block("heading", text=heading, level=3))
@@ -809,10 +831,15 @@ def build_report(
             Block("code", text=json.dumps(run["config"], indent=2, sort_keys=True)),
         ]
         blocks.append(Block("details", text=f"{config_hash}: {data.run_label(config_hash)} ({run['status']})", children=children))
+    if data.retired:
+        blocks.append(Block("paragraph", text=(
+            f"{len(data.retired)} earlier cell(s) the study file no longer names are kept in the store but left out above: "
+            + ", ".join(f"{h} ({r['task']} {r['network']} k={r['width']}, {r['status']})" for h, r in data.retired.items())
+        )))
 
     markdown_path = atomic.write_text(out_dir / "report.md", render_markdown(_markdown_blocks(blocks)))
     html_path = atomic.write_text(out_dir / "report.html", render_html(blocks, f"Study {data.name}"))
-    return Report(markdown_path, html_path, figures, empty, missing_cells)
+    return Report(markdown_path, html_path, figures, checks, empty, missing_cells)
 
 
 def _markdown_blocks(blocks: list[Block]) -> list[Block]:

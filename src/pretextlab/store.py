@@ -5,7 +5,8 @@ Tables::
     meta      key -> value: the study's name, its study file's text, the schema version
     runs      one row per cell of the grid (keyed by the pretext config's hash): its config, status
               (pending / running / finished / failed / interrupted), the worker holding it and its
-              heartbeat, pretext metrics and timings (``trained`` is when its pretext run ended)
+              heartbeat, pretext metrics and timings (``trained`` is when its pretext run ended);
+              ``in_study`` is 0 for a cell the study file no longer names (kept for its results)
     attempts  one row per time a worker took a cell: when, who, from which step, how it ended
     plan      the probe results a cell is expected to produce (dataset, output, probe, labels)
     probes    the probe results: accuracy on val and test (fractions in [0, 1]), regularisation
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS runs (
     config_json TEXT NOT NULL,
     run_dir TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'pending',
+    in_study INTEGER NOT NULL DEFAULT 1,
     owner TEXT,
     heartbeat REAL,
     pretext_val_accuracy REAL,
@@ -235,7 +237,8 @@ class ResultsStore:
         run_dir: str,
         plan: Iterable[ProbeKey] = (),
     ) -> None:
-        """Add a cell (pending) and its planned probes; an existing cell keeps its status and results."""
+        """Add a cell (pending) with its planned probes; an existing cell keeps its status and results,
+        and its plan becomes exactly ``plan`` (the study file's evaluations may have changed)."""
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO runs (config_hash, task, network, width, representation_size, config_json, run_dir, created) "
@@ -244,10 +247,38 @@ class ResultsStore:
             )
             # The study directory may have moved since the cell was first registered.
             db.execute("UPDATE runs SET run_dir = ? WHERE config_hash = ?", (run_dir, config_hash))
+            db.execute("DELETE FROM plan WHERE config_hash = ?", (config_hash,))
             db.executemany(
                 "INSERT OR IGNORE INTO plan (config_hash, dataset, output, probe, labels) VALUES (?, ?, ?, ?, ?)",
                 [(config_hash, *key) for key in plan],
             )
+            # A finished cell whose plan has grown (a new evaluation) has work left again.
+            db.execute(
+                "UPDATE runs SET status = 'pending' WHERE config_hash = ? AND status = 'finished' AND EXISTS ("
+                "SELECT 1 FROM plan p WHERE p.config_hash = runs.config_hash AND NOT EXISTS ("
+                "SELECT 1 FROM probes q WHERE q.config_hash = p.config_hash AND q.dataset = p.dataset "
+                "AND q.output = p.output AND q.probe = p.probe AND q.labels = p.labels))",
+                (config_hash,),
+            )
+
+    def retire(self, keep: Iterable[str]) -> list[str]:
+        """The study file's grid is now ``keep``: cells outside it that never started are removed;
+        those with any attempt or result stay (no finished work is ever lost) but are marked out
+        of the study, so the report leaves them out of its tables. Returns the removed hashes."""
+        keep = set(keep)
+        with self.transaction() as db:
+            for (config_hash,) in db.execute("SELECT config_hash FROM runs").fetchall():
+                db.execute("UPDATE runs SET in_study = ? WHERE config_hash = ?", (int(config_hash in keep), config_hash))
+            rows = db.execute(
+                "SELECT config_hash FROM runs WHERE status = 'pending' AND config_hash NOT IN (SELECT config_hash FROM attempts) "
+                "AND config_hash NOT IN (SELECT config_hash FROM probes)"
+            ).fetchall()
+            gone = [r[0] for r in rows if r[0] not in keep]
+            for config_hash in gone:
+                db.execute("DELETE FROM plan WHERE config_hash = ?", (config_hash,))
+                db.execute("DELETE FROM curves WHERE config_hash = ?", (config_hash,))
+                db.execute("DELETE FROM runs WHERE config_hash = ?", (config_hash,))
+        return gone
 
     # -- claiming and status ---------------------------------------------------------------------
 

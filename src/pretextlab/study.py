@@ -22,6 +22,8 @@ output or probe is refused with the valid choices::
         labels: [all, 10]                  # all | N labels per class | a fraction in (0, 1)
         datasets: [fashion-mnist]          # default: every downstream dataset
         where: {widths: [2]}               # only the cells with these tasks/networks/widths/sizes
+        l2_grid: [1.0, 0.01, 0.0001]       # the L-BFGS probe's regularisation grid (default: its own)
+        sgd: {schedule: paper, epochs: 35} # sgd / mlp probes: paper | paper_long, shortened in proportion
     runtime: {device: auto, workers: 0, feature_batch_size: 256, stale_seconds: 300}
     executor: {kind: inline}               # inline | local | slurm, with submitit parameters
 
@@ -63,7 +65,8 @@ LOCAL_TIMEOUT_MIN = 7 * 24 * 60
 TOP_LEVEL_KEYS = ("name", "out", "pretext", "grids", "downstream", "evaluations", "runtime", "executor")
 GRID_KEYS = ("tasks", "networks", "widths", "representation_sizes", "pretext")
 DOWNSTREAM_KEYS = ("dataset", "data_dir", "val_size", "limit", "test_limit", "seed")
-EVALUATION_KEYS = ("outputs", "probes", "labels", "datasets", "where", "l2_grid")
+EVALUATION_KEYS = ("outputs", "probes", "labels", "datasets", "where", "l2_grid", "sgd")
+SGD_KEYS = ("schedule", "epochs", "batch_size", "base_lr")
 WHERE_KEYS = ("tasks", "networks", "widths", "representation_sizes")
 RUNTIME_KEYS = ("device", "workers", "feature_batch_size", "stale_seconds")
 EXECUTOR_KEYS = ("kind", "parameters")
@@ -107,6 +110,17 @@ class LabelBudget:
 
 
 @dataclass(frozen=True)
+class SgdSettings:
+    """The SGD-trained probes' (sgd, mlp) schedule: the study's 'paper' (70 epochs, batch 512) or
+    'paper_long' (520 epochs, batch 2048), optionally shortened in proportion or re-batched."""
+
+    schedule: str = "paper"
+    epochs: int | None = None
+    batch_size: int | None = None
+    base_lr: float | None = None
+
+
+@dataclass(frozen=True)
 class ProbeJob:
     """One planned probe result of a cell."""
 
@@ -115,6 +129,7 @@ class ProbeJob:
     probe: str
     labels: LabelBudget
     l2_grid: tuple[float, ...] | None = field(default=None, compare=False)
+    sgd: "SgdSettings | None" = field(default=None, compare=False)
 
     @property
     def key(self) -> ProbeKey:
@@ -129,6 +144,7 @@ class Evaluation:
     datasets: tuple[str, ...]
     where: dict[str, tuple[Any, ...]]
     l2_grid: tuple[float, ...] | None = None  # the L-BFGS probe's regularisation grid (None: its default)
+    sgd: SgdSettings | None = None  # the sgd / mlp probes' schedule (None: the study's 'paper' one)
 
     def applies_to(self, task: str, network: str, width: int, representation_size: int | None) -> bool:
         values = {"tasks": task, "networks": network, "widths": width, "representation_sizes": representation_size}
@@ -301,6 +317,23 @@ def _l2_grid(value: Any, context: str) -> tuple[float, ...] | None:
     return tuple(float(v) for v in values)
 
 
+def _sgd_settings(value: Any, context: str) -> SgdSettings | None:
+    from pretextlab.evaluate.probe_run import SGD_SCHEDULES
+
+    if value is None:
+        return None
+    section = _check_keys(value, SGD_KEYS, context)
+    settings = SgdSettings(**section)
+    _choices([settings.schedule], SGD_SCHEDULES, "SGD schedule", f"{context}.schedule")
+    for name in ("epochs", "batch_size"):
+        number = getattr(settings, name)
+        if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < 1):
+            raise PretextlabError(f"{context}.{name} must be a whole number >= 1, got {number!r}")
+    if settings.base_lr is not None and (not isinstance(settings.base_lr, (int, float)) or settings.base_lr <= 0):
+        raise PretextlabError(f"{context}.base_lr must be a number > 0, got {settings.base_lr!r}")
+    return settings
+
+
 def _pretext_fields(section: Any, context: str) -> dict[str, Any]:
     valid = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in GRID_CONTROLLED + RUNTIME_CONTROLLED]
     section = section or {}
@@ -408,6 +441,7 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
                 ),
                 where=where_values,
                 l2_grid=_l2_grid(section.get("l2_grid"), f"{context}.l2_grid"),
+                sgd=_sgd_settings(section.get("sgd"), f"{context}.sgd"),
             )
         )
 
@@ -517,7 +551,9 @@ def _plan(
             for probe in evaluation.probes:
                 for labels in evaluation.labels:
                     for output in outputs:
-                        jobs.append(ProbeJob(dataset=dataset, output=output, probe=probe, labels=labels, l2_grid=evaluation.l2_grid))
+                        jobs.append(
+                            ProbeJob(dataset, output, probe, labels, l2_grid=evaluation.l2_grid, sgd=evaluation.sgd)
+                        )
     return jobs
 
 
@@ -553,6 +589,7 @@ def register(study: Study, store: ResultsStore, cells: list[Cell]) -> None:
             run_dir=str(cell.run_dir),
             plan=[job.key for job in cell.plan],
         )
+    store.retire(cell.config_hash for cell in cells)
 
 
 def study_status(study: Study, store: ResultsStore, cells: list[Cell]) -> list[CellStatus]:
@@ -584,7 +621,7 @@ def format_status(statuses: list[CellStatus]) -> str:
         else:
             detail = {"failed": "failed earlier: will retry", "interrupted": "interrupted: will resume"}.get(s.status, "")
             if s.status == "running":
-                detail = "abandoned by a dead worker: will resume"
+                detail = "its worker died or went silent: will resume"
             if s.has_checkpoint and not detail:
                 detail = "has a checkpoint: will resume"
         lines.append(f"{s.cell.label:<40} {s.cell.config_hash:<12} {s.state:<8} {s.probes_done:>3}/{len(s.cell.plan):<3}  {detail}")
@@ -653,11 +690,12 @@ def _probe_cell(study: Study, cell: Cell, store: ResultsStore, progress: bool) -
     from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run
 
     done = store.probe_keys(cell.config_hash)
-    groups: dict[tuple[str, str, LabelBudget, tuple[float, ...] | None], list[str]] = {}
+    groups: dict[tuple[str, str, LabelBudget, tuple[float, ...] | None, SgdSettings | None], list[str]] = {}
     for job in cell.plan:
         if job.key not in done:
-            groups.setdefault((job.dataset, job.probe, job.labels, job.l2_grid), []).append(job.output)
-    for (dataset_name, probe, labels, l2_grid), outputs in groups.items():
+            groups.setdefault((job.dataset, job.probe, job.labels, job.l2_grid, job.sgd), []).append(job.output)
+    for (dataset_name, probe, labels, l2_grid, sgd), outputs in groups.items():
+        sgd = sgd or SgdSettings()
         dataset = study.downstream[dataset_name]
         eval_config = EvalConfig(
             outputs=tuple(outputs),
@@ -673,6 +711,10 @@ def _probe_cell(study: Study, cell: Cell, store: ResultsStore, progress: bool) -
             device=study.runtime.device,
             seed=dataset.seed,
             l2_grid=l2_grid,
+            sgd_schedule=sgd.schedule,
+            sgd_epochs=sgd.epochs,
+            sgd_batch_size=sgd.batch_size,
+            sgd_base_lr=sgd.base_lr,
         )
         started = time.perf_counter()
         # One call per (dataset, probe, labels): the features of all its outputs come from one
@@ -742,7 +784,10 @@ def _make_executor(study: Study, kind: str) -> Any:
     except ImportError as error:
         raise PretextlabError("the local and slurm executors need submitit: pip install submitit (or use --executor inline)") from error
     folder = study.directory / SUBMITIT_DIR / "%j"
-    executor = submitit.AutoExecutor(folder=folder, cluster=kind)
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=kind)
+    except RuntimeError as error:  # e.g. no srun: not on a Slurm cluster
+        raise PretextlabError(f"cannot use the {kind} executor here ({error}): run on the cluster's login node, or use --executor inline or local") from error
     parameters = {"name": f"pretextlab-{study.name}", **study.executor.parameters}
     if kind == "local":
         parameters.setdefault("timeout_min", LOCAL_TIMEOUT_MIN)
@@ -792,9 +837,9 @@ def run_study(
                 outcome.errors[cell.config_hash] = f"{cell.label}: {error}"
                 bar.write(f"cell {cell.label} ({cell.config_hash}) failed: {error}")
     else:
+        submitter = _make_executor(study, kind)
         if study.path is None:
             raise PretextlabError("a study run on an executor needs a study file the jobs can read: use load_study(path)")
-        submitter = _make_executor(study, kind)
         jobs = submitter.map_array(
             run_cell_job, [str(study.path)] * len(left), [str(study.directory)] * len(left), [c.config_hash for c in left]
         )

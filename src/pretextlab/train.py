@@ -80,6 +80,8 @@ def task_options(config: TrainConfig) -> TaskOptions:
         copies=config.copies,
         permutations_per_batch=config.permutations_per_batch,
         num_permutations=config.num_permutations,
+        embedding_dim=config.embedding_dim,
+        head_hidden=config.head_hidden,
         margin=config.margin,
         patch_size=config.patch_size,
         seed=config.seed,

@@ -23,8 +23,10 @@ from pretextlab.data import DatasetSplits, few_label_subset, load_dataset
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.features import extract_features
 from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
+from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
 
-PROBES = ("lbfgs",)
+PROBES = ("lbfgs", "sgd", "mlp")
+SGD_SCHEDULES = ("paper", "paper_long")
 PROBES_DIR = "probes"
 FEATURES_DIR = "features"
 
@@ -46,6 +48,36 @@ class EvalConfig:
     device: str = "auto"
     seed: int = 0
     l2_grid: tuple[float, ...] | None = None
+    # SGD-trained probes ("sgd" linear, "mlp"): the study's schedule, optionally shortened in proportion.
+    sgd_schedule: str = "paper"  # "paper": 70 epochs, batch 512; "paper_long": 520 epochs, batch 2048
+    sgd_epochs: int | None = None  # None: the schedule's own length
+    sgd_batch_size: int | None = None
+    sgd_base_lr: float | None = None
+
+    def probe_config(self) -> LbfgsConfig | SgdConfig:
+        """The probe's own config, fully resolved (stored with every result)."""
+        if self.probe == "lbfgs":
+            lbfgs = LbfgsConfig(device=self.device)
+            return dataclasses.replace(lbfgs, l2_grid=tuple(self.l2_grid)) if self.l2_grid is not None else lbfgs
+        if self.sgd_schedule not in SGD_SCHEDULES:
+            raise PretextlabError(f"unknown SGD schedule {self.sgd_schedule!r}: choose one of {', '.join(SGD_SCHEDULES)}")
+        kind = "linear" if self.probe == "sgd" else "mlp"
+        preset = getattr(SgdConfig, self.sgd_schedule)
+        sgd = preset(kind, device=self.device, seed=self.seed)
+        if self.sgd_epochs is not None:
+            sgd = sgd.scaled(self.sgd_epochs)
+        if self.sgd_batch_size is not None:
+            sgd = dataclasses.replace(sgd, batch_size=self.sgd_batch_size)
+        if self.sgd_base_lr is not None:
+            sgd = dataclasses.replace(sgd, base_lr=self.sgd_base_lr)
+        return sgd
+
+    def probe_tag(self) -> str:
+        """The probe and, for SGD-trained ones, its schedule: part of the result's file name."""
+        if self.probe == "lbfgs":
+            return "lbfgs"
+        probe_config = self.probe_config()
+        return f"{self.probe}-{self.sgd_schedule}{probe_config.epochs}"
 
     def label_tag(self) -> str:
         if self.labels_per_class is not None:
@@ -77,6 +109,7 @@ def probe_representation(
     preprocessing_key: str,
     config: EvalConfig,
     progress: bool = True,
+    probe_checkpoint_dir: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Features of every split at ``outputs`` (one pass per split, cached), then one probe per output."""
     if config.probe not in PROBES:
@@ -103,22 +136,25 @@ def probe_representation(
         )
     else:
         chosen = np.arange(len(train_labels))
-    lbfgs_config = LbfgsConfig(device=config.device)
-    if config.l2_grid is not None:
-        lbfgs_config = dataclasses.replace(lbfgs_config, l2_grid=tuple(config.l2_grid))
+    probe_config = config.probe_config()
     results = {}
     for output in outputs:
         train_set, val_set, test_set = (features[s][output] for s in ("train", "val", "test"))
-        result = lbfgs_probe(
-            (np.asarray(train_set.features[chosen]), train_labels[chosen]),
-            (val_set.features, val_set.labels),
-            (test_set.features, test_set.labels),
-            num_classes=splits.num_classes,
-            config=lbfgs_config,
-            progress=progress,
-        )
+        train = (np.asarray(train_set.features[chosen]), train_labels[chosen])
+        val, test = (val_set.features, val_set.labels), (test_set.features, test_set.labels)
+        if isinstance(probe_config, LbfgsConfig):
+            result = lbfgs_probe(train, val, test, num_classes=splits.num_classes, config=probe_config, progress=progress)
+        else:
+            checkpoint = None
+            if probe_checkpoint_dir is not None:
+                checkpoint = probe_checkpoint_dir / f"{_key(preprocessing_key, output, dataclasses.asdict(probe_config), config.label_tag(), config.seed)}.pt"
+            result = sgd_probe(
+                train, val, test, num_classes=splits.num_classes, config=probe_config, progress=progress,
+                checkpoint_path=checkpoint,
+            )
         record = result.to_dict()
         record.update(
+            probe_config=dataclasses.asdict(probe_config),
             output=output,
             feature_dim=int(train_set.features.shape[1]),
             labels=config.label_tag(),
@@ -161,7 +197,8 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True)
     dataset = config.dataset or run_config.dataset
     key = _key(run_config.config_hash(), dataset, config.data_dir, config.val_size, config.limit, config.test_limit, config.seed, splits.describe())
     results = probe_representation(
-        network, task.eval_views, splits, outputs, run_dir / FEATURES_DIR, key, config, progress=progress
+        network, task.eval_views, splits, outputs, run_dir / FEATURES_DIR, key, config, progress=progress,
+        probe_checkpoint_dir=run_dir / PROBES_DIR / "checkpoints",
     )
     stored = []
     for output, record in results.items():
@@ -175,7 +212,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True)
             eval_config=dataclasses.asdict(config),
             data=splits.describe(),
         )
-        name = f"{dataset}-{output}-{config.probe}-{config.label_tag()}.json"
+        name = f"{dataset}-{output}-{config.probe_tag()}-{config.label_tag()}.json"
         atomic.write_json(run_dir / PROBES_DIR / name, record)
         stored.append(record)
     return stored

@@ -17,7 +17,8 @@ The number the study reports is the *final* model's accuracy (no early stopping)
 The per-epoch validation accuracy is kept in ``curve`` (the convergence plot), with the best epoch
 noted in ``chosen`` for information only.
 
-Features are standardised with the training split's column mean and std. When the training and
+Features are standardised with the training split's column mean and std; columns constant on the
+training split are set to 0 everywhere (nothing can be learnt from them). When the training and
 validation matrices fit (float32, standardised) they are moved to the device once; otherwise each
 minibatch is gathered from the given arrays (e.g. an ``np.memmap``) and moved on its own. Both
 paths give bit-identical results on the CPU. Shuffling, initialisation and dropout draw from
@@ -282,8 +283,8 @@ def _check_finite(features: np.ndarray, name: str) -> None:
             raise _non_finite_error(name)
 
 
-def _column_moments(features: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Column mean and std in float64, by chunks (no float64 copy of the whole matrix); a NaN or
+def _standardisation(features: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and 1/std in float64, by chunks (no float64 copy of the whole matrix); a NaN or
     inf anywhere makes the sums non-finite, so this is the finiteness check of the split too."""
     total = np.zeros(features.shape[1])
     squares = np.zeros(features.shape[1])
@@ -295,9 +296,12 @@ def _column_moments(features: np.ndarray, name: str) -> tuple[np.ndarray, np.nda
         raise _non_finite_error(name)
     mean = total / len(features)
     std = np.sqrt(np.maximum(squares / len(features) - mean**2, 0.0))
-    # A constant column carries nothing: dividing it by 1 keeps it at 0 instead of NaN.
-    std[std < 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
-    return mean, std
+    # A column constant on train teaches nothing, and its weights never get a gradient, so they
+    # keep their random initial values: were it kept, any other value it takes in val or test
+    # would add noise through them. Scaling it by 0 removes it (and avoids dividing by 0).
+    constant = std < 1e-12 * np.maximum(1.0, np.abs(mean))
+    inv_std = np.where(constant, 0.0, 1.0 / np.where(constant, 1.0, std))
+    return mean, inv_std
 
 
 class _Standardised:
@@ -460,9 +464,9 @@ def sgd_probe(
         )
     device = resolve_device(config.device)
     if config.standardize:
-        mean64, std64 = _column_moments(train_x, "train")
+        mean64, inv_std64 = _standardisation(train_x, "train")
         mean = torch.from_numpy(mean64).to(device=device, dtype=torch.float32)
-        inv_std = torch.from_numpy(1.0 / std64).to(device=device, dtype=torch.float32)
+        inv_std = torch.from_numpy(inv_std64).to(device=device, dtype=torch.float32)
     else:
         _check_finite(train_x, "train")
         mean = inv_std = None

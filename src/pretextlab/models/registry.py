@@ -25,6 +25,9 @@ DEFAULT_WIDTHS: dict[str, int] = {"resnet50v1": 4, "resnet50v2": 4, "revnet50": 
 # The study's "(-)" variants drop the ReLU before global pooling; only these two have one to drop.
 NETWORKS_WITH_FINAL_RELU_SWITCH: tuple[str, ...] = ("resnet50v2", "revnet50")
 
+# Only these can backpropagate by recomputing activations (build_network's reversible_backward).
+NETWORKS_WITH_REVERSIBLE_UNITS: tuple[str, ...] = ("revnet50",)
+
 
 class Network(nn.Module):
     """What every network of the study offers besides its layers.
@@ -128,6 +131,8 @@ def build_network(
     patch_mode: bool = False,
     representation_size: int | None = None,
     input_size: int | None = None,
+    reversible_backward: bool | None = None,
+    reversible_check: bool = False,
 ) -> Network:
     """The study's network ``name`` at widening factor ``width`` (default 4, VGG 8).
 
@@ -136,6 +141,10 @@ def build_network(
     ``representation_size`` inserts a linear layer so pre_logits has that many dimensions.
     ``input_size`` is the input side; VGG needs it (fc6's kernel covers the remaining map),
     default 224, or 64 in patch mode.
+    ``reversible_backward`` (revnet50 only; None = on) backpropagates through RevNet's stages by
+    recomputing activations instead of storing them (models/reversible.py): same gradients,
+    activation memory independent of depth. ``reversible_check`` (revnet50 only) measures that
+    recomputation's error in every backward and warns past a tolerance (costs the saved memory).
     """
     if name not in NETWORKS:
         raise PretextlabError(f"unknown network {name!r}: choose one of {', '.join(NETWORKS)}")
@@ -152,6 +161,18 @@ def build_network(
             f"final_relu=False (the '(-)' variant) does not exist for {name}: {reason}; "
             f"it exists for {', '.join(NETWORKS_WITH_FINAL_RELU_SWITCH)}"
         )
+    reversible_options: dict[str, bool] = {}
+    for option, value in (("reversible_backward", reversible_backward), ("reversible_check", reversible_check)):
+        if value is not None and not isinstance(value, bool):
+            raise PretextlabError(f"{option} must be True or False, got {value!r}")
+        if name in NETWORKS_WITH_REVERSIBLE_UNITS:
+            if value is not None:
+                reversible_options[option] = value
+        elif value:
+            raise PretextlabError(
+                f"{option}=True is for networks of reversible units ({', '.join(NETWORKS_WITH_REVERSIBLE_UNITS)}), "
+                f"not {name}: {name} must store its activations for backprop; drop the option"
+            )
     if representation_size is not None:
         representation_size = _positive_int(
             representation_size, "representation_size", "use None for the natural pre-logits size, or e.g. 2048"
@@ -164,6 +185,7 @@ def build_network(
         patch_mode=bool(patch_mode),
         representation_size=representation_size,
         input_size=input_size,
+        **reversible_options,
     )
 
 

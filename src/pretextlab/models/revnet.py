@@ -18,12 +18,14 @@ forward's F(x2) exactly. It does so inside ``batch_stats_without_update``, which
 layers normalise with the batch statistics without folding them into the running statistics a
 second time (nor counting the batch in num_batches_tracked). In eval mode F uses the running
 statistics both ways.
+
+The memory-saving backward (``reversible_backward``, on by default) is in reversible.py: each
+stage's chain of units keeps only its output and recomputes the rest in backward.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as functional
@@ -31,31 +33,12 @@ from torch import nn
 
 from pretextlab.errors import PretextlabError
 from pretextlab.models.registry import Network
+from pretextlab.models.reversible import ReconstructionCheck, batch_stats_without_update, reversible_sequence
 from pretextlab.models.resnet import STAGE_DEPTHS, STAGE_WIDTH_MULTIPLIERS, conv1x1, conv3x3, stem_max_pool
 
 STEM_WIDTH_MULTIPLIER = 64  # the stem projects straight to the first stage's width
 TRANSITION_STRIDES = (2, 2, 2)  # before stages 2, 3, 4: overall stage strides (1, 2, 2, 2)
 PATCH_TRANSITION_STRIDES = (2, 2, 1)  # stage strides (1, 2, 2, 1) for 64x64 patches
-
-
-@contextlib.contextmanager
-def batch_stats_without_update(module: nn.Module) -> Iterator[None]:
-    """Within this block, BatchNorm layers of ``module`` in train mode normalise with the batch's
-    statistics but leave running_mean, running_var and num_batches_tracked untouched.
-
-    Used to recompute a reversible unit's F (in ``inverse``, and in a memory-saving backward)
-    without counting the batch twice. Eval-mode layers are unaffected: they read the running
-    statistics either way. It switches ``track_running_stats`` off temporarily, which is how
-    ``nn.BatchNorm2d.forward`` decides not to pass (and so not update) the buffers.
-    """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for norm in norms:
-        norm.track_running_stats = False
-    try:
-        yield
-    finally:
-        for norm in norms:
-            norm.track_running_stats = True
 
 
 class ResidualFunction(nn.Module):
@@ -142,6 +125,22 @@ class RevNet50(Network):
 
     ``stages[i]`` is an ``nn.Sequential`` of the stage's ``ReversibleUnit``s (also given by
     ``reversible_units()``); ``transitions[i]`` is the weightless step before stage i + 2.
+
+    ``reversible_backward`` (default on; an attribute, so it can be switched later) backpropagates
+    through each stage by recomputing activations from the stage's output (reversible.py) instead
+    of storing them: same gradients up to roundoff, activation memory of the stages independent of
+    their depth, one extra evaluation of every F. The stem, the transitions and the head use
+    ordinary autograd. ``reversible_check`` (a ``ReconstructionCheck``, or None) measures the
+    recomputation's error in every backward and warns past its tolerance; it costs the memory
+    the method saves, so it is for diagnosis.
+
+    ``units_per_stage`` (default the study's 3, 4, 6, 3) builds deeper or shallower RevNets of the
+    same shape, named ``revnet{3 * units + 2}`` unless they are the study's revnet50.
+
+    The residual stream (the stages' inputs and outputs) is carried in at least float32: under
+    bf16 autocast the convolutions of F run in bf16 but x1 + F(x2) is added in float32, because in
+    bf16 the reversible recomputation x1 = y1 - F(x2) would lose about 3 significant digits per
+    unit. Both backward modes compute the same function.
     """
 
     def __init__(
@@ -151,12 +150,20 @@ class RevNet50(Network):
         patch_mode: bool = False,
         representation_size: int | None = None,
         input_size: int | None = None,
+        reversible_backward: bool = True,
+        reversible_check: bool | ReconstructionCheck = False,
+        units_per_stage: Sequence[int] = STAGE_DEPTHS,
     ) -> None:
-        super().__init__("revnet50", width, final_relu, patch_mode, representation_size, input_size)
+        units_per_stage = _checked_units_per_stage(units_per_stage)
+        name = "revnet50" if units_per_stage == STAGE_DEPTHS else f"revnet{3 * sum(units_per_stage) + 2}"
+        super().__init__(name, width, final_relu, patch_mode, representation_size, input_size)
+        self.units_per_stage = units_per_stage
+        self.reversible_backward = bool(reversible_backward)
+        self.reversible_check = _as_check(reversible_check)
         self.stem = RevNetStem(STEM_WIDTH_MULTIPLIER * width, stride=1 if patch_mode else 2)
         self.stages = nn.ModuleList(
             nn.Sequential(*(ReversibleUnit(multiplier * width) for _ in range(depth)))
-            for depth, multiplier in zip(STAGE_DEPTHS, STAGE_WIDTH_MULTIPLIERS)
+            for depth, multiplier in zip(units_per_stage, STAGE_WIDTH_MULTIPLIERS)
         )
         strides = PATCH_TRANSITION_STRIDES if patch_mode else TRANSITION_STRIDES
         self.transitions = nn.ModuleList(PoolAndDoubleChannels(stride) for stride in strides)
@@ -171,14 +178,33 @@ class RevNet50(Network):
         """For each stage, its reversible units in order."""
         return [list(stage) for stage in self.stages]
 
+    def _stem_pool_to_stream(self, x: torch.Tensor) -> torch.Tensor:
+        # Max-pooling and zero-padding commute with upcasting, so pooling before the cast to the
+        # residual stream's dtype gives the same values and pools the smaller tensor.
+        x = self.stem.pool(x)
+        return x.to(torch.promote_types(x.dtype, torch.float32))
+
+    def _prelude(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The weightless step before stage ``index``: the stem's pool (and the cast to the residual
+        stream's dtype) before the first, the transition before the others."""
+        return self._stem_pool_to_stream if index == 0 else self.transitions[index - 1]
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_input(x)
         outputs: dict[str, torch.Tensor] = {}
-        x = self.stem(x)
+        x = self.stem.conv(x)
         for index, stage in enumerate(self.stages):
-            if index > 0:
-                x = self.transitions[index - 1](x)
-            x = stage(x)
+            if self.reversible_backward:
+                # The prelude runs inside the chain, which recomputes it in backward from the
+                # tensor it keeps anyway (the stem's conv output, the previous stage's output).
+                names = [f"block{index + 1}.unit{unit + 1}" for unit in range(len(stage))]
+                x = reversible_sequence(
+                    list(stage), x, prelude=self._prelude(index), names=names, check=self.reversible_check
+                )
+            else:
+                x = stage(self._prelude(index)(x))
+            # The stage's output itself is the named output, so a loss on block1..block4 sends its
+            # gradient into the reversible backward together with the downstream layers'.
             outputs[f"block{index + 1}"] = x
         x = self.final_bn(x)
         if self.final_relu:
@@ -186,6 +212,39 @@ class RevNet50(Network):
         outputs["pre_logits"] = self._pre_logits(x.mean(dim=(2, 3)))
         return outputs
 
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, units_per_stage={self.units_per_stage}, "
+            f"reversible_backward={self.reversible_backward}, reversible_check={self.reversible_check is not None}"
+        )
+
+
+def _checked_units_per_stage(units_per_stage: Sequence[int]) -> tuple[int, ...]:
+    try:
+        units = tuple(units_per_stage)
+    except TypeError:
+        units = ()
+    valid = len(units) == len(STAGE_DEPTHS) and all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in units
+    )
+    if not valid:
+        raise PretextlabError(
+            f"units_per_stage must be {len(STAGE_DEPTHS)} whole numbers >= 1 (reversible units in each stage), "
+            f"got {units_per_stage!r}: the study's RevNet50 is {STAGE_DEPTHS}"
+        )
+    return units
+
+
+def _as_check(reversible_check: bool | ReconstructionCheck) -> ReconstructionCheck | None:
+    if isinstance(reversible_check, ReconstructionCheck):
+        return reversible_check
+    if isinstance(reversible_check, bool):
+        return ReconstructionCheck() if reversible_check else None
+    raise PretextlabError(
+        f"reversible_check must be True, False or a ReconstructionCheck(tolerance=...), got {reversible_check!r}"
+    )
+
 
 def revnet50(width: int = 4, **options) -> RevNet50:
+    """RevNet50 at widening factor ``width``; ``options`` are ``RevNet50``'s keywords."""
     return RevNet50(width, **options)

@@ -1,0 +1,201 @@
+"""Studies: the study file is checked key by key, the grid expands to cells keyed by config hash, and
+a tiny real grid (Fashion-MNIST, width 1) is killed mid-run, resumed on submitit's local executor,
+finishes every cell exactly once, and its report is rebuilt from the store."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretextlab.errors import PretextlabError
+from pretextlab.report import build_report
+from pretextlab.store import ResultsStore
+from pretextlab.study import load_study, parse_study, run_study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _study_dict(**changes):
+    data = {
+        "name": "t",
+        "pretext": {"dataset": "fashion-mnist", "limit": 200, "val_size": 40, "test_limit": 100, "epochs": 0.5, "batch_size": 16},
+        "grids": [{"tasks": ["rotation"], "networks": ["resnet50v1", "resnet50v2(-)"], "widths": [1]}],
+        "downstream": {"fm": {"dataset": "fashion-mnist", "limit": 200, "test_limit": 100}},
+        "evaluations": [{"outputs": ["block4", "pre_logits"], "probes": ["lbfgs"], "labels": ["all", 5]}],
+    }
+    data.update(changes)
+    return data
+
+
+def _refused(data, tmp_path, *fragments):
+    with pytest.raises(PretextlabError) as caught:
+        parse_study(data, out=tmp_path)
+    for fragment in fragments:
+        assert fragment in str(caught.value), str(caught.value)
+    return str(caught.value)
+
+
+def test_unknown_key_task_network_and_others_are_refused_with_the_choices(tmp_path):
+    _refused(_study_dict(grid_size=3), tmp_path, "'grid_size'", "valid keys are name, out, pretext, grids")
+    bad_grid = [{"tasks": ["rotaton"], "networks": ["resnet50v1"], "widths": [1]}]
+    _refused(_study_dict(grids=bad_grid), tmp_path, "unknown task 'rotaton'", "grids[0].tasks", "rotation, exemplar, jigsaw, relative_patch")
+    bad_grid = [{"tasks": ["rotation"], "networks": ["resnet50"], "widths": [1]}]
+    message = _refused(_study_dict(grids=bad_grid), tmp_path, "unknown network 'resnet50'", "resnet50v1", "resnet50v2(-)", "revnet50(-)", "vgg19bn")
+    assert "resnet50v1(-)" not in message  # v1 always has its final ReLU: no "(-)" variant to offer
+    _refused(_study_dict(grids=[{"tasks": ["rotation"], "networks": ["resnet50v1(-)"], "widths": [1]}]), tmp_path, "unknown network 'resnet50v1(-)'")
+    _refused(_study_dict(grids=[{"tasks": ["rotation"], "networks": ["resnet50v1"], "widths": [1], "depth": 50}]), tmp_path, "'depth'", "grids[0]")
+    _refused(_study_dict(grids=[{"tasks": ["rotation"], "networks": ["resnet50v1"], "widths": [0]}]), tmp_path, "width 0", ">= 1")
+    _refused(_study_dict(evaluations=[{"outputs": ["block9"]}]), tmp_path, "unknown output 'block9'", "pre_logits", "all")
+    _refused(_study_dict(evaluations=[{"outputs": ["fc6"]}]), tmp_path, "unknown output 'fc6'")  # ResNets have no fc6
+    _refused(_study_dict(evaluations=[{"probes": ["svm"]}]), tmp_path, "unknown probe 'svm'", "lbfgs, sgd, mlp")
+    _refused(_study_dict(evaluations=[{"labels": [1.5]}]), tmp_path, "label budget 1.5")
+    _refused(_study_dict(evaluations=[{"datasets": ["imagenet"]}]), tmp_path, "unknown downstream dataset 'imagenet'", "fm")
+    _refused(_study_dict(evaluations=[{"where": {"colour": ["red"]}}]), tmp_path, "'colour'", "tasks, networks, widths, representation_sizes")
+    _refused(_study_dict(pretext={"task": "rotation"}), tmp_path, "'task'", "set by the grid")
+    _refused(_study_dict(pretext={"learning_rate": 0.1}), tmp_path, "'learning_rate'", "base_lr")
+    _refused(_study_dict(pretext={"dataset": "fashion-mnist", "epochs": -1}), tmp_path, "epochs must be > 0")
+    _refused(_study_dict(downstream={"fm": {"dataset": "cifar"}}), tmp_path, "unknown dataset 'cifar'", "fashion-mnist, folder")
+    _refused(_study_dict(executor={"kind": "kubernetes"}), tmp_path, "unknown executor 'kubernetes'", "inline, local, slurm")
+    # Executor parameters are submitit's own, checked by submitit when the study starts.
+    study = parse_study(_study_dict(executor={"kind": "local", "parameters": {"gpus": 1}}), out=tmp_path / "s")
+    with pytest.raises(PretextlabError, match="'gpus'.*not valid for submitit's local executor|not valid for submitit's local executor.*gpus"):
+        run_study(study, echo=lambda line: None)
+    # From a file, the message also names the file.
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_study_dict(grids=[{"tasks": ["rotation"], "networks": ["alexnet"], "widths": [1]}])))
+    with pytest.raises(PretextlabError, match=r"bad\.yaml.*unknown network 'alexnet'"):
+        load_study(path)
+
+
+def test_grid_expands_to_cells_keyed_by_config_hash(tmp_path):
+    data = _study_dict(
+        grids=[
+            {"tasks": ["rotation", "exemplar"], "networks": ["resnet50v1", "revnet50(-)"], "widths": [1, 2]},
+            # Overlaps the first grid on (rotation, resnet50v1, 1): the same cell, not a second one.
+            {"tasks": ["rotation"], "networks": ["resnet50v1"], "widths": [1], "representation_sizes": [None, 64]},
+        ],
+        evaluations=[
+            {"outputs": ["all"], "probes": ["lbfgs"]},
+            {"outputs": ["pre_logits"], "probes": ["mlp"], "labels": [10, 0.1], "where": {"widths": [2]}},
+        ],
+    )
+    study = parse_study(data, out=tmp_path / "s")
+    cells = study.cells()
+    assert len(cells) == 2 * 2 * 2 + 1
+    assert len({c.config_hash for c in cells}) == len(cells)
+    by_label = {c.label: c for c in cells}
+    rev = by_label["exemplar revnet50(-) k=2"]
+    assert rev.config.network == "revnet50" and rev.config.final_relu is False and rev.config.width == 2
+    assert by_label["rotation resnet50v1 k=1"].config.final_relu is True
+    assert by_label["rotation resnet50v1 k=1 d=64"].config.representation_size == 64
+    assert rev.run_dir == (tmp_path / "s" / "runs" / rev.config_hash).resolve()
+    # "all" expands to the network's own outputs; the mlp / few-label evaluation only where k=2.
+    assert {j.key for j in rev.plan} == {("fm", o, "lbfgs", "all") for o in ("block1", "block2", "block3", "block4", "pre_logits")} | {
+        ("fm", "pre_logits", "mlp", "10pc"), ("fm", "pre_logits", "mlp", "0.1frac")
+    }
+    assert {j.probe for j in by_label["rotation resnet50v1 k=1"].plan} == {"lbfgs"}
+    # The hash is the pretext config's: the same study read twice gives the same cells.
+    assert [c.config_hash for c in parse_study(data, out=tmp_path / "s").cells()] == [c.config_hash for c in cells]
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_tiny_study_is_killed_resumed_on_the_local_executor_and_reported(tmp_path):
+    out = tmp_path / "study"
+    data = _study_dict(out=str(out))
+    data["pretext"].update(epochs=0.6, checkpoint_every=1, log_every=1, crop_scale=[0.6, 1.0])  # 6 steps of 10 per epoch
+    data["evaluations"][0]["l2_grid"] = [1.0, 0.01]
+    data["runtime"] = {"device": "cpu", "feature_batch_size": 100}
+    study_file = tmp_path / "tiny.yaml"
+    study_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    store_path = out / "results.sqlite"
+    # One thread per process: two processes (a job each) on the shared cores, not four spinning threads.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "pretextlab", "study", str(study_file), "--no-progress"]
+
+    # 1. Run inline and kill -9 the process once the first cell has a checkpoint but has not finished.
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        runs = out / "runs"
+
+        def mid_run():
+            return any((d / "checkpoint.pt").exists() and not (d / "summary.json").exists() for d in runs.glob("*")) if runs.exists() else False
+
+        _wait_for(mid_run, 120, "a checkpoint of an unfinished run")
+        shown = []
+        status = run_study(load_study(study_file), dry_run=True, echo=shown.append)
+        assert [s.state for s in status.statuses].count("running") == 1, shown
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    killed = next(d.name for d in runs.glob("*") if (d / "checkpoint.pt").exists() and not (d / "summary.json").exists())
+
+    # The dead worker's cell is 'left' at once (its pid is gone), not 'running' until a timeout.
+    shown = []
+    status = run_study(load_study(study_file), dry_run=True, echo=shown.append)
+    assert {s.state for s in status.statuses} == {"left"}, shown
+    assert "its worker died or went silent: will resume" in "\n".join(shown)
+
+    # 2. Resume: both cells as parallel jobs of submitit's local executor, writing the same store.
+    resumed = subprocess.run(command + ["--executor", "local"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "2 cells: 2 done, 0 running, 0 left" in resumed.stdout
+    assert len(list((out / "submitit").rglob("*_result.pkl"))) == 2
+
+    with ResultsStore(store_path) as store:
+        runs_rows = store.runs()
+        probes = store.probes()
+        attempts = store.attempts()
+        planned = store.planned()
+    assert len(runs_rows) == 2 and {r["status"] for r in runs_rows} == {"finished"}
+    assert all(r["steps"] == 6 and r["pretext_val_accuracy"] is not None for r in runs_rows)
+    # Every cell finished exactly once; the killed one was resumed from its checkpoint, not restarted.
+    for run in runs_rows:
+        outcomes = [a["outcome"] for a in attempts if a["config_hash"] == run["config_hash"]]
+        assert outcomes.count("finished") == 1
+        if run["config_hash"] == killed:
+            assert outcomes == ["abandoned", "finished"]
+            assert [a["start_step"] for a in attempts if a["config_hash"] == killed][-1] >= 1
+        else:
+            assert outcomes in (["finished"], ["abandoned", "finished"])  # killed before or after it started
+    # Each planned probe result is there once: 2 cells x 2 outputs x 2 label budgets.
+    keys = [(p["config_hash"], p["dataset"], p["output"], p["probe"], p["labels"]) for p in probes]
+    assert len(keys) == len(set(keys)) == len(planned) == 8
+    assert all(0.1 < p["test_top1"] <= 1.0 and p["chosen"]["l2"] in (1.0, 0.01) for p in probes)
+    assert {p["train_images"] for p in probes} == {160, 50}  # all labels of the 160-image train split, and 5 per class
+
+    # 3. A third start finds nothing to do and changes nothing.
+    shown = []
+    again = run_study(load_study(study_file), echo=shown.append)
+    assert again.ok and again.ran == {} and "2 cells: 2 done, 0 running, 0 left" in shown[-1]
+    with ResultsStore(store_path) as store:
+        assert len(store.attempts()) == len(attempts) and len(store.probes()) == 8
+
+    # 4. The report, from the store alone (the run directories are gone).
+    shutil.rmtree(runs)
+    report = build_report(store_path, tmp_path / "report")
+    markdown = report.markdown.read_text()
+    assert "| resnet50v1 | 1 |" in markdown and "| resnet50v2(-) | 1 |" in markdown and report.missing_cells == 0
+    for stem in ("by_output_fm", "by_width_fm", "pretext_vs_downstream_fm", "linear_vs_mlp_fm", "few_labels_fm",
+                 "width_by_representation_fm", "sgd_convergence_fm", "pretext_training"):
+        assert report.figures[stem].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({stem}.png)" in markdown
+    # No mlp, sgd or representation-size runs in this grid: those figures say so instead of drawing.
+    assert sorted(report.empty_figures) == ["linear_vs_mlp_fm", "sgd_convergence_fm", "width_by_representation_fm"]
+    for run in runs_rows:
+        assert f'<a id="run-{run["config_hash"]}"></a>' in markdown
+        assert f"(#run-{run['config_hash']})" in markdown
