@@ -15,7 +15,8 @@ on the same val split and report test accuracy of that choice:
   that neither the standardisation nor sklearn's float64 conversion is in its time.
 
 Ours runs once before and once after scikit-learn (the machine may be shared); the ratio uses the
-slower of our two runs.
+slower of our two runs. Both solvers get the same number of CPU threads (``--threads``, default 1):
+on a shared machine, multi-threaded BLAS/OpenMP loses far more to other processes than it gains.
 
     .venv/bin/python benchmarks/bench_lbfgs.py             # full benchmark (extraction is cached)
     .venv/bin/python benchmarks/bench_lbfgs.py --limit 6000 --test-limit 1000   # a quick look
@@ -54,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="training pool (train + val); default all 60,000")
     parser.add_argument("--test-limit", type=int, default=None)
     parser.add_argument("--grid", type=float, nargs="+", default=list(DEFAULT_GRID), help="L2 values")
-    parser.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations per L2 value, both solvers")
+    parser.add_argument("--max-iter", type=int, default=300, help="L-BFGS iterations per L2 value, both solvers")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="gradient tolerance, both solvers")
     parser.add_argument("--history-size", type=int, default=LbfgsConfig().history_size, help="ours only (sklearn: 10)")
     parser.add_argument("--batch-size", type=int, default=256, help="feature extraction batch")
@@ -62,6 +63,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "pretextlab-bench-lbfgs"))
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=str(HERE / "results" / "lbfgs.json"))
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU threads for BOTH solvers (torch and sklearn's BLAS) during the probes; 0 = each library's default",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args()
 
@@ -158,10 +163,16 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
     for name, r in (("pretextlab lbfgs_probe (float32, torch)", ours), ("scikit-learn LogisticRegression lbfgs", sklearn)):
-        iterations = ", ".join(str(s["iterations"]) for s in r["per_setting"])
+        iterations = ", ".join(f"{s['iterations']}{'' if s['converged'] else '*'}" for s in r["per_setting"])
         lines.append(
             f"| {name} | {r['seconds']:.1f} | {r['chosen_l2']:.0e} | {100 * r['val_top1']:.2f} | {100 * r['test_top1']:.2f} | {iterations} |"
         )
+    lines.append("")
+    lines.append(
+        f"L2 grid {', '.join(f'{v:.0e}' for v in results['grid'])} (strongest first, warm-started); "
+        f"tolerance {results['tolerance']:g} on the largest gradient entry, at most {results['max_iter']} iterations per L2 "
+        f"(* = stopped there before reaching the tolerance); {results['machine']['threads_per_solver']} CPU thread(s) per solver."
+    )
     lines.append("")
     lines.append(
         f"Speed-up (sklearn time / our slower run): **{results['speedup']:.1f}x**; "
@@ -173,18 +184,25 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     args = parse_args()
     data = features(args)
+    load_at_start = os.getloadavg()
     shapes = {split: list(x.shape) for split, (x, _) in data.items()}
-    print(f"features: {shapes}; torch threads {torch.get_num_threads()}; load average {os.getloadavg()}", flush=True)
+    print(f"features: {shapes}; load average {os.getloadavg()}", flush=True)
 
-    print("ours (first run) ...", flush=True)
-    ours_first = run_ours(data, args)
-    print(f"  {ours_first['seconds']:.1f} s", flush=True)
-    print("scikit-learn ...", flush=True)
-    sklearn = run_sklearn(data, args)
-    print(f"  {sklearn['seconds']:.1f} s", flush=True)
-    print("ours (second run) ...", flush=True)
-    ours_second = run_ours(data, args)
-    print(f"  {ours_second['seconds']:.1f} s", flush=True)
+    from threadpoolctl import threadpool_limits
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    limits = threadpool_limits(args.threads) if args.threads > 0 else threadpool_limits(None)
+    with limits:
+        print(f"ours (first run), torch threads {torch.get_num_threads()} ...", flush=True)
+        ours_first = run_ours(data, args)
+        print(f"  {ours_first['seconds']:.1f} s", flush=True)
+        print("scikit-learn ...", flush=True)
+        sklearn = run_sklearn(data, args)
+        print(f"  {sklearn['seconds']:.1f} s", flush=True)
+        print("ours (second run) ...", flush=True)
+        ours_second = run_ours(data, args)
+        print(f"  {ours_second['seconds']:.1f} s", flush=True)
 
     ours = max(ours_first, ours_second, key=lambda r: r["seconds"])
     import sklearn as sklearn_package
@@ -206,9 +224,11 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
+            "threads_per_solver": args.threads if args.threads > 0 else "library defaults",
             "torch_threads": torch.get_num_threads(),
             "sklearn": sklearn_package.__version__,
             "numpy": np.__version__,
+            "load_average_at_start": load_at_start,
             "load_average_at_end": os.getloadavg(),
         },
     }

@@ -36,7 +36,7 @@ def test_task_trains_and_its_frozen_network_is_probed(task, tmp_path):
     # >= 512 scored validation samples: 1.3 x chance is several standard deviations above it.
     assert summary["val_pretext_accuracy"] > 100 * 1.3 * chance, summary
 
-    [result] = evaluate_run(run, EvalConfig(limit=400, test_limit=200, val_size=100, device="cpu"), progress=False)
+    [result] = evaluate_run(run, EvalConfig(limit=400, test_limit=200, val_size=100, device="cpu", l2_grid=(1e-1, 1e-2, 1e-3)), progress=False)
     assert result["task"] == task and result["output"] == "pre_logits"
     assert result["test_top1"] > 0.3  # ten classes: chance is 0.1
     assert (run / "probes" / f"fashion-mnist-pre_logits-lbfgs-all.json").exists()

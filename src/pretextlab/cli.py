@@ -53,7 +53,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reversible-backward", dest="reversible_backward", action="store_false")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="data loader processes (decoding only)")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="data loader processes (decoding only; default 0 in memory, up to 8 for folders)")
     parser.add_argument("--precision", default=defaults.precision, help="auto (bf16 on GPU), fp32, bf16, or fp64 (exactness checks)")
     parser.add_argument("--val-batches", type=int, default=None, help="cap on validation batches scored per epoch")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,7 @@ class TrainConfig:
 
     seed: int = 0
     device: str = "auto"
-    workers: int = 0
+    workers: int | None = None  # decoding processes; None: 0 for in-memory data, up to 8 for folders
     precision: str = "auto"  # "auto" = bf16 autocast on CUDA, float32 elsewhere; "fp32", "bf16", or "fp64" (exactness checks)
     channels_last: bool | None = None  # None = on for CUDA
     sync_bn: bool = False  # BatchNorm statistics over the global batch (the study: per device)
@@ -133,6 +134,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise PretextlabError(
             f"image size {c.image_size} (decoded at {c.decode_size}) is too small: use --image-size >= 16"
         )
+    if c.workers is None:
+        # In-memory sets are indexed in-process; files need decoding processes to keep the device fed.
+        c.workers = min(8, os.cpu_count() or 1) if c.dataset == "folder" else 0
+    if c.workers < 0:
+        raise PretextlabError(f"--workers must be >= 0, got {c.workers}")
     if c.batch_size is None:
         c.batch_size = PAPER_BATCH_SIZES[c.task]
     if c.batch_size < 2:

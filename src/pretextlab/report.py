@@ -664,22 +664,27 @@ def figure_sgd_convergence(data: StudyData, dataset: str, path: Path) -> FigureR
     if not curves:
         checks = _placeholder(path, title, "probe training epoch", "validation top-1 (%)", f"no SGD probe results with a per-epoch curve on {dataset} yet")
         return FigureResult("sgd_convergence", title, path, 0, checks=checks)
-    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
-    ax = figure.subplots()
-    colors = _colors([f"{r['config_hash']}/{r['output']}" for r, _ in curves])
     scale = 100 if max(v for _, c in curves for _, v in c) <= 1.0 else 1
-    for row, curve in curves:
-        color = colors[f"{row['config_hash']}/{row['output']}"]
-        label = f"{data.run_label(row['config_hash'])} {row['output']}"
-        ax.plot([e for e, _ in curve], [scale * v for _, v in curve], color=color, label=label)
-        lbfgs = data.result(row["config_hash"], dataset, row["output"], "lbfgs")
-        if lbfgs is not None and lbfgs["val_top1"] is not None:
-            ax.axhline(100 * lbfgs["val_top1"], color=color, linestyle="--", linewidth=1)
-    ax.set_xlabel("probe training epoch")
-    ax.set_ylabel("validation top-1 (%)")
-    ax.set_title(title, fontsize="medium")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    tasks = [t for t in data.tasks if any(data.runs[r["config_hash"]]["task"] == t for r, _ in curves)]
+    figure, axes = _panels(len(tasks), width=5.0, height=3.8)
+    for ax, task in zip(axes, tasks):
+        mine = [(r, c) for r, c in curves if data.runs[r["config_hash"]]["task"] == task]
+        colors = _colors([f"{r['config_hash']}/{r['output']}" for r, _ in mine])
+        for row, curve in mine:
+            color = colors[f"{row['config_hash']}/{row['output']}"]
+            run = data.runs[row["config_hash"]]
+            size = f" d={run['representation_size']}" if run["representation_size"] else ""
+            label = f"{run['network']} k={run['width']}{size} {row['output']}"
+            ax.plot([e for e, _ in curve], [scale * v for _, v in curve], color=color, label=label)
+            lbfgs = data.result(row["config_hash"], dataset, row["output"], "lbfgs")
+            if lbfgs is not None and lbfgs["val_top1"] is not None:
+                ax.axhline(100 * lbfgs["val_top1"], color=color, linestyle="--", linewidth=1)
+        ax.set_xlabel("probe training epoch")
+        ax.set_ylabel("validation top-1 (%)")
+        ax.set_title(TASK_TITLES.get(task, task))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.suptitle(title)
     checks = _save(figure, path)
     rows = []
     for row, curve in curves:
@@ -826,7 +831,7 @@ def build_report(
     for config_hash, run in data.runs.items():
         blocks.append(Block("anchor", text=_anchor(config_hash)))
         children = [
-            Block("paragraph", text=f"status {run['status']}; run directory `{run['run_dir']}`"
+            Block("paragraph", text=f"status {run['status']}; run directory `{_shown_path(run['run_dir'], store_path.parent)}`"
                   + (f"; error: {run['error'].splitlines()[0]}" if run.get("error") else "")),
             Block("code", text=json.dumps(run["config"], indent=2, sort_keys=True)),
         ]
@@ -840,6 +845,14 @@ def build_report(
     markdown_path = atomic.write_text(out_dir / "report.md", render_markdown(_markdown_blocks(blocks)))
     html_path = atomic.write_text(out_dir / "report.html", render_html(blocks, f"Study {data.name}"))
     return Report(markdown_path, html_path, figures, checks, empty, missing_cells)
+
+
+def _shown_path(path: str, study_dir: Path) -> str:
+    """A run directory relative to the study directory when it lies inside it (reports travel)."""
+    try:
+        return os.path.relpath(path, study_dir) if Path(path).resolve().is_relative_to(study_dir.resolve()) else path
+    except ValueError:
+        return path
 
 
 def _markdown_blocks(blocks: list[Block]) -> list[Block]:

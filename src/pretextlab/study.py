@@ -38,6 +38,7 @@ local executor or its Slurm executor.
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import threading
 import time
@@ -449,6 +450,8 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
     runtime = Runtime(**runtime_section)
     if isinstance(runtime.feature_batch_size, bool) or not isinstance(runtime.feature_batch_size, int) or runtime.feature_batch_size < 1:
         raise PretextlabError(f"runtime.feature_batch_size must be a whole number >= 1, got {runtime.feature_batch_size!r}")
+    if isinstance(runtime.workers, bool) or not isinstance(runtime.workers, int) or runtime.workers < 0:
+        raise PretextlabError(f"runtime.workers must be a whole number >= 0 (data loader processes), got {runtime.workers!r}")
     if not isinstance(runtime.stale_seconds, (int, float)) or runtime.stale_seconds <= HEARTBEAT_SECONDS:
         raise PretextlabError(f"runtime.stale_seconds must be a number of seconds > {HEARTBEAT_SECONDS:g} (the heartbeat period)")
 
@@ -659,8 +662,6 @@ class _Heartbeat:
 
 
 def _finished_summary(cell: Cell) -> dict[str, Any] | None:
-    import json
-
     from pretextlab.train import SUMMARY_FILE
 
     path = cell.run_dir / SUMMARY_FILE

@@ -114,11 +114,22 @@ def probe_representation(
     """Features of every split at ``outputs`` (one pass per split, cached), then one probe per output."""
     if config.probe not in PROBES:
         raise PretextlabError(f"unknown probe {config.probe!r}: choose one of {', '.join(PROBES)}")
+    # Few labels: only the chosen training images go through the network (their own cache entry),
+    # so a 1%-label probe on ImageNet does not extract 1.28M feature rows. The subset is drawn from
+    # the labels alone, so it is the same whatever network is probed.
+    train_images = splits.train
+    train_split = "train"
+    if config.labels_per_class is not None or config.label_fraction is not None:
+        chosen = few_label_subset(
+            train_images.labels, per_class=config.labels_per_class, fraction=config.label_fraction, seed=config.seed
+        )
+        train_images = train_images.subset(chosen)
+        train_split = f"train-{config.label_tag()}-seed{config.seed}"
     features = {
-        split: extract_features(
+        name: extract_features(
             network,
             views,
-            getattr(splits, split),
+            images,
             outputs,
             cache_dir=cache_dir,
             split=split,
@@ -127,20 +138,15 @@ def probe_representation(
             device=config.device,
             progress=progress,
         )
-        for split in ("train", "val", "test")
-    }
-    train_labels = features["train"][outputs[0]].labels
-    if config.labels_per_class is not None or config.label_fraction is not None:
-        chosen = few_label_subset(
-            train_labels, per_class=config.labels_per_class, fraction=config.label_fraction, seed=config.seed
+        for name, images, split in (
+            ("train", train_images, train_split), ("val", splits.val, "val"), ("test", splits.test, "test")
         )
-    else:
-        chosen = np.arange(len(train_labels))
+    }
     probe_config = config.probe_config()
     results = {}
     for output in outputs:
         train_set, val_set, test_set = (features[s][output] for s in ("train", "val", "test"))
-        train = (np.asarray(train_set.features[chosen]), train_labels[chosen])
+        train = (train_set.features, train_set.labels)
         val, test = (val_set.features, val_set.labels), (test_set.features, test_set.labels)
         if isinstance(probe_config, LbfgsConfig):
             result = lbfgs_probe(train, val, test, num_classes=splits.num_classes, config=probe_config, progress=progress)
@@ -158,7 +164,7 @@ def probe_representation(
             output=output,
             feature_dim=int(train_set.features.shape[1]),
             labels=config.label_tag(),
-            train_images=int(len(chosen)),
+            train_images=int(len(train_set.labels)),
             val_images=int(len(val_set.labels)),
             test_images=int(len(test_set.labels)),
         )

@@ -25,7 +25,7 @@ stage's chain of units keeps only its output and recomputes the rest in backward
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as functional
@@ -129,18 +129,19 @@ class RevNet50(Network):
     ``reversible_backward`` (default on; an attribute, so it can be switched later) backpropagates
     through each stage by recomputing activations from the stage's output (reversible.py) instead
     of storing them: same gradients up to roundoff, activation memory of the stages independent of
-    their depth, one extra evaluation of every F. The stem, the transitions and the head use
-    ordinary autograd. ``reversible_check`` (a ``ReconstructionCheck``, or None) measures the
-    recomputation's error in every backward and warns past its tolerance; it costs the memory
-    the method saves, so it is for diagnosis.
+    their depth, one extra evaluation of every F. The stem and the head use ordinary autograd; a
+    transition is recomputed (it is weightless) from the previous stage's output, which is kept
+    anyway. ``reversible_check`` (a ``ReconstructionCheck``, or None) measures the recomputation's
+    error in every backward and warns past its tolerance; it costs the memory the method saves,
+    so it is for diagnosis.
 
     ``units_per_stage`` (default the study's 3, 4, 6, 3) builds deeper or shallower RevNets of the
     same shape, named ``revnet{3 * units + 2}`` unless they are the study's revnet50.
 
     The residual stream (the stages' inputs and outputs) is carried in at least float32: under
     bf16 autocast the convolutions of F run in bf16 but x1 + F(x2) is added in float32, because in
-    bf16 the reversible recomputation x1 = y1 - F(x2) would lose about 3 significant digits per
-    unit. Both backward modes compute the same function.
+    bf16 the recomputation x1 = y1 - F(x2) would recover x1 only to bf16's 8 significant bits,
+    an error that compounds unit by unit. Both backward modes compute the same function.
     """
 
     def __init__(
@@ -178,31 +179,24 @@ class RevNet50(Network):
         """For each stage, its reversible units in order."""
         return [list(stage) for stage in self.stages]
 
-    def _stem_pool_to_stream(self, x: torch.Tensor) -> torch.Tensor:
-        # Max-pooling and zero-padding commute with upcasting, so pooling before the cast to the
-        # residual stream's dtype gives the same values and pools the smaller tensor.
-        x = self.stem.pool(x)
-        return x.to(torch.promote_types(x.dtype, torch.float32))
-
-    def _prelude(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The weightless step before stage ``index``: the stem's pool (and the cast to the residual
-        stream's dtype) before the first, the transition before the others."""
-        return self._stem_pool_to_stream if index == 0 else self.transitions[index - 1]
+    def _to_stream(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.promote_types(x.dtype, torch.float32))  # the residual stream; see the class doc
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_input(x)
         outputs: dict[str, torch.Tensor] = {}
-        x = self.stem.conv(x)
+        x = self._to_stream(self.stem(x))
         for index, stage in enumerate(self.stages):
+            transition = self.transitions[index - 1] if index > 0 else None
             if self.reversible_backward:
-                # The prelude runs inside the chain, which recomputes it in backward from the
-                # tensor it keeps anyway (the stem's conv output, the previous stage's output).
+                # A chain keeps its input and output only. From stage 2 on its input is the
+                # previous stage's output, kept anyway, and the transition runs inside the chain as
+                # its prelude: recomputed in backward, it gives the first unit its exact input (the
+                # zero-padded channels exactly zero) at no memory cost.
                 names = [f"block{index + 1}.unit{unit + 1}" for unit in range(len(stage))]
-                x = reversible_sequence(
-                    list(stage), x, prelude=self._prelude(index), names=names, check=self.reversible_check
-                )
+                x = reversible_sequence(list(stage), x, prelude=transition, names=names, check=self.reversible_check)
             else:
-                x = stage(self._prelude(index)(x))
+                x = stage(x if transition is None else transition(x))
             # The stage's output itself is the named output, so a loss on block1..block4 sends its
             # gradient into the reversible backward together with the downstream layers'.
             outputs[f"block{index + 1}"] = x

@@ -1,0 +1,115 @@
+"""The evaluation suite on a small pretrained network: every layer, every probe, few labels,
+another downstream dataset, and the representation-size network."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pretextlab.config import TrainConfig
+from pretextlab.evaluate.features import pooled_dim
+from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run
+from pretextlab.train import Trainer, load_trained
+
+SMALL_EVAL = dict(limit=600, test_limit=300, val_size=150, device="cpu", l2_grid=(1e-1, 1e-2, 1e-3))
+
+
+def _pretrain(run: Path, **changes) -> Path:
+    config = dict(
+        task="rotation", network="resnet50v1", width=1, image_size=32, limit=640, val_size=64, test_limit=64,
+        epochs=1, batch_size=32, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1,
+    )
+    config.update(changes)
+    Trainer(TrainConfig(**config), run, progress=False).fit()
+    return run
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    return _pretrain(tmp_path_factory.mktemp("suite") / "rot")
+
+
+def test_every_output_in_one_pass_with_the_study_pooling(pretrained):
+    results = evaluate_run(pretrained, EvalConfig(outputs=("all",), **SMALL_EVAL), progress=False)
+    _, network, task = load_trained(pretrained)
+    with torch.no_grad():
+        shapes = {k: v.shape[1:] for k, v in network(task.eval_views(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))[0]).items()}
+    assert [r["output"] for r in results] == list(network.output_names)
+    for record in results:
+        assert record["feature_dim"] == pooled_dim(shapes[record["output"]]) <= 9000
+        assert record["test_top1"] > 0.4, record  # ten classes: chance is 0.1
+        stored = json.loads((pretrained / "probes" / f"fashion-mnist-{record['output']}-lbfgs-all.json").read_text())
+        assert stored["run_config_hash"] and stored["eval_config"]["limit"] == 600
+        assert stored["train_images"] + stored["val_images"] == 600 and stored["test_images"] == 300
+        assert "l2" in stored["chosen"] and stored["data"]
+
+
+@pytest.mark.parametrize("probe", ["sgd", "mlp"])
+def test_sgd_trained_probes_beat_chance_by_far_and_store_their_curve(pretrained, probe):
+    config = EvalConfig(probe=probe, sgd_epochs=6, sgd_batch_size=64, **SMALL_EVAL)
+    [record] = evaluate_run(pretrained, config, progress=False)
+    assert record["probe"] == probe and record["test_top1"] > 0.4
+    assert [point["epoch"] for point in record["curve"]] == list(range(1, 7))
+    # The study's 70-epoch schedule shortened to 6 epochs keeps its decays at 30/70 and 50/70 of the run.
+    assert record["probe_config"]["epochs"] == 6
+    assert list(record["probe_config"]["decay_epochs"]) == pytest.approx([6 * 30 / 70, 6 * 50 / 70], abs=1e-6)
+    assert (pretrained / "probes" / f"fashion-mnist-pre_logits-{probe}-paper6-all.json").exists()
+
+
+def test_few_labels_probe_exactly_the_balanced_subset(pretrained):
+    [record] = evaluate_run(pretrained, EvalConfig(labels_per_class=5, **SMALL_EVAL), progress=False)
+    assert record["train_images"] == 50 and record["labels"] == "5pc"
+    assert record["test_top1"] > 0.2
+    assert (pretrained / "probes" / "fashion-mnist-pre_logits-lbfgs-5pc.json").exists()
+
+
+def _write_folder_dataset(root: Path, per_class: int) -> None:
+    """Three classes of real PNG files that differ in structure: stripes, a square, a gradient."""
+    rng = np.random.default_rng(1)
+    for split, count in (("train", per_class), ("val", per_class // 2)):
+        for label, name in enumerate(("stripes", "square", "gradient")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, (36, 36), dtype=np.uint8)
+                if label == 0:
+                    pixels[:, :: 4 + i % 3] += 180
+                elif label == 1:
+                    start = rng.integers(4, 14)
+                    pixels[start : start + 14, start : start + 14] += 180
+                else:
+                    pixels += np.linspace(0, 180, 36, dtype=np.uint8)[None, :]
+                Image.fromarray(pixels).convert("RGB").save(folder / f"{i}.png")
+
+
+def test_a_downstream_folder_dataset_independent_of_the_pretext_dataset(pretrained, tmp_path):
+    data = tmp_path / "places"
+    _write_folder_dataset(data, per_class=40)
+    done = subprocess.run(
+        [sys.executable, "-m", "pretextlab", "evaluate", "--run", str(pretrained), "--dataset", "folder",
+         "--data-dir", str(data), "--val-size", "30", "--output", "block3", "pre_logits", "--device", "cpu",
+         "--no-progress"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    for output in ("block3", "pre_logits"):
+        stored = json.loads((pretrained / "probes" / f"folder-{output}-lbfgs-all.json").read_text())
+        assert stored["dataset"] == "folder" and stored["task"] == "rotation"
+        assert stored["train_images"] == 90 and stored["val_images"] == 30 and stored["test_images"] == 60
+        assert stored["test_top1"] > 0.6  # three classes: chance is 0.33
+    assert "block3" in done.stdout and "pre_logits" in done.stdout
+
+
+def test_a_representation_size_network_has_the_requested_pre_logits(tmp_path):
+    run = _pretrain(tmp_path / "rep", representation_size=48, limit=200, epochs=0.5)
+    _, network, _ = load_trained(run)
+    assert network.out_dim == 48
+    [record] = evaluate_run(run, EvalConfig(limit=300, test_limit=100, val_size=60, device="cpu"), progress=False)
+    assert record["feature_dim"] == 48
