@@ -100,7 +100,7 @@ def test_a_downstream_folder_dataset_independent_of_the_pretext_dataset(pretrain
     )
     assert done.returncode == 0, done.stderr
     for output in ("block3", "pre_logits"):
-        stored = json.loads((pretrained / "probes" / f"folder-{output}-lbfgs-all.json").read_text())
+        stored = json.loads((pretrained / "probes" / f"folder-places-{output}-lbfgs-all.json").read_text())
         assert stored["dataset"] == "folder" and stored["task"] == "rotation"
         assert stored["train_images"] == 90 and stored["val_images"] == 30 and stored["test_images"] == 60
         assert stored["test_top1"] > 0.6  # three classes: chance is 0.33

@@ -19,6 +19,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results and reports are meant to be shared
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()
@@ -39,6 +40,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return _atomic(path, lambda h: h.write(text), "w")
+
+
+def write_bytes(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
+    """Atomically write a binary file whose content ``write(handle)`` produces (e.g. savefig)."""
+    return _atomic(path, write, "wb")
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> Path:

@@ -82,11 +82,8 @@ def plot_training_curve(metrics: list[dict[str, Any]], path: Path, title: str) -
     ax_acc.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic.write_bytes(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -358,8 +358,7 @@ class FigureResult:
 
 def _save(figure: Figure, path: Path) -> dict[str, Any]:
     """Write the PNG; returns what it shows (title, each plot's axis labels and legend) for checking."""
-    # atomic._atomic is the shared temp-file-and-rename writer; matplotlib writes into its handle.
-    atomic._atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=FIGURE_DPI, bbox_inches="tight"), "wb")
+    atomic.write_bytes(path, lambda handle: figure.savefig(handle, format="png", dpi=FIGURE_DPI, bbox_inches="tight"))
     colorbars = [ax for ax in figure.axes if getattr(ax, "_colorbar", None) is not None]
     plots = [ax for ax in figure.axes if ax not in colorbars]
     return {

@@ -175,6 +175,10 @@ class ResultsStore:
         with self.transaction() as db:
             db.executescript_safe(_SCHEMA)
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            # Stores made before runs.in_study existed gain it (every cell counts as in the study).
+            columns = {row[1] for row in db.execute("PRAGMA table_info(runs)").fetchall()}
+            if "in_study" not in columns:
+                db.execute("ALTER TABLE runs ADD COLUMN in_study INTEGER NOT NULL DEFAULT 1")
         version = self.get_meta("schema_version")
         if version != str(SCHEMA_VERSION):
             raise PretextlabError(

@@ -24,7 +24,7 @@ output or probe is refused with the valid choices::
         where: {widths: [2]}               # only the cells with these tasks/networks/widths/sizes
         l2_grid: [1.0, 0.01, 0.0001]       # the L-BFGS probe's regularisation grid (default: its own)
         sgd: {schedule: paper, epochs: 35} # sgd / mlp probes: paper | paper_long, shortened in proportion
-    runtime: {device: auto, workers: 0, feature_batch_size: 256, stale_seconds: 300}
+    runtime: {device: auto, workers: null, feature_batch_size: 256, stale_seconds: 300}
     executor: {kind: inline}               # inline | local | slurm, with submitit parameters
 
 One cell = one pretext run (keyed by its config hash, in STUDY_DIR/runs/<hash>/) plus its probes.
@@ -166,7 +166,7 @@ class Runtime:
     """How cells run here; none of it changes a result."""
 
     device: str = "auto"
-    workers: int = 0
+    workers: int | None = None  # data loader processes; None: the trainer's default (0 in memory, up to 8 for folders)
     feature_batch_size: int = 256
     stale_seconds: float = DEFAULT_STALE_SECONDS
 
@@ -450,7 +450,7 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
     runtime = Runtime(**runtime_section)
     if isinstance(runtime.feature_batch_size, bool) or not isinstance(runtime.feature_batch_size, int) or runtime.feature_batch_size < 1:
         raise PretextlabError(f"runtime.feature_batch_size must be a whole number >= 1, got {runtime.feature_batch_size!r}")
-    if isinstance(runtime.workers, bool) or not isinstance(runtime.workers, int) or runtime.workers < 0:
+    if runtime.workers is not None and (isinstance(runtime.workers, bool) or not isinstance(runtime.workers, int) or runtime.workers < 0):
         raise PretextlabError(f"runtime.workers must be a whole number >= 0 (data loader processes), got {runtime.workers!r}")
     if not isinstance(runtime.stale_seconds, (int, float)) or runtime.stale_seconds <= HEARTBEAT_SECONDS:
         raise PretextlabError(f"runtime.stale_seconds must be a number of seconds > {HEARTBEAT_SECONDS:g} (the heartbeat period)")

@@ -206,6 +206,8 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True)
         network, task.eval_views, splits, outputs, run_dir / FEATURES_DIR, key, config, progress=progress,
         probe_checkpoint_dir=run_dir / PROBES_DIR / "checkpoints",
     )
+    # Two folder datasets (ImageNet, Places205) must not share result files: name them by folder.
+    dataset_tag = dataset if dataset != "folder" else f"folder-{Path(config.data_dir or run_config.data_dir or 'data').name}"
     stored = []
     for output, record in results.items():
         record.update(
@@ -218,7 +220,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True)
             eval_config=dataclasses.asdict(config),
             data=splits.describe(),
         )
-        name = f"{dataset}-{output}-{config.probe_tag()}-{config.label_tag()}.json"
+        name = f"{dataset_tag}-{output}-{config.probe_tag()}-{config.label_tag()}.json"
         atomic.write_json(run_dir / PROBES_DIR / name, record)
         stored.append(record)
     return stored
