@@ -67,6 +67,10 @@ def parse_args() -> argparse.Namespace:
         "--threads", type=int, default=1,
         help="CPU threads for BOTH solvers (torch and sklearn's BLAS) during the probes; 0 = each library's default",
     )
+    parser.add_argument(
+        "--no-precondition", action="store_true",
+        help="ablation: our probe without its whitening preconditioner (LbfgsConfig.precondition=False)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args()
 
@@ -95,7 +99,8 @@ def features(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray
 
 def run_ours(data: dict[str, tuple[np.ndarray, np.ndarray]], args: argparse.Namespace) -> dict[str, Any]:
     config = LbfgsConfig(
-        l2_grid=tuple(args.grid), max_iter=args.max_iter, tolerance=args.tolerance, history_size=args.history_size, device="cpu"
+        l2_grid=tuple(args.grid), max_iter=args.max_iter, tolerance=args.tolerance, history_size=args.history_size,
+        device="cpu", precondition=not args.no_precondition,
     )
     started = time.perf_counter()
     result = lbfgs_probe(data["train"], data["val"], data["test"], num_classes=10, config=config, progress=not args.no_progress)
@@ -162,7 +167,8 @@ def markdown(results: dict[str, Any]) -> str:
         "| solver | total time (s) | chosen L2 | val top-1 (%) | test top-1 (%) | iterations per L2 |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for name, r in (("pretextlab lbfgs_probe (float32, torch)", ours), ("scikit-learn LogisticRegression lbfgs", sklearn)):
+    ours_name = "pretextlab lbfgs_probe (float32, torch" + (", no preconditioner)" if not results["precondition"] else ")")
+    for name, r in ((ours_name, ours), ("scikit-learn LogisticRegression lbfgs", sklearn)):
         iterations = ", ".join(f"{s['iterations']}{'' if s['converged'] else '*'}" for s in r["per_setting"])
         lines.append(
             f"| {name} | {r['seconds']:.1f} | {r['chosen_l2']:.0e} | {100 * r['val_top1']:.2f} | {100 * r['test_top1']:.2f} | {iterations} |"
@@ -215,6 +221,7 @@ def main() -> None:
         "max_iter": args.max_iter,
         "tolerance": args.tolerance,
         "history_size": {"ours": args.history_size, "sklearn": 10},
+        "precondition": not args.no_precondition,
         "ours": ours,
         "ours_runs_seconds": [ours_first["seconds"], ours_second["seconds"]],
         "sklearn": sklearn,

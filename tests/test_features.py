@@ -18,6 +18,17 @@ from pretextlab.tasks import TaskOptions, build_task
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for this module, restored after: on the shared 2-core test machine,
+    OpenMP threads that wait on each other while other processes hold the cores made these
+    small fits several times slower (results are the same either way)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ---------------------------------------------------------------- the pooling rule
 
 

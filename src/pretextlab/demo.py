@@ -25,7 +25,7 @@ from pretextlab.train import Trainer, build_model, read_metrics
 
 # Per task, settings that fit 2 CPU cores in a few minutes; everything else is the study's recipe.
 DEMO_TRAINING: dict[str, dict[str, Any]] = {
-    "rotation": dict(network="resnet50v1", width=1, image_size=32, epochs=2, limit=20000, batch_size=64, crop_scale=(0.6, 1.0), color_jitter=0.0),
+    "rotation": dict(network="revnet50", width=1, image_size=32, epochs=2, limit=20000, batch_size=64, crop_scale=(0.6, 1.0), color_jitter=0.0),
     "exemplar": dict(network="resnet50v1", width=1, image_size=32, epochs=2, batch_size=32, copies=4, crop_scale=(0.3, 1.0)),
     "jigsaw": dict(network="resnet50v1", width=1, image_size=56, epochs=2, batch_size=32, patch_size=16),
     "relative_patch": dict(network="resnet50v1", width=1, image_size=56, epochs=2, batch_size=32, patch_size=16),
@@ -38,7 +38,10 @@ class DemoConfig:
     out: str = "demo-out"
     device: str = "auto"
     probe_labels_per_class: int = 1000  # 10,000 labelled images on Fashion-MNIST's 10 classes
+    # The study probes every layer: at this scale the middle blocks hold the best features.
+    outputs: tuple[str, ...] = ("block2", "block3", "pre_logits")
     val_size: int = 5000
+    test_limit: int | None = None  # None: the whole 10,000-image test set
     seed: int = 0
     training: dict[str, Any] = field(default_factory=dict)  # overrides of DEMO_TRAINING[task]
 
@@ -97,47 +100,54 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
 
     eval_config = EvalConfig(
+        outputs=tuple(config.outputs),
         labels_per_class=config.probe_labels_per_class,
         val_size=config.val_size,
+        test_limit=config.test_limit,
         device=config.device,
         seed=config.seed,
     )
-    pretrained = evaluate_run(run_dir, eval_config, progress=progress)[0]
+    pretrained = {r["output"]: r for r in evaluate_run(run_dir, eval_config, progress=progress)}
 
     # Baselines on exactly the same images and labels as the pretrained network's probe.
     splits = load_dataset(
-        "fashion-mnist", data_dir=train_config.data_dir, image_size=train_config.decode_size, val_size=config.val_size, seed=config.seed
+        "fashion-mnist", data_dir=train_config.data_dir, image_size=train_config.decode_size, val_size=config.val_size,
+        test_limit=config.test_limit, seed=config.seed,
     )
     torch.manual_seed(config.seed)
     random_network, random_task = build_model(dataclasses.replace(train_config))
     random_network.eval()
     random_init = probe_representation(
-        random_network, random_task.eval_views, splits, ("pre_logits",), out / "random-init" / "features",
+        random_network, random_task.eval_views, splits, tuple(config.outputs), out / "random-init" / "features",
         f"random-init-{train_config.config_hash()}", eval_config, progress=progress,
-    )["pre_logits"]
+    )
     pixels = probe_representation(
         PixelNetwork(), lambda images: (augment.to_unit(images[:, :1]), 1), splits, ("pixels",),
-        out / "pixels" / "features", f"pixels-{train_config.decode_size}", eval_config, progress=progress,
+        out / "pixels" / "features", f"pixels-{train_config.decode_size}",
+        dataclasses.replace(eval_config, outputs=("pixels",)), progress=progress,
     )["pixels"]
 
-    rows = [
-        (f"{config.task}-pretrained {train_config.network} k={train_config.width or 1}, pre_logits", pretrained),
-        (f"same network at random init, pre_logits", random_init),
-        ("raw pixels", pixels),
-    ]
+    name = f"{train_config.network} k={train_config.width or 1}"
+    rows = []
+    for output in config.outputs:
+        rows.append((f"{config.task}-pretrained {name}, {output}", pretrained[output]))
+        rows.append((f"same network at random init, {output}", random_init[output]))
+    rows.append(("raw pixels", pixels))
     table = [
         "| representation | dims | L2 chosen on val | val top-1 (%) | test top-1 (%) |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, r in rows:
-        table.append(f"| {name} | {r['feature_dim']} | {r['chosen'].get('l2', 'n/a'):.0e} | {r['val_top1']:.2f} | {r['test_top1']:.2f} |")
+        table.append(
+            f"| {name} | {r['feature_dim']} | {r['chosen'].get('l2', 'n/a'):.0e} | {100 * r['val_top1']:.2f} | {100 * r['test_top1']:.2f} |"
+        )
     curve = plot_training_curve(read_metrics(run_dir), out / "training_curve.png", f"{config.task} on Fashion-MNIST ({train_config.network}, k={train_config.width})")
     total_seconds = time.perf_counter() - started
     report = {
         "task": config.task,
         "train_config": train_config.to_dict(),
         "pretext_val_accuracy": summary["val_pretext_accuracy"],
-        "probe_train_images": pretrained["train_images"],
+        "probe_train_images": pixels["train_images"],
         "results": {"pretrained": pretrained, "random_init": random_init, "pixels": pixels},
         "train_seconds": train_seconds,
         "total_seconds": total_seconds,
@@ -146,7 +156,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     atomic.write_json(out / "demo_results.json", report)
     text = "\n".join(
         [
-            f"pretextlab demo: {config.task} on Fashion-MNIST, L-BFGS linear probe on {pretrained['train_images']} labelled images",
+            f"pretextlab demo: {config.task} on Fashion-MNIST, L-BFGS linear probe on {pixels['train_images']} labelled images",
             f"pretext accuracy on the validation split: {summary['val_pretext_accuracy']:.2f}%",
             "",
             *table,
