@@ -113,3 +113,27 @@ def test_a_representation_size_network_has_the_requested_pre_logits(tmp_path):
     assert network.out_dim == 48
     [record] = evaluate_run(run, EvalConfig(limit=300, test_limit=100, val_size=60, device="cpu"), progress=False)
     assert record["feature_dim"] == 48
+
+
+@pytest.mark.parametrize("name", ["resnet50v1", "resnet50v2", "revnet50", "vgg19bn"])
+@pytest.mark.parametrize("patch_mode", [False, True])
+def test_the_pooling_rule_gives_every_output_of_every_network_its_expected_size(name, patch_mode):
+    """At the study's input sizes (224 images, 64 px patches), each output is pooled to <= 9000
+    values by kernel = stride = ceil(sqrt(h*w*c/9000)), and the extractor's features have exactly
+    the size the rule predicts."""
+    from pretextlab.evaluate.features import pool_to_budget
+    from pretextlab.models import build_network
+
+    size = 64 if patch_mode else 224
+    network = build_network(name, width=1, patch_mode=patch_mode, input_size=size).eval()
+    with torch.no_grad():
+        outputs = network(torch.zeros(1, 3, size, size))
+    assert list(outputs) == list(network.output_names)
+    for output, value in outputs.items():
+        shape = value.shape[1:]
+        pooled = pool_to_budget(value)
+        assert pooled.shape == (1, pooled_dim(shape)) and pooled.shape[1] <= 9000, (name, output, shape)
+        if value.ndim == 4:
+            c, h, w = shape
+            k = int(np.ceil(np.sqrt(h * w * c / 9000))) if h * w * c > 9000 else 1
+            assert pooled.shape[1] == c * (h // k) * (w // k), (name, output, shape, k)

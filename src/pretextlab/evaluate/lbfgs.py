@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.features import resolve_device
+from pretextlab.evaluate.probe_inputs import checked_split
 
 DEFAULT_L2_GRID: tuple[float, ...] = tuple(10.0**k for k in range(1, -7, -1))  # 1e1 ... 1e-6, strongest first
 CHUNK_ROWS = 8192  # rows per chunk when standardising or scoring, to bound temporary memory
@@ -224,26 +225,6 @@ def fit_logistic_regression(
     return weight, bias.detach(), info
 
 
-def _check_split(split: Any, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(split, (tuple, list)) or len(split) != 2:
-        raise PretextlabError(f"{name} must be a pair (features (N, D), labels (N,)), got {type(split).__name__}")
-    features, labels = split
-    if not isinstance(features, np.ndarray):
-        features = np.asarray(features)
-    labels = np.asarray(labels)
-    if features.ndim != 2:
-        raise PretextlabError(f"{name} features must be 2-d (N, D), got shape {features.shape}")
-    if labels.ndim != 1 or len(labels) != len(features):
-        raise PretextlabError(f"{name} has {len(features)} feature rows but labels of shape {labels.shape}: give one label per row")
-    if len(features) == 0 or features.shape[1] == 0:
-        raise PretextlabError(f"{name} is empty (features of shape {features.shape}): it needs at least one row and one dimension")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise PretextlabError(f"{name} labels must be integers (class ids), got {labels.dtype}")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise PretextlabError(f"{name} labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}: check num_classes")
-    return features, labels.astype(np.int64, copy=False)
-
-
 def _column_moments(features: np.ndarray, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Column mean and std in float64, by chunks (no float64 copy of the whole array); also the
     check that every value is finite, since a NaN or inf makes the sums non-finite."""
@@ -317,9 +298,9 @@ def lbfgs_probe(
     config = config or LbfgsConfig()
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise PretextlabError(f"num_classes must be a whole number >= 2, got {num_classes!r}")
-    train_x, train_y = _check_split(train, "train", num_classes)
-    val_x, val_y = _check_split(val, "val", num_classes)
-    test_x, test_y = _check_split(test, "test", num_classes)
+    train_x, train_y = checked_split(train, "train", num_classes)
+    val_x, val_y = checked_split(val, "val", num_classes)
+    test_x, test_y = checked_split(test, "test", num_classes)
     dims = {name: x.shape[1] for name, x in (("train", train_x), ("val", val_x), ("test", test_x))}
     if len(set(dims.values())) != 1:
         raise PretextlabError(f"the splits have different feature sizes {dims}: they must come from the same output")

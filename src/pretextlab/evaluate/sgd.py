@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from pretextlab import atomic
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.features import resolve_device
+from pretextlab.evaluate.probe_inputs import checked_split
 
 KINDS = ("linear", "mlp")
 PROBE_NAMES = {"linear": "sgd", "mlp": "mlp"}
@@ -251,28 +252,6 @@ class _ProbeHead(nn.Module):
         return self.classifier(x)
 
 
-def _checked_split(split: Any, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(split, (tuple, list)) or len(split) != 2:
-        raise PretextlabError(f"{name} must be a pair (features (N, D), labels (N,)), got {type(split).__name__}")
-    features, labels = split
-    if not isinstance(features, np.ndarray):  # np.memmap is an ndarray and stays one (no copy)
-        features = np.asarray(features)
-    labels = np.asarray(labels)
-    if features.ndim != 2:
-        raise PretextlabError(f"{name} features must be 2-d (N, D), got shape {features.shape}")
-    if not (np.issubdtype(features.dtype, np.floating) or np.issubdtype(features.dtype, np.integer)):
-        raise PretextlabError(f"{name} features must be numbers (float32 preferred), got {features.dtype}")
-    if labels.ndim != 1 or len(labels) != len(features):
-        raise PretextlabError(f"{name} has {len(features)} feature rows but labels of shape {labels.shape}: give one label per row")
-    if len(features) == 0 or features.shape[1] == 0:
-        raise PretextlabError(f"{name} is empty (features of shape {features.shape}): it needs at least one row and one dimension")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise PretextlabError(f"{name} labels must be integers (class ids), got {labels.dtype}")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise PretextlabError(f"{name} labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}: check num_classes")
-    return features, labels.astype(np.int64, copy=False)
-
-
 def _non_finite_error(name: str) -> PretextlabError:
     return PretextlabError(f"{name} features contain NaN or infinite values: fix the feature extraction (or drop those rows)")
 
@@ -447,9 +426,9 @@ def sgd_probe(
     if not _is_whole(num_classes) or num_classes < 2:
         raise PretextlabError(f"num_classes must be a whole number >= 2, got {num_classes!r}")
     splits = {
-        "train": _checked_split(train, "train", num_classes),
-        "val": _checked_split(val, "val", num_classes),
-        "test": _checked_split(test, "test", num_classes),
+        "train": checked_split(train, "train", num_classes),
+        "val": checked_split(val, "val", num_classes),
+        "test": checked_split(test, "test", num_classes),
     }
     dims = {name: x.shape[1] for name, (x, _) in splits.items()}
     if len(set(dims.values())) != 1:
