@@ -49,10 +49,13 @@ SETTINGS = {
 }
 
 
-def _config(task: str, width: int, setting: str) -> TrainConfig:
+def _config(task: str, width: int, setting: str, patch_size: int) -> TrainConfig:
+    sizes = dict(TASKS[task])
+    if "patch_size" in sizes:  # the image a 3x3 grid of patch_size patches is cut from (3.5 x patch)
+        sizes.update(patch_size=patch_size, image_size=round(3.5 * patch_size))
     return TrainConfig(
         task=task, network="resnet50v1", width=width, dataset="fashion-mnist", limit=2000, val_size=100,
-        test_limit=100, epochs=1, device="cpu", **TASKS[task], **SETTINGS[setting],
+        test_limit=100, epochs=1, device="cpu", **sizes, **SETTINGS[setting],
     )
 
 
@@ -89,12 +92,12 @@ def _time_bare(trainer: Trainer, shape: tuple[int, ...], steps: int, warmup: int
     return (time.perf_counter() - started) / steps
 
 
-def measure_tasks(width: int, steps: int, warmup: int) -> list[dict]:
+def measure_tasks(width: int, steps: int, warmup: int, patch_size: int, tasks: list[str], settings: list[str]) -> list[dict]:
     rows = []
-    for task in TASKS:
-        for setting in SETTINGS:
+    for task in tasks:
+        for setting in settings:
             with tempfile.TemporaryDirectory() as run_dir:
-                trainer = Trainer(_config(task, width, setting), run_dir, progress=False)
+                trainer = Trainer(_config(task, width, setting, patch_size), run_dir, progress=False)
                 task_seconds, shape = _time_task(trainer, steps, warmup)
                 bare_seconds = _time_bare(trainer, shape, steps, warmup)
             images = trainer.config.batch_size
@@ -149,15 +152,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--processes", action="store_true", help="also 1 vs 2 processes on CPU")
+    parser.add_argument("--patch-size", type=int, default=16, help="patch side of jigsaw/relative_patch (64 = the study)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes")
     args = parser.parse_args()
     torch.manual_seed(0)
     result = dict(
         device="cpu", threads=torch.get_num_threads(), width=args.width, steps=args.steps,
-        tasks=measure_tasks(args.width, args.steps, args.warmup),
+        patch_size=args.patch_size,
+        tasks=measure_tasks(args.width, args.steps, args.warmup, args.patch_size, args.tasks, args.settings),
     )
     if args.processes:
         result["processes"] = measure_processes(args.width, args.steps)
-    atomic.write_json(RESULTS, result)
+    atomic.write_json(args.results, result)
     print()
     print(f"| task | setting | network inputs per step | task images/s | bare images/s | ratio |")
     print("|---|---|---|---:|---:|---:|")
