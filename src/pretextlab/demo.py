@@ -25,7 +25,7 @@ from pretextlab.train import Trainer, build_model, read_metrics
 
 # Per task, settings that fit 2 CPU cores in a few minutes; everything else is the study's recipe.
 DEMO_TRAINING: dict[str, dict[str, Any]] = {
-    "rotation": dict(network="revnet50", width=1, image_size=32, epochs=2, limit=20000, batch_size=64, crop_scale=(0.6, 1.0), color_jitter=0.0),
+    "rotation": dict(network="revnet50", width=2, image_size=32, epochs=3, limit=20000, batch_size=64, crop_scale=(0.6, 1.0), color_jitter=0.0),
     "exemplar": dict(network="resnet50v1", width=1, image_size=32, epochs=2, batch_size=32, copies=4, crop_scale=(0.3, 1.0)),
     "jigsaw": dict(network="resnet50v1", width=1, image_size=56, epochs=2, batch_size=32, patch_size=16),
     "relative_patch": dict(network="resnet50v1", width=1, image_size=56, epochs=2, batch_size=32, patch_size=16),
