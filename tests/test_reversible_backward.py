@@ -330,7 +330,8 @@ def test_saved_activations_stay_flat_as_depth_grows(fashion):
             saved[units, reversible] = _saved_activation_bytes(network, images)
     assert saved[(6, 8, 12, 6), True] == saved[(3, 4, 6, 3), True]
     assert saved[(6, 8, 12, 6), False] > 1.5 * saved[(3, 4, 6, 3), False]  # measured 1.6 (5.7 -> 9.2 MiB)
-    assert saved[(3, 4, 6, 3), True] < saved[(3, 4, 6, 3), False] / 2  # measured 2.5 against 5.7 MiB
+    # The stages keep their inputs and outputs, the stem (lean_stem.py) the images and uint8 offsets.
+    assert saved[(3, 4, 6, 3), True] < saved[(3, 4, 6, 3), False] / 4  # measured 1.0 against 5.8 MiB
 
 
 def test_deeper_revnets_are_named_by_depth_and_invert(fashion):

@@ -20,7 +20,8 @@ second time (nor counting the batch in num_batches_tracked). In eval mode F uses
 statistics both ways.
 
 The memory-saving backward (``reversible_backward``, on by default) is in reversible.py: each
-stage's chain of units keeps only its output and recomputes the rest in backward.
+stage's chain of units keeps only its output and recomputes the rest in backward; with it the
+stem switches to the lean backward of lean_stem.py.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 
 from pretextlab.errors import PretextlabError
 from pretextlab.models.registry import Network
+from pretextlab.models.lean_stem import lean_conv_max_pool
 from pretextlab.models.reversible import ReconstructionCheck, batch_stats_without_update, reversible_sequence
 from pretextlab.models.resnet import STAGE_DEPTHS, STAGE_WIDTH_MULTIPLIERS, conv1x1, conv3x3, stem_max_pool
 
@@ -109,14 +111,20 @@ class PoolAndDoubleChannels(nn.Module):
 
 
 class RevNetStem(nn.Module):
-    """7x7 conv (stride 2, or 1 in patch mode) to 64k channels, no BN/ReLU, then the 3x3/2 max-pool."""
+    """7x7 conv (stride 2, or 1 in patch mode) to 64k channels, no BN/ReLU, then the 3x3/2 max-pool.
+
+    ``lean=True`` computes the same with a backward that stores only the images and the pool's
+    argmax offsets (lean_stem.py), not the full-resolution convolution output and int64 indices.
+    """
 
     def __init__(self, out_channels: int, stride: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, out_channels, kernel_size=7, stride=stride, padding=3, bias=False)
         self.pool = stem_max_pool()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
+        if lean:
+            return lean_conv_max_pool(x, self.conv.weight, self.conv.stride[0], self.conv.padding[0])
         return self.pool(self.conv(x))
 
 
@@ -129,9 +137,11 @@ class RevNet50(Network):
     ``reversible_backward`` (default on; an attribute, so it can be switched later) backpropagates
     through each stage by recomputing activations from the stage's output (reversible.py) instead
     of storing them: same gradients up to roundoff, activation memory of the stages independent of
-    their depth, one extra evaluation of every F. The stem and the head use ordinary autograd; a
-    transition is recomputed (it is weightless) from the previous stage's output, which is kept
-    anyway. ``reversible_check`` (a ``ReconstructionCheck``, or None) measures the recomputation's
+    their depth, one extra evaluation of every F. A transition is recomputed (it is weightless)
+    from the previous stage's output, which is kept anyway. The stem, then the largest store,
+    switches to its lean backward (lean_stem.py: images and uint8 argmax offsets instead of its
+    full-resolution map and int64 indices, same work, nothing recomputed); the head keeps ordinary
+    autograd. ``reversible_check`` (a ``ReconstructionCheck``, or None) measures the recomputation's
     error in every backward and warns past its tolerance; it costs the memory the method saves,
     so it is for diagnosis.
 
@@ -185,7 +195,7 @@ class RevNet50(Network):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_input(x)
         outputs: dict[str, torch.Tensor] = {}
-        x = self._to_stream(self.stem(x))
+        x = self._to_stream(self.stem(x, lean=self.reversible_backward))
         for index, stage in enumerate(self.stages):
             transition = self.transitions[index - 1] if index > 0 else None
             if self.reversible_backward:

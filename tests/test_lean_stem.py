@@ -1,0 +1,146 @@
+"""The RevNet stem's lean backward (lean_stem.py) against ordinary autograd, on real images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as functional
+
+from pretextlab.data import fashion_mnist
+from pretextlab.models.lean_stem import lean_conv_max_pool
+from pretextlab.models.revnet import revnet50
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(
+    not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist",
+)
+
+
+@pytest.fixture(scope="module")
+def fashion() -> np.ndarray:
+    return fashion_mnist.read_fashion_mnist(FASHION_DIR).train_images[:64]
+
+
+def _images(fashion: np.ndarray, count: int, side: int, dtype: torch.dtype) -> torch.Tensor:
+    gray = fashion_mnist.resize_gray(fashion[:count], side).double() / 127.5 - 1.0
+    # Three different channels, so the kernel's channels are not interchangeable.
+    return torch.cat([gray, gray.flip(-1), -gray], dim=1).to(dtype)
+
+
+def _ordinary(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    conv = functional.conv2d(x, weight, stride=stride, padding=3)
+    return functional.max_pool2d(functional.pad(conv, (1, 1, 1, 1)), 3, 2)
+
+
+def _both(x: torch.Tensor, weight: torch.Tensor, stride: int, seed: int = 0):
+    """Outputs and (input, weight) gradients of the ordinary and the lean stem for one random loss."""
+    results = []
+    for function in (_ordinary, lambda a, b, s: lean_conv_max_pool(a, b, s, 3)):
+        a, b = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = function(a, b, stride)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+        results.append((out.detach(), *torch.autograd.grad(out, [a, b], g)))
+    return results
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.mark.parametrize(
+    "count,side,stride,channels_last",
+    [(16, 64, 2, False), (5, 33, 2, False), (7, 32, 1, False), (1, 64, 2, False), (16, 64, 2, True)],
+    ids=["batch16-64px", "odd-size", "patch-stride1", "one-image", "channels-last"],
+)
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-13)], ids=["f32", "f64"])
+def test_same_output_and_gradients_as_ordinary_autograd(fashion, count, side, stride, channels_last, dtype, tolerance):
+    x = _images(fashion, count, side, dtype)
+    weight = torch.randn(24, 3, 7, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    (out, grad_x, grad_w), (lean_out, lean_grad_x, lean_grad_w) = _both(x, weight, stride)
+    assert lean_out.shape == out.shape and torch.equal(lean_out, out)  # same ops, same argmax
+    assert lean_grad_x.dtype == dtype and lean_grad_w.dtype == dtype
+    assert _relative(lean_grad_x, grad_x) < tolerance
+    assert _relative(lean_grad_w, grad_w) < tolerance
+
+
+def test_zero_padding_wins_the_max_where_the_map_is_negative(fashion):
+    """The pool runs over zeros, as the released code: where a whole window is negative a padded
+    zero is the max and takes the gradient, which must then go nowhere."""
+    x = _images(fashion, 4, 32, torch.float64)
+    weight = -torch.ones(8, 3, 7, 7, dtype=torch.float64)  # mostly negative responses
+    (out, grad_x, grad_w), (lean_out, lean_grad_x, lean_grad_w) = _both(x, weight, 2)
+    assert (out[..., 0, :] == 0).any()  # the padded border won somewhere
+    assert torch.equal(lean_out, out)
+    assert _relative(lean_grad_x, grad_x) < 1e-13 and _relative(lean_grad_w, grad_w) < 1e-13
+
+
+def test_bf16_autocast_is_no_less_accurate_than_ordinary_autocast(fashion):
+    x = _images(fashion, 16, 64, torch.float32)
+    weight = torch.randn(32, 3, 7, 7, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ordinary_out = _ordinary(x, weight, 2)
+        lean_out = lean_conv_max_pool(x, weight.requires_grad_(True), 2, 3)
+    assert lean_out.dtype == ordinary_out.dtype == torch.bfloat16 and torch.equal(lean_out, ordinary_out)
+    weight.requires_grad_(False)
+    (_, grad_x, grad_w) = _both_under_autocast(x, weight, _ordinary)
+    (_, lean_grad_x, lean_grad_w) = _both_under_autocast(x, weight, lambda a, b, s: lean_conv_max_pool(a, b, s, 3))
+    # The exact gradient of the same piecewise-linear map (the bf16 forward's argmax), in float64.
+    _, indices = functional.max_pool2d(
+        functional.pad(functional.conv2d(x.bfloat16(), weight.bfloat16(), stride=2, padding=3), (1, 1, 1, 1)),
+        3, 2, return_indices=True,
+    )
+    xd, wd = x.double().requires_grad_(True), weight.double().requires_grad_(True)
+    padded = functional.pad(functional.conv2d(xd, wd, stride=2, padding=3), (1, 1, 1, 1))
+    exact_out = padded.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
+    g = torch.randn(indices.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact_x, exact_w = torch.autograd.grad(exact_out, [xd, wd], g.bfloat16().double())
+    assert lean_grad_x.dtype == lean_grad_w.dtype == torch.float32
+    # Measured: ordinary 5.1e-3 / 4.3e-3, lean 5.0e-3 / 2.7e-3 (bf16's epsilon is 7.8e-3).
+    assert _relative(lean_grad_x, exact_x) <= 1.1 * _relative(grad_x, exact_x)
+    assert _relative(lean_grad_w, exact_w) <= 1.1 * _relative(grad_w, exact_w)
+
+
+def _both_under_autocast(x, weight, function):
+    a, b = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = function(a, b, 2)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(out.dtype)
+    return (out, *torch.autograd.grad(out, [a, b], g))
+
+
+def test_keeps_only_the_images_and_uint8_window_offsets(fashion):
+    x = _images(fashion, 16, 64, torch.float32)
+    weight = torch.randn(64, 3, 7, 7, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = lean_conv_max_pool(x, weight, 2, 3)
+    activations = [t for t in saved if t.data_ptr() not in (x.data_ptr(), weight.data_ptr())]
+    assert [(t.dtype, t.shape) for t in activations] == [(torch.uint8, out.shape)]
+    assert int(activations[0].max()) <= 8  # an offset inside the 3x3 window
+    # Ordinary autograd keeps the padded 32x32 convolution output and int64 indices instead.
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _ordinary(x, weight, 2)
+    ordinary_bytes = sum(t.untyped_storage().nbytes() for t in saved if t.data_ptr() != x.data_ptr() and t.data_ptr() != weight.data_ptr())
+    assert ordinary_bytes > 20 * activations[0].nbytes
+
+
+def test_revnet_uses_it_only_with_the_reversible_backward(fashion):
+    x = _images(fashion, 8, 64, torch.float32)
+    for reversible in (True, False):
+        network = revnet50(1, reversible_backward=reversible).train()
+        dtypes: set[torch.dtype] = set()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: dtypes.add(t.dtype) or t, lambda t: t):
+            network(x)
+        # The pool's int64 indices are kept by ordinary autograd only; the offsets by the lean stem only.
+        assert (torch.int64 in dtypes) == (not reversible)
+        assert (torch.uint8 in dtypes) == reversible
+    with torch.no_grad():  # plain computation, no graph, same numbers
+        network = revnet50(1).eval()
+        assert torch.equal(network.stem(x, lean=True), network.stem(x))
