@@ -30,6 +30,13 @@ def test_shortened_run_keeps_the_schedule_proportions():
     assert explicit.warmup_epochs == 0 and explicit.decay_epochs == (6,)
 
 
+def test_lists_and_tuples_give_the_same_recipe():
+    from_lists = resolve(TrainConfig(epochs=7, crop_scale=[0.6, 1.0], decay_epochs=[4, 6]))
+    from_tuples = resolve(TrainConfig(epochs=7, crop_scale=(0.6, 1.0), decay_epochs=(4, 6)))
+    assert from_lists.crop_scale == (0.6, 1.0) and from_lists.decay_epochs == (4, 6)
+    assert from_lists == from_tuples and from_lists.config_hash() == from_tuples.config_hash()
+
+
 def test_defaults_follow_the_study():
     assert resolve(TrainConfig(task="rotation")).batch_size == 64
     assert resolve(TrainConfig(task="jigsaw")).batch_size == 128

@@ -118,6 +118,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
     from pretextlab.tasks import TASKS
 
     c = dataclasses.replace(config)
+    # Lists (from JSON, YAML or Python callers) mean the same recipe as tuples: one form, one hash.
+    for key in ("crop_scale", "decay_epochs"):
+        if getattr(c, key) is not None:
+            setattr(c, key, tuple(getattr(c, key)))
     if c.task not in TASKS:
         raise PretextlabError(f"unknown task {c.task!r}: choose one of {', '.join(TASKS)}")
     if c.network not in NETWORKS:
