@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def test_fashion_mnist_is_found_in_data_dir_then_env_then_system(tmp_path, raw):
         (env_root / "FashionMNIST" / "raw" / f"{stem}.gz").symlink_to(FASHION_DIR / f"{stem}.gz")
     env = {fashion_mnist.ENV_VAR: str(env_root)}
     assert fashion_mnist.locate_fashion_mnist(tmp_path / "plain", environment=env, download=False) == plain
-    assert fashion_mnist.locate_fashion_mnist(tmp_path / "empty", environment=env, download=False) == env_root / "FashionMNIST" / "raw"
+    assert fashion_mnist.locate_fashion_mnist(None, environment=env, download=False) == env_root / "FashionMNIST" / "raw"
     assert fashion_mnist.locate_fashion_mnist(None, environment={}, download=False) == FASHION_DIR
     from_plain = fashion_mnist.read_fashion_mnist(plain)
     np.testing.assert_array_equal(from_plain.train_images, raw.train_images)
@@ -261,6 +262,10 @@ def test_folder_dataset_decodes_every_format_and_skips_bad_files(image_root, cap
     assert len(warned) == 3
     for name in BAD_TRAIN["cat"]:
         assert sum(name in message for message in warned) == 1
+    # Each pass also says how many it skipped in all: the bad files are all in train or val.
+    totals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ") and "this pass" in r.getMessage()]
+    counts = [int(message.split()[1]) for message in totals]
+    assert sum(counts) == 3 and all(c > 0 for c in counts)
 
 
 def test_decoding_converts_modes_and_crops_the_centre(tmp_path):
@@ -404,9 +409,73 @@ def test_few_label_subsets_are_balanced_nested_and_deterministic(fmnist):
     uneven = np.repeat(np.arange(4), [3, 50, 200, 1])
     picked = few_label_subset(uneven, fraction=0.1, seed=0)
     np.testing.assert_array_equal(np.bincount(uneven[picked]), [1, 5, 20, 1])
-    with pytest.raises(PretextlabError, match="class 3 has only 1"):
+    with pytest.raises(PretextlabError, match=r"class number 3 has in the training split \(1\)"):
         few_label_subset(uneven, per_class=2)
     with pytest.raises(PretextlabError, match="exactly one"):
         few_label_subset(uneven, per_class=1, fraction=0.5)
     with pytest.raises(PretextlabError, match="fraction"):
         few_label_subset(uneven, fraction=1.5)
+
+
+def test_an_explicit_data_dir_that_does_not_exist_is_an_error_not_a_fallback(tmp_path):
+    env_root = tmp_path / "env"
+    env_root.mkdir()
+    for stem in fashion_mnist.FILES.values():
+        (env_root / f"{stem}.gz").symlink_to(FASHION_DIR / f"{stem}.gz")
+    env = {fashion_mnist.ENV_VAR: str(env_root)}
+    missing = tmp_path / "typo"
+    with pytest.raises(PretextlabError, match=f"--data-dir {missing} does not exist"):
+        fashion_mnist.locate_fashion_mnist(missing, environment=env, download=False)
+    with pytest.raises(PretextlabError, match="--data-dir .*typo does not exist"):
+        load_dataset("fashion-mnist", data_dir=str(missing), limit=100, download=True)  # nor a download into it
+    # An existing folder without the files is not silently replaced by another copy either.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PretextlabError, match="empty"):
+        fashion_mnist.locate_fashion_mnist(tmp_path / "empty", environment=env, download=False)
+    assert fashion_mnist.locate_fashion_mnist(env_root, environment={}, download=False) == env_root
+
+
+def test_folder_symlink_loops_and_cross_class_links_count_each_image_once(image_root, caplog):
+    (image_root / "train" / "ant" / "loop").symlink_to(".", target_is_directory=True)  # ln -s . train/ant/loop
+    (image_root / "train" / "bee" / "up").symlink_to("..", target_is_directory=True)  # into the split: every class
+    (image_root / "train" / "cat" / "ants").symlink_to(image_root / "train" / "ant", target_is_directory=True)
+    elsewhere = image_root.parent / "more-ants"
+    elsewhere.mkdir()
+    Image.fromarray(np.full((30, 30, 3), 7, np.uint8)).save(elsewhere / "extra.png")
+    (image_root / "train" / "ant" / "more").symlink_to(elsewhere, target_is_directory=True)  # a new folder: followed once
+    with caplog.at_level(logging.WARNING, logger="pretextlab.data.folder"):
+        splits = load_dataset("folder", data_dir=str(image_root), image_size=8, val_size=3, seed=0)
+    assert len(splits.train) + len(splits.val) == 18 + 1
+    labels = np.concatenate([splits.train.labels, splits.val.labels])
+    np.testing.assert_array_equal(np.bincount(labels), [6, 5, 8])  # ant: 5 + extra.png; cat: 5 + 3 bad files
+    paths = [str(splits.train.path(i)) for i in range(len(splits.train))] + [str(splits.val.path(i)) for i in range(len(splits.val))]
+    assert len(set(os.path.realpath(p) for p in paths)) == len(paths)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "did not follow 3 folder symlinks" in warned
+    for link in ("ant/loop", "bee/up", "cat/ants"):
+        assert link in warned
+
+
+def test_two_class_folders_that_are_one_folder_are_refused(image_root):
+    (image_root / "train" / "dog").symlink_to(image_root / "train" / "ant", target_is_directory=True)
+    with pytest.raises(PretextlabError, match=r"class folders .*ant and .*dog are the same folder"):
+        load_dataset("folder", data_dir=str(image_root))
+
+
+def test_messages_name_the_flags_and_folders_a_user_typed(image_root):
+    splits = load_dataset("folder", data_dir=str(image_root), image_size=8, val_size=3, seed=0)
+    with pytest.raises(PretextlabError) as caught:
+        few_label_subset(splits.train.labels, per_class=5, class_names=splits.train.class_names)
+    message = str(caught.value)
+    assert "--labels-per-class 5" in message and "class 'ant'" in message and "per_class" not in message
+    with pytest.raises(PretextlabError, match="--label-fraction must lie in"):
+        few_label_subset(splits.train.labels, fraction=1.5)
+    with pytest.raises(PretextlabError, match="--test-limit 99 is more than the 6 images"):
+        load_dataset("folder", data_dir=str(image_root), val_size=3, test_limit=99)
+    with pytest.raises(PretextlabError, match=r"--val-size must be"):
+        resolve_val_count(1.5, 100)
+    for internal in ("per_class", "num_classes", "test_limit", "val_size"):
+        for bad in ({"per_class": 0}, {"per_class": 1, "fraction": 0.5}):
+            with pytest.raises(PretextlabError) as caught:
+                few_label_subset(splits.train.labels, **bad)
+            assert internal not in str(caught.value)

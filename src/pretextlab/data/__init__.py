@@ -102,7 +102,7 @@ def load_dataset(
     if name not in DATASETS:
         raise PretextlabError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
-        raise PretextlabError(f"image_size must be a whole number of pixels >= 1, got {image_size!r}")
+        raise PretextlabError(f"the image size (--image-size) must be a whole number of pixels >= 1, got {image_size!r}")
     settings = {"val_size": val_size, "limit": limit, "test_limit": test_limit, "seed": int(seed)}
     if name == "fashion-mnist":
         return _load_fashion_mnist(data_dir, int(image_size), settings, download)

@@ -1,8 +1,9 @@
 """Fashion-MNIST from its four idx files (.gz or not), held in memory as uint8 tensors.
 
-Where the files are looked for, in order: ``data_dir``, ``$PRETEXTLAB_DATA``, Debian's
-``/usr/share/datasets/fashion-mnist`` (package dataset-fashion-mnist), ``~/.cache/pretextlab``;
-in each, the folder itself, its ``fashion-mnist/`` and torchvision's ``FashionMNIST/raw/``. If none
+Where the files are looked for: an explicit ``data_dir`` (--data-dir) only, and it must exist (a
+mistyped path must not quietly read another copy); without one, in order, ``$PRETEXTLAB_DATA``,
+Debian's ``/usr/share/datasets/fashion-mnist`` (package dataset-fashion-mnist), ``~/.cache/pretextlab``.
+In each, the folder itself, its ``fashion-mnist/`` and torchvision's ``FashionMNIST/raw/``. If none
 has them and ``download`` is allowed, torchvision downloads them into ``data_dir`` (or the cache).
 """
 
@@ -68,8 +69,10 @@ def candidate_dirs(
     cache_dir: Path = CACHE_DIR,
 ) -> list[Path]:
     """Where to look, in order (see the module docstring); ``environment`` defaults to os.environ."""
+    if data_dir:
+        return [Path(data_dir).expanduser()]
     environment = dict(os.environ) if environment is None else environment
-    bases = [Path(data_dir).expanduser()] if data_dir else []
+    bases = []
     if environment.get(ENV_VAR):
         bases.append(Path(environment[ENV_VAR]).expanduser())
     bases.extend(Path(d) for d in system_dirs)
@@ -143,6 +146,11 @@ def locate_fashion_mnist(
     cache_dir: Path = CACHE_DIR,
 ) -> Path:
     """The folder holding the four files, downloading them if allowed and needed."""
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise PretextlabError(
+            f"--data-dir {data_dir} does not exist or is not a folder: fix the path, or leave --data-dir out to use "
+            f"${ENV_VAR}, {SYSTEM_DIRS[0]} (apt-get install dataset-fashion-mnist) or a download"
+        )
     bases = candidate_dirs(data_dir, environment, system_dirs, cache_dir)
     found = find_fashion_mnist(bases)
     if found is not None:

@@ -44,16 +44,28 @@ class FolderScan:
     labels: np.ndarray  # int64
     class_names: list[str]
     ignored_files: int  # files whose extension is not an image format
+    skipped_links: tuple[str, ...] = ()  # folder symlinks not followed (already scanned), relative to the split folder
 
 
 def _class_folders(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
-def _image_files(class_dir: Path, extensions: frozenset[str]) -> tuple[list[str], int]:
+def _image_files(class_dir: Path, extensions: frozenset[str], visited: set[str], skipped_links: list[str]) -> tuple[list[str], int]:
+    """Image files under ``class_dir``, following directory symlinks but never into a folder
+    already seen (``visited``: real paths, shared over the split), so a loop (``ln -s . loop``) or
+    a link to another class's folder cannot count an image twice; such links go to ``skipped_links``."""
     found, ignored = [], 0
     for folder, subfolders, files in os.walk(class_dir, followlinks=True):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        keep = []
+        for name in sorted(d for d in subfolders if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(folder, name))
+            if real in visited:
+                skipped_links.append(os.path.relpath(os.path.join(folder, name), class_dir.parent))
+                continue
+            visited.add(real)
+            keep.append(name)
+        subfolders[:] = keep
         for name in files:
             if name.startswith("."):
                 continue
@@ -96,8 +108,21 @@ def scan_split(root: str | os.PathLike, split: str, class_names: Sequence[str] |
     paths: list[str] = []
     labels: list[np.ndarray] = []
     ignored = 0
+    # Every class folder (and the split folder) counts as seen before the walk, so a symlink from
+    # one class into another class's folder, or up to the split, is skipped rather than relabelled.
+    visited: dict[str, str] = {os.path.realpath(split_dir): split}
+    for name in folders:
+        real = os.path.realpath(split_dir / name)
+        if real in visited:
+            raise PretextlabError(
+                f"class folders {split_dir / visited[real]} and {split_dir / name} are the same folder (one is a "
+                f"symlink to the other), so its images would get two labels: remove one of them"
+            )
+        visited[real] = name
+    seen = set(visited)
+    skipped_links: list[str] = []
     for name in tqdm(folders, desc=f"scanning {split_dir}", unit="class", disable=not progress, leave=False):
-        files, skipped = _image_files(split_dir / name, extensions)
+        files, skipped = _image_files(split_dir / name, extensions, seen, skipped_links)
         ignored += skipped
         if not files:
             raise PretextlabError(
@@ -108,12 +133,19 @@ def scan_split(root: str | os.PathLike, split: str, class_names: Sequence[str] |
         labels.append(np.full(len(files), label_of[name], dtype=np.int64))
     if ignored:
         logger.warning("%s: ignored %d files whose extension is not an image format", split_dir, ignored)
+    if skipped_links:
+        shown = ", ".join(skipped_links[:5]) + (f" and {len(skipped_links) - 5} more" if len(skipped_links) > 5 else "")
+        logger.warning(
+            "%s: did not follow %d folder symlinks to folders already scanned (a loop, or a second path to the "
+            "same images, whose images would count twice): %s", split_dir, len(skipped_links), shown,
+        )
     return FolderScan(
         root=split_dir,
         relative_paths=np.array([os.fsencode(p) for p in paths]),
         labels=np.concatenate(labels),
         class_names=list(class_names),
         ignored_files=ignored,
+        skipped_links=tuple(skipped_links),
     )
 
 

@@ -20,6 +20,7 @@ or, if all of its files are bad, none).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -30,6 +31,8 @@ from torch.utils.data import DataLoader
 
 from pretextlab.data.imageset import ImageSet, TensorImageSet
 from pretextlab.errors import PretextlabError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,9 +65,12 @@ def collate_decoded(items: list[tuple[torch.Tensor, int] | None], image_size: in
 
 def _check_sharding(batch_size: int, rank: int, world_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise PretextlabError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+        raise PretextlabError(f"the batch size (--batch-size) must be a whole number >= 1, got {batch_size!r}")
     if world_size < 1 or not 0 <= rank < world_size:
-        raise PretextlabError(f"rank must lie in [0, world_size) and world_size >= 1, got rank {rank}, world_size {world_size}")
+        raise PretextlabError(
+            f"the process rank must lie in [0, WORLD_SIZE) and WORLD_SIZE >= 1 (as torchrun sets them), got RANK={rank}, "
+            f"WORLD_SIZE={world_size}"
+        )
 
 
 def batches_per_epoch(num_images: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
@@ -125,7 +131,7 @@ class BatchLoader:
         world_size: int = 1,
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
-            raise PretextlabError(f"workers must be a whole number >= 0, got {workers!r}")
+            raise PretextlabError(f"--workers must be a whole number of decoding processes >= 0, got {workers!r}")
         self.images = images
         self.workers = int(workers)
         # Pinning needs CUDA; asking for it elsewhere is harmless, so it quietly does nothing.
@@ -143,17 +149,26 @@ class BatchLoader:
             return iter(())
         if isinstance(self.images, TensorImageSet):
             return self._in_memory()
-        return iter(
-            DataLoader(
-                self.images,
-                batch_sampler=self.batches,
-                num_workers=self.workers,
-                collate_fn=functools.partial(collate_decoded, image_size=self.images.image_size),
-                pin_memory=self.pin_memory,
-                # Workers only decode; more than a few batches in flight only costs memory.
-                prefetch_factor=4 if self.workers else None,
-            )
+        return self._decoded()
+
+    def _decoded(self) -> Iterator[Batch]:
+        loader = DataLoader(
+            self.images,
+            batch_sampler=self.batches,
+            num_workers=self.workers,
+            collate_fn=functools.partial(collate_decoded, image_size=self.images.image_size),
+            pin_memory=self.pin_memory,
+            # Workers only decode; more than a few batches in flight only costs memory.
+            prefetch_factor=4 if self.workers else None,
         )
+        skipped = read = 0
+        for batch in loader:
+            skipped += batch.skipped
+            read += len(batch) + batch.skipped
+            yield batch
+        if skipped:
+            # One total per pass, after the per-file warnings (folder.py), so a reader need not count them.
+            logger.warning("skipped %d unreadable images of the %d read in this pass (each named above)", skipped, read)
 
     def _in_memory(self) -> Iterator[Batch]:
         assert isinstance(self.images, TensorImageSet)

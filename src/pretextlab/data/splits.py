@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -103,13 +103,13 @@ def resolve_val_count(val_size: int | float | None, pool: int) -> int:
         count = LARGE_POOL_VAL if pool >= LARGE_POOL else round(SMALL_POOL_VAL_FRACTION * pool)
         count = max(count, 1)
     elif isinstance(val_size, bool) or not isinstance(val_size, (int, float, np.integer, np.floating)):
-        raise PretextlabError(f"val_size must be a count (>= 1) or a fraction in (0, 1), got {val_size!r}")
+        raise PretextlabError(f"--val-size must be a count of images (>= 1) or a fraction in (0, 1), got {val_size!r}")
     elif 0 < val_size < 1:
         count = max(1, round(float(val_size) * pool))
     elif val_size >= 1 and float(val_size).is_integer():
         count = int(val_size)
     else:
-        raise PretextlabError(f"val_size must be a count (>= 1) or a fraction in (0, 1), got {val_size!r}")
+        raise PretextlabError(f"--val-size must be a count of images (>= 1) or a fraction in (0, 1), got {val_size!r}")
     if count >= pool:
         raise PretextlabError(
             f"a validation split of {count} images leaves nothing to train on (the training pool has {pool}): "
@@ -135,6 +135,7 @@ class SplitIndices:
 
 
 def _check_limit(value: int | None, available: int, what: str) -> None:
+    """``what`` is the flag the user typed (``--limit``, ``--test-limit``)."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -153,8 +154,8 @@ def split_indices(
 ) -> SplitIndices:
     """The study's splits (see the module docstring) as sorted index arrays."""
     train_labels, test_labels = _labels(train_labels), _labels(test_labels)
-    _check_limit(limit, len(train_labels), "limit")
-    _check_limit(test_limit, len(test_labels), "test_limit")
+    _check_limit(limit, len(train_labels), "--limit")
+    _check_limit(test_limit, len(test_labels), "--test-limit")
     pool = np.arange(len(train_labels)) if limit is None else balanced_subset(train_labels, limit, seed, _PURPOSE_LIMIT)
     pool_labels = train_labels[pool]
     val_count = resolve_val_count(val_size, len(pool))
@@ -166,29 +167,37 @@ def split_indices(
 
 
 def few_label_subset(
-    labels: np.ndarray, per_class: int | None = None, fraction: float | None = None, seed: int = 0
+    labels: np.ndarray,
+    per_class: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Sorted indices of a class-balanced labelled subset: ``per_class`` images of every class, or
     ``fraction`` of each class's images (at least one). Deterministic for the seed, and nested: for
-    one seed a smaller subset is contained in a larger one."""
+    one seed a smaller subset is contained in a larger one. ``class_names`` (the folder names, or
+    the dataset's) only make the messages name a class as the user knows it."""
     labels = _labels(labels)
     if (per_class is None) == (fraction is None):
-        raise PretextlabError("give exactly one of per_class (labelled images per class) or fraction (of each class)")
+        raise PretextlabError("give exactly one of --labels-per-class N or --label-fraction F (of each class's images)")
     counts = np.bincount(labels)
     present = counts > 0
     if per_class is not None:
         if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
-            raise PretextlabError(f"per_class must be a whole number >= 1, got {per_class!r}")
+            raise PretextlabError(f"--labels-per-class must be a whole number >= 1, got {per_class!r}")
         short = np.flatnonzero(present & (counts < per_class))
         if len(short):
+            label = int(short[0])
+            name = repr(class_names[label]) if class_names is not None and label < len(class_names) else f"number {label}"
             raise PretextlabError(
-                f"{per_class} labelled images per class asked for, but class {int(short[0])} has only "
-                f"{int(counts[short[0]])}: lower --labels-per-class (the smallest class has {int(counts[present].min())})"
+                f"--labels-per-class {per_class} asks for more images than class {name} has in the training "
+                f"split ({int(counts[label])}): lower --labels-per-class to at most {int(counts[present].min())} "
+                f"(the smallest class), or raise --limit"
             )
         wanted = np.where(present, per_class, 0)
     else:
         if not 0 < fraction <= 1:  # type: ignore[operator]
-            raise PretextlabError(f"fraction must lie in (0, 1], got {fraction!r}")
+            raise PretextlabError(f"--label-fraction must lie in (0, 1], got {fraction!r}")
         wanted = np.where(present, np.maximum(1, np.floor(counts * float(fraction) + 0.5)), 0).astype(np.int64)
     return _first_per_class(labels, class_ranks(labels, seed, _PURPOSE_FEW_LABELS), wanted)
 

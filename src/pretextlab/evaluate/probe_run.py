@@ -121,7 +121,8 @@ def probe_representation(
     train_split = "train"
     if config.labels_per_class is not None or config.label_fraction is not None:
         chosen = few_label_subset(
-            train_images.labels, per_class=config.labels_per_class, fraction=config.label_fraction, seed=config.seed
+            train_images.labels, per_class=config.labels_per_class, fraction=config.label_fraction, seed=config.seed,
+            class_names=train_images.class_names,
         )
         train_images = train_images.subset(chosen)
         train_split = f"train-{config.label_tag()}-seed{config.seed}"
