@@ -168,7 +168,10 @@ def test_a_complete_cache_is_returned_without_running_the_network(splits, networ
     for output in first:
         np.testing.assert_array_equal(first[output].features, second[output].features)
     meta = json.loads((tmp_path / "rot-k1" / "train" / "meta.json").read_text())
-    assert meta["outputs"]["pre_logits"] == {"batches_done": 6, "rows_done": 180, "dim": 512, "complete": True}
+    state = meta["outputs"]["pre_logits"]
+    assert {k: state[k] for k in ("batches_done", "rows_done", "dim", "complete")} == {
+        "batches_done": 6, "rows_done": 180, "dim": 512, "complete": True}
+    assert state["integrity"]["bytes"] == (tmp_path / "rot-k1" / "train" / "pre_logits.npy").stat().st_size
 
 
 def test_an_interrupted_extraction_resumes_to_the_same_result(splits, network_and_views, tmp_path) -> None:

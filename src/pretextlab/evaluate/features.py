@@ -15,23 +15,39 @@ Cache layout, one folder per (preprocessing key, split)::
     cache_dir/<preprocessing_key>/<split>/<output>.npy   float32 (N, D), written in row order
     cache_dir/<preprocessing_key>/<split>/labels.npy     int64 (N,)
     cache_dir/<preprocessing_key>/<split>/meta.json      how many batches/rows of each output are done
+    cache_dir/<preprocessing_key>/<split>/.lock          held (flock) by the one process extracting
 
 ``meta.json`` is written atomically, and only after the rows it counts have been flushed, so an
 interrupted extraction (Ctrl-C, a crash, a killed job) resumes from the last recorded batch and
 ends bitwise identical to an uninterrupted one; a completed cache is returned without running the
 network at all. The preprocessing key must change whenever the network, its weights, the views or
-the images change: the cache checks only the image count, labels and pooling budget.
+the images change (``probe_run`` puts the checkpoint's step and content hash in it): the cache
+checks only the image count, labels and pooling budget.
+
+Nothing damaged is used: when an output is complete its file size and a CRC-32 per block of rows
+(of its features and of the labels) are recorded, and checked on every reuse; a missing,
+truncated, zero-byte, garbage or altered file is rebuilt with a message on stderr. The file's
+space is reserved up front (``posix_fallocate``), so a full disk fails at once with an error that
+names the path and the bytes needed, instead of a SIGBUS in the middle of writing a memmap. One
+lock per cache folder serialises processes sharing it: a second one waits, then reuses what the
+first made and adds only what is still missing, so neither overwrites the other's record.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
+import os
+import sys
 import time
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +62,9 @@ from pretextlab.errors import PretextlabError
 POOL_BUDGET = 9000  # the study's cap on the number of values per image fed to a probe
 META_FILE = "meta.json"
 LABELS_FILE = "labels.npy"
-CACHE_VERSION = 1
+LOCK_FILE = ".lock"
+CACHE_VERSION = 2  # 2: per-output checksums; a version-1 cache is rebuilt
+CHECKSUM_BLOCK_BYTES = 1 << 24  # rows are checksummed in blocks of about 16 MiB
 CHECKPOINT_SECONDS = 10.0  # how often progress is recorded during a long extraction
 
 Views = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
@@ -68,10 +86,6 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    @property
-    def dim(self) -> int:
-        return int(self.features.shape[1])
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -157,13 +171,38 @@ def _labels_digest(labels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+def _say(message: str) -> None:
+    # People read stderr; stdout is kept for the commands' JSON.
+    print(f"pretextlab: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _cache_lock(split_dir: Path) -> Iterator[None]:
+    """Hold the folder's lock: a second process on the same cache waits here (and says so)."""
+    with open(split_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another process extracting features into {split_dir}")
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _read_meta(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise PretextlabError(f"the feature cache record {path} is unreadable ({error}): delete its folder to rebuild it") from error
+        _say(f"the feature cache record {path} is unreadable ({error}): rebuilding that cache")
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("outputs"), dict) or meta.get("version") != CACHE_VERSION:
+        _say(f"the feature cache record {path} is from another version or malformed: rebuilding that cache")
+        return None
+    return meta
 
 
 def _check_meta(meta: dict[str, Any], split_dir: Path, images: ImageSet, labels_sha: str, budget: int) -> None:
@@ -183,9 +222,85 @@ def _open_store(path: Path, shape: tuple[int, ...], dtype: type) -> np.memmap | 
         return None
     try:
         store = np.load(path, mmap_mode="r+")
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         return None
     return store if store.shape == shape and store.dtype == dtype else None
+
+
+def _create_store(path: Path, shape: tuple[int, ...], dtype: type) -> np.memmap:
+    """A new .npy memmap whose blocks are reserved now: a full disk is an error here, not a SIGBUS later."""
+    needed = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        store = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        with open(path, "r+b") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+            except OSError as error:
+                if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a filesystem that cannot reserve
+                    raise
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = os.statvfs(path.parent)
+            raise PretextlabError(
+                f"no space left for the feature cache {path}: it needs {_size(needed)} ({needed} bytes), "
+                f"{_size(free.f_bavail * free.f_frsize)} are free: free some space (or lower --limit) and run it again"
+            ) from error
+        raise PretextlabError(f"cannot create the feature cache {path} ({error})") from error
+    return store
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def _block_rows(dim: int) -> int:
+    return max(1, CHECKSUM_BLOCK_BYTES // (4 * max(1, dim)))
+
+
+def _checksums(array: np.ndarray, rows: int, block: int) -> list[int]:
+    return [zlib.crc32(np.ascontiguousarray(array[start : min(start + block, rows)]).data) for start in range(0, rows, block)]
+
+
+def _integrity(split_dir: Path, output: str, rows: int, dim: int) -> dict[str, Any]:
+    """What a complete output's files must still be on reuse: sizes and per-block CRC-32s."""
+    path = split_dir / f"{output}.npy"
+    features = np.load(path, mmap_mode="r")
+    labels = np.load(split_dir / LABELS_FILE, mmap_mode="r")
+    block = _block_rows(dim)
+    return {
+        "bytes": path.stat().st_size,
+        "block_rows": block,
+        "crc32": _checksums(features, rows, block),
+        "labels_crc32": zlib.crc32(np.ascontiguousarray(labels[:rows]).data),
+    }
+
+
+def _damage(split_dir: Path, output: str, state: dict[str, Any], num_images: int) -> str | None:
+    """Why a complete output's cache cannot be reused (None: it is intact)."""
+    path = split_dir / f"{output}.npy"
+    record = state.get("integrity")
+    if not isinstance(record, dict):
+        return "no checksum was recorded"
+    if not path.exists():
+        return f"{path.name} is missing"
+    if path.stat().st_size != record.get("bytes"):
+        return f"{path.name} has {path.stat().st_size} bytes, {record.get('bytes')} were written"
+    rows, dim = int(state["rows_done"]), int(state["dim"])
+    features = _open_store(path, (num_images, dim), np.float32)
+    labels = _open_store(split_dir / LABELS_FILE, (num_images,), np.int64)
+    if features is None or labels is None:
+        return f"{path.name if features is None else LABELS_FILE} is unreadable or has the wrong shape"
+    block = int(record["block_rows"])
+    for index, (found, kept) in enumerate(zip(_checksums(features, rows, block), record["crc32"])):
+        if found != kept:
+            return f"rows {index * block}..{min((index + 1) * block, rows) - 1} of {path.name} changed after they were written"
+    if zlib.crc32(np.ascontiguousarray(labels[:rows]).data) != record.get("labels_crc32"):
+        return f"{LABELS_FILE} changed after it was written"
+    return None
 
 
 def _complete_sets(split_dir: Path, meta: dict[str, Any], outputs: Sequence[str], split: str) -> dict[str, FeatureSet]:
@@ -220,9 +335,10 @@ def extract_features(
     ``views(uint8 (B, 3, S, S) on the device) -> (float inputs (B*V, ...), V)`` with the V views of
     an image adjacent (image-major), as ``PretextTask.eval_views`` returns them. One forward pass of
     the frozen network (eval mode, no grad; bf16 autocast and channels_last on CUDA) serves every
-    output still missing from the cache. Outputs already complete are read back, not recomputed.
-    A resumed extraction keeps the batch size it started with, so its batches are the same.
-    ``network`` is moved to ``device`` (and to channels_last on CUDA); its train/eval mode is restored.
+    output still missing from the cache. Outputs already complete (and intact: see the module doc)
+    are read back, not recomputed. A resumed extraction keeps the batch size it started with, so
+    its batches are the same. ``network`` is moved to ``device`` (and to channels_last on CUDA);
+    its train/eval mode is restored. Another process extracting into the same folder is waited for.
     """
     outputs = list(outputs)
     if not outputs:
@@ -245,51 +361,80 @@ def extract_features(
             raise PretextlabError(f"the network has no output {', '.join(unknown)}: choose from {', '.join(known)}")
 
     split_dir = Path(cache_dir) / preprocessing_key / split
+    try:
+        split_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PretextlabError(f"cannot create the feature cache folder {split_dir} ({error.strerror})") from error
+    with _cache_lock(split_dir):
+        return _extract_locked(
+            network, views, images, outputs, split_dir, split, int(batch_size), device, progress, budget, workers
+        )
+
+
+def _extract_locked(
+    network: nn.Module, views: Views, images: ImageSet, outputs: list[str], split_dir: Path, split: str,
+    batch_size: int, device: str | torch.device, progress: bool, budget: int, workers: int,
+) -> dict[str, FeatureSet]:
     meta_path = split_dir / META_FILE
     labels_sha = _labels_digest(images.labels)
+    num_images = len(images)
     meta = _read_meta(meta_path)
     if meta is None:
         meta = {
-            "version": CACHE_VERSION, "num_images": len(images), "labels_sha": labels_sha, "budget": budget,
-            "batch_size": int(batch_size), "outputs": {},
+            "version": CACHE_VERSION, "num_images": num_images, "labels_sha": labels_sha, "budget": budget,
+            "batch_size": batch_size, "outputs": {},
         }
     else:
         _check_meta(meta, split_dir, images, labels_sha, budget)
+    for output in outputs:
+        state = meta["outputs"].get(output)
+        if state and state.get("complete"):
+            damage = _damage(split_dir, output, state, num_images)
+            if damage is not None:
+                _say(f"the cached {split} features of {output} in {split_dir} are damaged ({damage}): rebuilding them")
+                del meta["outputs"][output]
     pending = [o for o in outputs if not meta["outputs"].get(o, {}).get("complete", False)]
     if not pending:
         return _complete_sets(split_dir, meta, outputs, split)
 
     progress_of = {o: meta["outputs"].get(o, {"batches_done": 0, "rows_done": 0, "dim": None, "complete": False}) for o in pending}
+    stores: dict[str, np.memmap] = {}
+    for output, state in progress_of.items():
+        if state["batches_done"] > 0:
+            store = _open_store(split_dir / f"{output}.npy", (num_images, state["dim"]), np.float32)
+            if store is None:
+                _say(f"{split_dir / (output + '.npy')} is missing or does not match its record: extracting {output} again")
+                progress_of[output] = {"batches_done": 0, "rows_done": 0, "dim": None, "complete": False}
+            else:
+                stores[output] = store
+    labels_path = split_dir / LABELS_FILE
+    # Labels are shared by all outputs and rewritten identically on every pass, so an existing file
+    # (holding the labels of outputs already complete) is updated in place, never truncated.
+    labels_store = _open_store(labels_path, (num_images,), np.int64)
+    if labels_store is None:
+        if any(p["batches_done"] > 0 for p in progress_of.values()):
+            _say(f"{labels_path} is missing or unreadable: extracting the {split} features again")
+            progress_of = {o: {"batches_done": 0, "rows_done": 0, "dim": None, "complete": False} for o in pending}
+            stores.clear()
+        labels_store = _create_store(labels_path, (num_images,), np.int64)
     if all(p["batches_done"] == 0 for p in progress_of.values()):
-        meta["batch_size"] = int(batch_size)
+        meta["batch_size"] = batch_size
     batch_size = int(meta["batch_size"])
     start_batch = min(p["batches_done"] for p in progress_of.values())
     start_row = min(p["rows_done"] for p in progress_of.values() if p["batches_done"] == start_batch)
 
     torch_device = resolve_device(device)
     on_cuda = torch_device.type == "cuda"
-    split_dir.mkdir(parents=True, exist_ok=True)
-    num_images = len(images)
-    labels_path = split_dir / LABELS_FILE
-    # Labels are shared by all outputs and rewritten identically on every pass, so an existing file
-    # (holding the labels of outputs already complete) is updated in place, never truncated.
-    labels_store = _open_store(labels_path, (num_images,), np.int64)
-    if labels_store is None:
-        labels_store = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.int64, shape=(num_images,))
-    stores: dict[str, np.memmap] = {}
-    for output, state in progress_of.items():
-        if state["batches_done"] > 0:
-            store = _open_store(split_dir / f"{output}.npy", (num_images, state["dim"]), np.float32)
-            if store is None:
-                raise PretextlabError(f"{split_dir / (output + '.npy')} is missing or does not match its record: delete {split_dir} to rebuild it")
-            stores[output] = store
 
     def record_progress() -> None:
         for store in stores.values():
             store.flush()
         labels_store.flush()
         meta["outputs"].update(progress_of)
-        atomic.write_json(meta_path, meta)
+        try:
+            atomic.write_json(meta_path, meta)
+        except OSError as error:
+            raise PretextlabError(f"cannot record the feature cache's progress in {meta_path} ({error.strerror}): free some space and run it again") from error
 
     loader = make_loader(images, batch_size, shuffle=False, start_batch=start_batch, workers=workers, pin_memory=on_cuda)
     total_batches = start_batch + len(loader)
@@ -312,9 +457,7 @@ def extract_features(
                     state = progress_of[output]
                     if output not in stores:
                         state["dim"] = int(values.shape[1])
-                        stores[output] = np.lib.format.open_memmap(
-                            split_dir / f"{output}.npy", mode="w+", dtype=np.float32, shape=(num_images, state["dim"])
-                        )
+                        stores[output] = _create_store(split_dir / f"{output}.npy", (num_images, state["dim"]), np.float32)
                     if state["rows_done"] != row:
                         raise PretextlabError(
                             f"the cache of {output} in {split_dir} is out of step with the images (row {state['rows_done']} "
@@ -332,8 +475,13 @@ def extract_features(
                 last_checkpoint = time.monotonic()
         if any(progress_of[o]["dim"] is None for o in pending):
             raise PretextlabError(f"no image of the {split} split could be decoded: check its image files")
+        for store in stores.values():
+            store.flush()
+        labels_store.flush()
         for output in pending:
-            progress_of[output]["complete"] = True
+            state = progress_of[output]
+            state["integrity"] = _integrity(split_dir, output, int(state["rows_done"]), int(state["dim"]))
+            state["complete"] = True
     finally:
         bar.close()
         network.train(was_training)
