@@ -14,7 +14,24 @@ from typing import Any, Callable
 import torch
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make a rename or a new entry in directory ``path`` durable: a crash after os.replace
+    could otherwise lose the rename itself on filesystems that journal metadata lazily."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. a platform without directory handles: nothing more can be done
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and Windows) refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic(
+    path: str | os.PathLike, write: Callable[[Any], None], mode: str, before_replace: Callable[[], None] | None = None
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,7 +41,11 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if before_replace is not None:
+            # e.g. keep the current checkpoint as the previous one; only once the new file is whole
+            before_replace()
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -47,8 +68,10 @@ def write_bytes(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
     return _atomic(path, write, "wb")
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> Path:
-    return _atomic(path, lambda h: torch.save(obj, h), "wb")
+def save_torch(path: str | os.PathLike, obj: Any, before_replace: Callable[[], None] | None = None) -> Path:
+    """torch.save ``obj`` atomically; ``before_replace`` runs once the new file is complete and
+    synced, just before it takes ``path``'s place."""
+    return _atomic(path, lambda h: torch.save(obj, h), "wb", before_replace)
 
 
 def save_numpy(path: str | os.PathLike, array: Any) -> Path:

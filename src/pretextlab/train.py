@@ -15,12 +15,15 @@ very same batches and crops as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import os
 import signal
+import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +42,8 @@ from pretextlab.tasks import PretextTask, TaskOptions, build_task, task_class
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the one before: the fallback if checkpoint.pt is damaged
+LOCK_FILE = "train.lock"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
@@ -138,6 +143,10 @@ class RunFiles:
         return self.root / CHECKPOINT_FILE
 
     @property
+    def previous_checkpoint(self) -> Path:
+        return self.root / PREVIOUS_CHECKPOINT_FILE
+
+    @property
     def metrics(self) -> Path:
         return self.root / METRICS_FILE
 
@@ -145,32 +154,196 @@ class RunFiles:
     def summary(self) -> Path:
         return self.root / SUMMARY_FILE
 
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+
+def notice(message: str) -> None:
+    """A line for the person running the command (stderr: stdout carries JSON only)."""
+    print(f"pretextlab: {message}", file=sys.stderr, flush=True)
+
+
+# -- checkpoint identity ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """Which weights a result came from: the step saved, the SHA-256 of the checkpoint file's bytes,
+    the run's planned length, and whether the run had finished at that step."""
+
+    step: int
+    sha256: str
+    total_steps: int | None
+    finished: bool
+    file: str = field(default=CHECKPOINT_FILE, compare=False)  # checkpoint.pt or the fallback checkpoint.prev.pt
+
+
+def _sidecar(checkpoint: Path) -> Path:
+    # checkpoint.pt -> checkpoint.json, checkpoint.prev.pt -> checkpoint.prev.json
+    return checkpoint.with_suffix(".json")
+
+
+def _sha256_of(handle: Any) -> str:
+    digest = hashlib.sha256()
+    handle.seek(0)
+    for chunk in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(chunk)
+    handle.seek(0)
+    return digest.hexdigest()
+
+
+def _file_key(stat: os.stat_result) -> dict[str, int]:
+    # A checkpoint is only ever replaced by a rename, never rewritten in place, so a new file has a
+    # new inode and mtime: a sidecar whose key matches describes exactly these bytes.
+    return {"inode": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _verified_sidecar(checkpoint: Path, handle: Any) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(_sidecar(checkpoint).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in _file_key(os.fstat(handle.fileno())).items()):
+        return None
+    if not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("step"), int):
+        return None
+    return meta
+
+
+def _write_sidecar(checkpoint: Path, step: int, total_steps: int | None) -> None:
+    with open(checkpoint, "rb") as handle:
+        meta = {"step": step, "total_steps": total_steps, "sha256": _sha256_of(handle), **_file_key(os.fstat(handle.fileno()))}
+    atomic.write_json(_sidecar(checkpoint), meta)
+
+
+def _read_checkpoint(path: Path, map_location: Any, need_state: bool) -> tuple[dict[str, Any] | None, str, int, int | None]:
+    """(state or None, sha256, step, total_steps) of one checkpoint file, read through one handle so
+    the hash and the weights belong to the same bytes even if a save replaces the file meanwhile."""
+    with open(path, "rb") as handle:
+        meta = _verified_sidecar(path, handle)
+        if meta is not None and not need_state:
+            return None, meta["sha256"], meta["step"], meta.get("total_steps")
+        sha256 = meta["sha256"] if meta is not None else _sha256_of(handle)
+        state = torch.load(handle, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or not {"network", "task", "step"} <= set(state):
+        raise ValueError("not a pretextlab checkpoint (no network/task/step entries)")
+    return state, sha256, int(state["step"]), state.get("total_steps")
+
+
+def _finished_at(files: RunFiles, step: int) -> bool:
+    try:
+        summary = json.loads(files.summary.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and summary.get("steps") == step
+
+
+def _load_checkpoint_files(
+    run_dir: str | Path, map_location: Any = "cpu", need_state: bool = True
+) -> tuple[dict[str, Any] | None, CheckpointIdentity]:
+    """The newest loadable checkpoint of a run: checkpoint.pt, else (damaged or missing) the previous one."""
+    files = RunFiles(Path(run_dir))
+    problems: list[str] = []
+    for attempt in range(3):  # a concurrent save may rotate the files between our look and our open
+        problems = []
+        for path in (files.checkpoint, files.previous_checkpoint):
+            try:
+                state, sha256, step, total_steps = _read_checkpoint(path, map_location, need_state)
+            except FileNotFoundError:
+                continue
+            except Exception as error:  # torch raises many kinds on a truncated or garbled zip
+                problems.append(f"{path} is damaged ({type(error).__name__}: {str(error)[:120]})")
+                continue
+            if problems or path != files.checkpoint:
+                notice(f"{'; '.join(problems) or f'{files.checkpoint} is missing'}: using {path.name} (step {step})")
+            identity = CheckpointIdentity(step, sha256, total_steps, _finished_at(files, step), path.name)
+            return state, identity
+        if problems:
+            break
+    if problems:
+        raise PretextlabError(
+            f"{'; '.join(problems)}, and there is no loadable previous checkpoint: "
+            f"train the run again (pretextlab train ... --out {run_dir})"
+        )
+    raise PretextlabError(f"{run_dir} has no checkpoint yet: train it first (pretextlab train ... --out {run_dir})")
+
+
+def checkpoint_identity(run_dir: str | Path) -> CheckpointIdentity:
+    """The identity of the checkpoint that load_trained(run_dir) returns the weights of."""
+    return _load_checkpoint_files(run_dir, need_state=False)[1]
+
+
+def _metrics_line(line: str, path: Path, number: int, last: bool) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        if last:  # a torn tail: the disk filled (or the process died) mid-append
+            return None
+        raise PretextlabError(
+            f"{path} line {number} is not JSON ({line[:40]!r}): remove that line (or restore the file) and run again"
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise PretextlabError(f"{path} line {number} is not a metrics record: remove that line and run again")
+    return record
+
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record of a run's metrics.jsonl; a torn last line (a full disk mid-append) is ignored."""
     path = RunFiles(Path(run_dir)).metrics
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            record = _metrics_line(line, path, number, last=number == len(lines))
+            if record is not None:
+                records.append(record)
+    return records
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
     path = RunFiles(Path(run_dir)).config
     if not path.exists():
         raise PretextlabError(f"{run_dir} is not a pretextlab run (no {CONFIG_FILE}): pass the --out of a train run")
-    return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+    return TrainConfig.from_dict(_read_run_config(path)["config"])
 
 
-def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, nn.Module, PretextTask]:
-    """The config, network and task head of a run, with the weights of its last checkpoint."""
+def _read_run_config(path: Path) -> dict[str, Any]:
+    """config.json as written by the trainer, or one clear error naming the file."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise PretextlabError(
+            f"{path} cannot be read as JSON ({error}): restore it, or start the run again in a new --out"
+        ) from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise PretextlabError(
+            f"{path} is not a pretextlab run config (expected an object with a \"config\" object): "
+            "restore it, or start the run again in a new --out"
+        )
+    return saved
+
+
+def load_trained_identity(
+    run_dir: str | Path, device: torch.device | str = "cpu"
+) -> tuple[TrainConfig, nn.Module, PretextTask, CheckpointIdentity]:
+    """load_trained's network and head together with the identity of the very checkpoint they come from."""
     config = load_config(run_dir)
-    files = RunFiles(Path(run_dir))
-    if not files.checkpoint.exists():
-        raise PretextlabError(f"{run_dir} has no checkpoint yet: train it first (pretextlab train ... --out {run_dir})")
-    state = torch.load(files.checkpoint, map_location=device, weights_only=False)
+    state, identity = _load_checkpoint_files(run_dir, map_location=device)
+    assert state is not None
     network, task = build_model(config)
     network.load_state_dict(state["network"])
     task.load_state_dict(state["task"])
-    return config, network.to(device).eval(), task.to(device).eval()
+    return config, network.to(device).eval(), task.to(device).eval(), identity
+
+
+def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, nn.Module, PretextTask]:
+    """The config, network and task head of a run, with the weights of its last (loadable) checkpoint."""
+    config, network, task, _ = load_trained_identity(run_dir, device)
+    return config, network, task
 
 
 class PretextModel(nn.Module):
@@ -272,7 +445,7 @@ class Trainer:
         files = self.files
         new = {"config": self.config.to_dict(), "hash": self.config.config_hash()}
         if files.config.exists():
-            old = json.loads(files.config.read_text())
+            old = _read_run_config(files.config)
             if not resume:
                 raise PretextlabError(
                     f"{files.root} already holds a run: pass --resume to continue it, or choose a new --out"
@@ -299,14 +472,26 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config_hash": self.config.config_hash(),
+            "total_steps": self.total_steps,
         }
+
+    def _keep_previous_checkpoint(self) -> None:
+        files = self.files
+        # Sidecars are keyed to their file's inode, so a crash between these renames leaves, at
+        # worst, a sidecar that no longer matches and is ignored (the hash is then recomputed).
+        if files.checkpoint.exists():
+            os.replace(files.checkpoint, files.previous_checkpoint)
+        if _sidecar(files.checkpoint).exists():
+            os.replace(_sidecar(files.checkpoint), _sidecar(files.previous_checkpoint))
 
     def save_checkpoint(self) -> None:
         if self.rank == 0:
-            atomic.save_torch(self.files.checkpoint, self._checkpoint_state())
+            atomic.save_torch(self.files.checkpoint, self._checkpoint_state(), before_replace=self._keep_previous_checkpoint)
+            _write_sidecar(self.files.checkpoint, self.step, self.total_steps)
 
     def _load_checkpoint(self) -> None:
-        state = torch.load(self.files.checkpoint, map_location=self.device, weights_only=False)
+        state, _ = _load_checkpoint_files(self.files.root, map_location=self.device)
+        assert state is not None
         self.network.load_state_dict(state["network"])
         self.task.load_state_dict(state["task"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -314,7 +499,7 @@ class Trainer:
         self.skipped = int(state["skipped"])
         torch.set_rng_state(state["torch_rng"].cpu())
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            torch.cuda.set_rng_state_all([rng.cpu() for rng in state["cuda_rng"]])
         # Lines logged after the checkpoint will be logged again: drop them so each step appears once.
         if self.dist.is_main:
             kept = [m for m in read_metrics(self.files.root) if m["step"] <= self.step]
