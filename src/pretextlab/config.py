@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pretextlab.errors import PretextlabError
+from pretextlab.options import check_fields, check_instance
 
 # The study's schedule (PROTOCOL.md "Training"): 35 epochs, warm-up over 5, x0.1 at 15 and 25.
 PAPER_EPOCHS = 35.0
@@ -25,8 +27,13 @@ PAPER_DECAY_EPOCHS = (15.0, 25.0)
 # The study's batch sizes in images (PROTOCOL.md "Pretext tasks").
 PAPER_BATCH_SIZES = {"rotation": 64, "exemplar": 64, "jigsaw": 128, "relative_patch": 128}
 
-# Fields that change what a run computes; the others (device, workers, progress) do not.
-_RUNTIME_FIELDS = frozenset({"device", "workers", "data_dir", "progress", "checkpoint_every", "compile"})
+# Fields that do not change what a run computes: left out of the hash and of resume's comparison.
+# ``data_dir`` is not one of them: two image folders are two datasets (resolve makes it a real path).
+_RUNTIME_FIELDS = frozenset({"device", "workers", "checkpoint_every", "compile"})
+
+# Keys that config.json files written by earlier versions hold but that are no longer options:
+# ``extra`` was never read. They are dropped on load.
+_RETIRED_KEYS = frozenset({"extra"})
 
 
 @dataclass
@@ -85,24 +92,24 @@ class TrainConfig:
     checkpoint_every: int | None = None  # also checkpoint every N steps inside an epoch
     log_every: int = 10
 
-    extra: dict[str, Any] = field(default_factory=dict)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: Any, where: str = "") -> "TrainConfig":
+        """A config from a mapping (a saved config.json's ``config``, a study section), every value
+        type-checked against the field it sets; ``where`` names the source in errors."""
+        place = f" in {where}" if where else ""
+        if not isinstance(data, dict):
+            raise PretextlabError(f"the training options{place} must be a mapping of option: value, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        data = {k: v for k, v in data.items() if k not in _RETIRED_KEYS}
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise PretextlabError(
-                f"unknown training option(s) {', '.join(unknown)}; valid options are: {', '.join(sorted(known))}"
+                f"unknown training option(s) {', '.join(unknown)}{place}; valid options are: {', '.join(sorted(known))}"
             )
-        data = dict(data)
-        for key in ("crop_scale", "decay_epochs"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        return cls(**check_fields(cls, data, where))
 
     def config_hash(self) -> str:
         """A short hash of what the run computes (runtime-only fields excluded)."""
@@ -114,14 +121,15 @@ def resolve(config: TrainConfig) -> TrainConfig:
     """Validate ``config`` and fill every derived default; returns a new, complete config."""
     # Imported here so config stays importable without torch-heavy modules at module load.
     from pretextlab.data import DATASETS
-    from pretextlab.models import NETWORKS
+    from pretextlab.models import NETWORKS, network_info
     from pretextlab.tasks import TASKS
 
-    c = dataclasses.replace(config)
-    # Lists (from JSON, YAML or Python callers) mean the same recipe as tuples: one form, one hash.
-    for key in ("crop_scale", "decay_epochs"):
-        if getattr(c, key) is not None:
-            setattr(c, key, tuple(getattr(c, key)))
+    # Types first (a Python caller's epochs="one" is as wrong as YAML's); lists become tuples, so
+    # lists and tuples (from JSON, YAML or Python callers) give one form and one hash.
+    c = check_instance(config)
+    if c.data_dir is not None:
+        # Two spellings of one folder are one dataset; two folders are two (the hash includes it).
+        c.data_dir = os.path.realpath(os.path.expanduser(c.data_dir))
     if c.task not in TASKS:
         raise PretextlabError(f"unknown task {c.task!r}: choose one of {', '.join(TASKS)}")
     if c.network not in NETWORKS:
@@ -184,13 +192,60 @@ def resolve(config: TrainConfig) -> TrainConfig:
     for name, valid in choices.items():
         if getattr(c, name) not in valid:
             raise PretextlabError(f"{name} {getattr(c, name)!r}: choose one of {', '.join(valid)}")
-    if c.reversible_backward and c.network != "revnet50":
-        raise PretextlabError(f"--reversible-backward is for revnet50 only, not {c.network}: drop the flag")
+    _check_ranges(c)
+    if c.reversible_backward and not network_info(c.network).supports_reversible_backward:
+        raise PretextlabError(f"--reversible-backward is for networks of reversible units (revnet50), not {c.network}: drop the flag")
     return c
+
+
+# (field, lowest allowed, whether the lowest is allowed, what the value means); None values are defaults.
+_LOWER_BOUNDS = (
+    ("decode_size", 1, True, "pixels"),
+    ("test_limit", 1, True, "images"),
+    ("val_size", 0, False, "images (a count >= 1 or a fraction < 1)"),
+    ("decay_factor", 0, False, "the factor of each decay"),
+    ("momentum", 0, True, "SGD momentum"),
+    ("weight_decay", 0, True, "the L2 factor"),
+    ("color_jitter", 0, True, "the jitter strength"),
+    ("gray_probability", 0, True, "a probability"),
+    ("patch_size", 8, True, "pixels"),
+    ("embedding_dim", 1, True, "dimensions"),
+    ("head_hidden", 1, True, "units"),
+    ("margin", 0, True, "the triplet-loss margin"),
+    ("seed", 0, True, "the random seed"),
+    ("val_batches", 1, True, "batches"),
+    ("checkpoint_every", 1, True, "steps"),
+    ("log_every", 1, True, "steps"),
+)
+_UPPER_BOUNDS = (("momentum", 1, False), ("gray_probability", 1, True))
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    """Values of the right type but outside what the option can mean (NaN included)."""
+    for name in ("epochs", "base_lr", "warmup_epochs", "decay_factor", "momentum", "weight_decay",
+                 "color_jitter", "gray_probability", "margin", "val_size", "crop_scale", "decay_epochs"):
+        value = getattr(c, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(v is not None and not math.isfinite(v) for v in values):
+            raise PretextlabError(f"--{_flag(name)} must be a finite number, got {value!r}")
+    for name, low, inclusive, meaning in _LOWER_BOUNDS:
+        value = getattr(c, name)
+        if value is not None and (value < low or (value == low and not inclusive)):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise PretextlabError(f"--{_flag(name)} must be {bound} ({meaning}), got {value!r}")
+    for name, high, inclusive in _UPPER_BOUNDS:
+        value = getattr(c, name)
+        if value > high or (value == high and not inclusive):
+            bound = f"<= {high}" if inclusive else f"< {high}"
+            raise PretextlabError(f"--{_flag(name)} must be {bound}, got {value!r}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two saved configs, ignoring runtime-only fields."""
-    keys = sorted((set(old) | set(new)) - _RUNTIME_FIELDS)
+    keys = sorted((set(old) | set(new)) - _RUNTIME_FIELDS - _RETIRED_KEYS)
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - tuples vs lists
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if norm(old.get(k)) != norm(new.get(k))]

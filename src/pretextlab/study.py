@@ -345,7 +345,10 @@ def _pretext_fields(section: Any, context: str) -> dict[str, Any]:
             raise PretextlabError(f"{key!r}{_where(context)} is set by the grid (tasks, networks, widths, representation_sizes): remove it")
         if key in RUNTIME_CONTROLLED:
             raise PretextlabError(f"{key!r}{_where(context)} is a runtime setting: put it in the runtime section")
-    return _check_keys(section, valid, context)
+    # Each value against its TrainConfig field's type: YAML's "false" is a string, 16.5 no batch size.
+    from pretextlab.options import check_fields
+
+    return check_fields(TrainConfig, _check_keys(section, valid, context), context)
 
 
 def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None = None, text: str = "") -> Study:

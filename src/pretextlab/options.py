@@ -1,0 +1,120 @@
+"""Options defined once as dataclass fields: type checking of their values (YAML, JSON, Python).
+
+A recipe's options are dataclass fields whose type hints say what a value must be; values that come
+from a study's YAML or a saved ``config.json`` are checked against those hints here, so a wrong type
+gets one clear error naming the key, the value and the type expected, instead of a ``TypeError``
+deep in training or a string ``"false"`` silently read as true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Union
+
+from pretextlab.errors import PretextlabError
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The evaluated type hint of every field of the dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def type_name(hint: Any) -> str:
+    """How an error message names a type hint: ``a whole number``, ``true or false``, ..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        named = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            plural = {int: "whole numbers", float: "numbers", str: "strings", bool: "true/false values"}
+            return f"a list of {plural.get(args[0], type_name(args[0]))}"
+        return f"a list of {len(args)} ({', '.join(type_name(a) for a in args)})"
+    return {
+        bool: "true or false",
+        int: "a whole number",
+        float: "a number",
+        str: "a string",
+        dict: "a mapping",
+    }.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` in the canonical form of ``hint`` (lists -> tuples, ints -> floats), or _Mismatch."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise _Mismatch
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    # bool is an int in Python, and YAML's "false" is a string: neither may pass for the other.
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    if hint is Any:
+        return value
+    raise TypeError(f"options of type {hint!r} are not supported")
+
+
+def check_value(name: str, value: Any, hint: Any, where: str = "") -> Any:
+    """``value`` checked against ``hint`` and in canonical form; a clear error naming ``name`` if not."""
+    try:
+        return _coerce(value, hint)
+    except _Mismatch:
+        place = f" in {where}" if where else ""
+        raise PretextlabError(
+            f"{name}{place} must be {type_name(hint)}, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
+def check_fields(cls: type, data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """The values of ``data`` checked against the field types of ``cls`` and canonicalised.
+
+    Keys that are not fields of ``cls`` are left for the caller to report (it knows which names to
+    suggest)."""
+    hints = field_types(cls)
+    return {key: check_value(key, value, hints[key], where) if key in hints else value for key, value in data.items()}
+
+
+def check_instance(obj: Any, where: str = "") -> Any:
+    """A copy of the dataclass instance ``obj`` with every field checked and canonicalised."""
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+    return dataclasses.replace(obj, **check_fields(type(obj), values, where))
