@@ -151,7 +151,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, mo
 
     monkeypatch.setattr(atomic.torch, "save", disk_full)
     trainer.step += 1
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(PretextlabError, match=r"checkpoint.pt at step 11: No space left on device \(ENOSPC\); the last checkpoint \(step 10\) is kept"):
         trainer.save_checkpoint()
     monkeypatch.undo()
     assert (run / "checkpoint.pt").read_bytes() == before

@@ -94,3 +94,60 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one_with_a_message(tm
     (run / "checkpoint.prev.pt").write_bytes(b"")
     with pytest.raises(PretextlabError, match=r"checkpoint.pt is damaged.*checkpoint.prev.pt is damaged.*no loadable previous"):
         checkpoint_identity(run)
+
+
+def _copy_run(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        if path.is_file():
+            (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def test_a_torn_metrics_tail_and_orphan_temporary_files_do_not_stop_a_resume(tmp_path, finished_run):
+    run = _copy_run(finished_run, tmp_path / "torn-metrics")
+    # The state of a run killed mid-epoch 2: the epoch-1 checkpoint, a torn last metrics line (the
+    # disk filled mid-append) and a temporary file from a kill during a checkpoint save.
+    (run / "checkpoint.pt").write_bytes((finished_run / "checkpoint.prev.pt").read_bytes())
+    (run / "checkpoint.json").unlink()
+    (run / "summary.json").unlink()
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"st')
+    (run / ".checkpoint.pt.k2x9.tmp").write_bytes(b"\0" * 100)
+    assert [m["step"] for m in read_metrics(run) if "loss" in m] == [8]  # the torn line is skipped on reading
+    Trainer(_tiny(), run, resume=True, progress=False).fit()
+    assert not list(run.glob(".*.tmp"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line parses again
+    # Each record once: validation at steps 4 and 8, the training window logged at the last step.
+    assert [(m["step"], "loss" in m) for m in records] == [(4, False), (8, True), (8, False)]
+    assert all(m["val_pretext_accuracy_percent"] is not None for m in records if "loss" not in m)
+    # A damaged line that is not the last one is not guessed at: one clear error naming the line.
+    (run / "metrics.jsonl").write_text(lines[0] + "\n{garbage\n" + lines[1] + "\n")
+    with pytest.raises(PretextlabError, match=r"metrics.jsonl line 2 is not JSON"):
+        read_metrics(run)
+
+
+def test_learning_rate_at_the_edges_of_the_schedule():
+    from pretextlab.train import learning_rate
+
+    config = TrainConfig(base_lr=0.1, batch_size=128, warmup_epochs=0.5, decay_epochs=(2.0, 3.0), decay_factor=0.1, epochs=4)
+    peak1, peak2 = 0.1 * 128 / 256, 0.1 * 256 / 256
+    # Warm-up of 5 steps: step s trains at (s + 1) / 5 of the peak, reaching it at the last warm-up step.
+    assert [learning_rate(config, s, 10) for s in range(6)] == pytest.approx([peak1 * f for f in (0.2, 0.4, 0.6, 0.8, 1.0, 1.0)])
+    assert learning_rate(config, 19, 10) == pytest.approx(peak1)
+    assert learning_rate(config, 20, 10) == pytest.approx(peak1 * 0.1)
+    assert learning_rate(config, 39, 10) == pytest.approx(peak1 * 0.01)  # the last step of 4 epochs
+    # Two processes: half the steps per epoch, twice the global batch, the same warm-up in epochs.
+    assert [learning_rate(config, s, 5, world_size=2) for s in range(4)] == pytest.approx(
+        [peak2 * f for f in (0.4, 0.8, 1.0, 1.0)]
+    )
+    # No warm-up: the peak from step 0.
+    no_warmup = TrainConfig(base_lr=0.1, batch_size=128, warmup_epochs=0.0, decay_epochs=(2.0,), decay_factor=0.1)
+    assert learning_rate(no_warmup, 0, 10) == pytest.approx(peak1)
+    # Warm-up shorter than one step (0.05 epochs of 2 steps): never above the peak (was 10x it).
+    short = TrainConfig(base_lr=0.1, batch_size=128, warmup_epochs=0.05, decay_epochs=(2.0,), decay_factor=0.1)
+    for world_size, steps in ((1, 2), (2, 1)):
+        peak = 0.1 * 128 * world_size / 256
+        assert learning_rate(short, 0, steps, world_size) == pytest.approx(peak)
+        assert max(learning_rate(short, s, steps, world_size) for s in range(4 * steps)) == pytest.approx(peak)

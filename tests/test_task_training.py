@@ -34,7 +34,7 @@ def test_task_trains_and_its_frozen_network_is_probed(task, tmp_path):
     third = max(len(losses) // 3, 1)
     assert sum(losses[-third:]) / third < sum(losses[:third]) / third, losses
     # >= 512 scored validation samples: 1.3 x chance is several standard deviations above it.
-    assert summary["val_pretext_accuracy"] > 100 * 1.3 * chance, summary
+    assert summary["val_pretext_accuracy_percent"] > 100 * 1.3 * chance, summary
 
     [result] = evaluate_run(run, EvalConfig(limit=400, test_limit=200, val_size=100, device="cpu", l2_grid=(1e-1, 1e-2, 1e-3)), progress=False)
     assert result["task"] == task and result["output"] == "pre_logits"

@@ -76,15 +76,15 @@ def plot_training_curve(metrics: list[dict[str, Any]], path: Path, title: str) -
     import matplotlib.pyplot as plt
 
     steps = [m for m in metrics if "loss" in m]
-    vals = [m for m in metrics if "val_pretext_accuracy" in m]
+    vals = [m for m in metrics if m.get("val_pretext_accuracy_percent") is not None]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot([m["epoch"] for m in steps], [m["loss"] for m in steps], label="training loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("pretext loss")
     ax_loss.set_title("pretext loss")
     ax_loss.legend()
-    ax_acc.plot([m["epoch"] for m in steps], [m["pretext_accuracy"] for m in steps], label="training batches")
-    ax_acc.plot([m["epoch"] for m in vals], [m["val_pretext_accuracy"] for m in vals], "o-", label="validation split")
+    ax_acc.plot([m["epoch"] for m in steps], [m["pretext_accuracy_percent"] for m in steps], label="training batches")
+    ax_acc.plot([m["epoch"] for m in vals], [m["val_pretext_accuracy_percent"] for m in vals], "o-", label="validation split")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("pretext accuracy (%)")
     ax_acc.set_title("pretext accuracy")
@@ -152,7 +152,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     report = {
         "task": config.task,
         "train_config": train_config.to_dict(),
-        "pretext_val_accuracy": summary["val_pretext_accuracy"],
+        "pretext_val_accuracy": summary["val_pretext_accuracy_percent"],
         "probe_train_images": pixels["train_images"],
         "results": {"pretrained": pretrained, "random_init": random_init, "pixels": pixels},
         "train_seconds": train_seconds,
@@ -163,7 +163,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     text = "\n".join(
         [
             f"pretextlab demo: {config.task} on Fashion-MNIST, L-BFGS linear probe on {pixels['train_images']} labelled images",
-            f"pretext accuracy on the validation split: {summary['val_pretext_accuracy']:.2f}%",
+            f"pretext accuracy on the validation split: {summary['val_pretext_accuracy_percent']:.2f}%",
             "",
             *table,
             "",

@@ -15,6 +15,8 @@ very same batches and crops as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -37,7 +39,7 @@ from pretextlab.config import TrainConfig, config_differences, resolve
 from pretextlab.data import DatasetSplits, ImageSet, batches_per_epoch, load_dataset, make_loader
 from pretextlab.distributed import all_reduce_sum, barrier, convert_sync_batchnorm, distributed_context
 from pretextlab.errors import PretextlabError
-from pretextlab.models import build_network
+from pretextlab.models import build_network, network_info
 from pretextlab.tasks import PretextTask, TaskOptions, build_task, task_class
 
 CONFIG_FILE = "config.json"
@@ -70,7 +72,9 @@ def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, world_si
     peak = config.base_lr * config.batch_size * world_size / 256.0
     epoch = step / steps_per_epoch
     if config.warmup_epochs and epoch < config.warmup_epochs:
-        return peak * (step + 1) / (config.warmup_epochs * steps_per_epoch)
+        # Step s trains at (s + 1) / warm-up steps of the peak, never above it: a warm-up shorter
+        # than one step (a short run, or many processes) would otherwise overshoot the peak.
+        return peak * min(1.0, (step + 1) / (config.warmup_epochs * steps_per_epoch))
     passed = sum(1 for boundary in config.decay_epochs or () if epoch >= boundary)
     return peak * config.decay_factor**passed
 
@@ -101,7 +105,7 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, PretextTask]:
     """The network and the task's head that a (resolved) config describes."""
     task_cls = task_class(config.task)
     extra = {}
-    if config.network == "revnet50" and config.reversible_backward is not None:
+    if network_info(config.network).supports_reversible_backward and config.reversible_backward is not None:
         extra["reversible_backward"] = config.reversible_backward
     network = build_network(
         config.network,
@@ -157,6 +161,13 @@ class RunFiles:
     @property
     def lock(self) -> Path:
         return self.root / LOCK_FILE
+
+
+MIN_VAL_SCORED = 100  # below this many scored samples an accuracy's standard error exceeds ~5 points
+
+
+def _percent(value: float | None) -> str:
+    return "not scored" if value is None else f"{value:.2f}%"
 
 
 def notice(message: str) -> None:
@@ -346,6 +357,64 @@ def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> tup
     return config, network, task
 
 
+class RunLock:
+    """An exclusive flock on RUN_DIR/train.lock holding the owner's PID: one train per run directory.
+
+    The kernel drops the lock when the process dies (even by SIGKILL), so a stale lock file never
+    blocks a resume.
+    """
+
+    def __init__(self, files: RunFiles) -> None:
+        self.files = files
+        self.handle: Any = None
+
+    def acquire(self) -> None:
+        if self.handle is not None:
+            return
+        handle = open(self.files.lock, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            pid = handle.read().strip() or "unknown"
+            handle.close()
+            who = "this process" if pid == str(os.getpid()) else f"PID {pid}"
+            raise PretextlabError(
+                f"{self.files.root} is in use by another pretextlab train ({who}): wait for it to finish or stop it, "
+                "then --resume; or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+_KERNEL_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def check_out_dir(root: Path) -> None:
+    """Refuse a --out that cannot hold a run, before anything is created."""
+    resolved = Path(os.path.abspath(root))
+    for kernel in _KERNEL_FILESYSTEMS:
+        if resolved == Path(kernel) or Path(kernel) in resolved.parents:
+            raise PretextlabError(f"--out {root} is under {kernel}, which is not a place for files: choose a directory on a disk")
+    if resolved.exists() and not resolved.is_dir():
+        raise PretextlabError(f"--out {root} is a file, not a directory: choose a new --out")
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    if not existing.is_dir():
+        raise PretextlabError(f"--out {root} is under {existing}, which is a file: choose a --out inside a directory")
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only filesystem" if read_only else "is not writable by this user"
+        raise PretextlabError(f"--out {root}: {existing} {why}: choose a writable --out")
+
+
 class PretextModel(nn.Module):
     """Network and task head as one module, so DistributedDataParallel sees every parameter."""
 
@@ -391,9 +460,17 @@ class Trainer:
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.stop_requested: int | None = None  # set by a signal handler on this rank
         self.stopping = False  # agreed by all ranks at the last step
-        if self.dist.is_main:
-            self._check_run_dir(resume, force)
-        barrier(self.dist)
+        self.lock = RunLock(self.files)
+        try:
+            self._setup(resume, force, splits)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, resume: bool, force: bool, splits: DatasetSplits | None) -> None:
+        # Everything that can refuse the run is checked before the run directory is created or
+        # written, so a failed start leaves nothing behind that the corrected command would trip on.
+        config_record = self._check_run_dir(resume, force) if self.dist.is_main else None
         self.splits = splits or load_dataset(
             self.config.dataset,
             data_dir=self.config.data_dir,
@@ -434,16 +511,34 @@ class Trainer:
             )
         self.total_steps = math.ceil(self.config.epochs * self.steps_per_epoch)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the newest checkpoint on disk
         self.skipped = 0
         self.skipped_val = 0  # unreadable images of the validation split, at its last pass
-        if resume and self.files.checkpoint.exists():
+        self.val_scored = 0  # samples scored by the last validation pass
+        self.warned_val = False
+        if self.dist.is_main:
+            self._start_run_dir(config_record)
+        barrier(self.dist)
+        if resume and (self.files.checkpoint.exists() or self.files.previous_checkpoint.exists()):
             self._load_checkpoint()
+        if resume and self.dist.is_main:
+            self._trim_metrics()
 
     # -- run directory --------------------------------------------------------------------------
 
-    def _check_run_dir(self, resume: bool, force: bool) -> None:
+    def _check_run_dir(self, resume: bool, force: bool) -> dict[str, Any]:
+        """Refuse an unusable --out or a conflicting run; the config record to write once the run starts."""
         files = self.files
-        new = {"config": self.config.to_dict(), "hash": self.config.config_hash()}
+        check_out_dir(files.root)
+        if files.root.is_dir():
+            self.lock.acquire()
+        new = {
+            "config": self.config.to_dict(),
+            "hash": self.config.config_hash(),
+            # Recorded, not hashed: the recipe is per-process batch x world size (docs/protocol.md).
+            "world_size": self.world_size,
+            "global_batch_images": self.config.batch_size * self.world_size,
+        }
         if files.config.exists():
             old = _read_run_config(files.config)
             if not resume:
@@ -459,8 +554,27 @@ class Trainer:
             if differences:
                 warnings.warn(f"resuming {files.root} with a changed config (--force): {'; '.join(differences)}")
                 new["forced_changes"] = old.get("forced_changes", []) + [differences]
-        files.root.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(files.config, new)
+        return new
+
+    def _start_run_dir(self, config_record: dict[str, Any]) -> None:
+        files = self.files
+        try:
+            files.root.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            for orphan in files.root.glob(".*.tmp"):  # left by a process killed mid-write (atomic.py)
+                orphan.unlink(missing_ok=True)
+            atomic.write_json(files.config, config_record)
+        except OSError as error:
+            raise PretextlabError(
+                f"cannot write the run directory {files.root}: {error.strerror or error}; choose a writable --out"
+            ) from None
+
+    def _trim_metrics(self) -> None:
+        # Lines logged after the checkpoint will be logged again, and a torn last line (a full disk
+        # or a kill mid-append) is dropped: each step appears once and the file parses.
+        if self.files.metrics.exists():
+            kept = [m for m in read_metrics(self.files.root) if m["step"] <= self.step]
+            atomic.write_text(self.files.metrics, "".join(json.dumps(m) + "\n" for m in kept))
 
     def _checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -484,14 +598,30 @@ class Trainer:
         if _sidecar(files.checkpoint).exists():
             os.replace(_sidecar(files.checkpoint), _sidecar(files.previous_checkpoint))
 
+    def _write_failed(self, error: OSError, path: Path) -> PretextlabError:
+        code = errno.errorcode.get(error.errno or 0, "")
+        kept = (
+            f"the last checkpoint (step {self.saved_step}) is kept in {self.files.root}"
+            if self.saved_step is not None else "no checkpoint had been saved yet"
+        )
+        return PretextlabError(
+            f"could not write {path} at step {self.step}: {error.strerror or error}{f' ({code})' if code else ''}; "
+            f"{kept}: free space (or fix the disk) and continue with --resume"
+        )
+
     def save_checkpoint(self) -> None:
         if self.rank == 0:
-            atomic.save_torch(self.files.checkpoint, self._checkpoint_state(), before_replace=self._keep_previous_checkpoint)
-            _write_sidecar(self.files.checkpoint, self.step, self.total_steps)
+            try:
+                atomic.save_torch(self.files.checkpoint, self._checkpoint_state(), before_replace=self._keep_previous_checkpoint)
+                _write_sidecar(self.files.checkpoint, self.step, self.total_steps)
+            except OSError as error:
+                raise self._write_failed(error, self.files.checkpoint) from None
+        self.saved_step = self.step
 
     def _load_checkpoint(self) -> None:
-        state, _ = _load_checkpoint_files(self.files.root, map_location=self.device)
+        state, identity = _load_checkpoint_files(self.files.root, map_location=self.device)
         assert state is not None
+        self.saved_step = identity.step
         self.network.load_state_dict(state["network"])
         self.task.load_state_dict(state["task"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -500,15 +630,25 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"].cpu())
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([rng.cpu() for rng in state["cuda_rng"]])
-        # Lines logged after the checkpoint will be logged again: drop them so each step appears once.
-        if self.dist.is_main:
-            kept = [m for m in read_metrics(self.files.root) if m["step"] <= self.step]
-            atomic.write_text(self.files.metrics, "".join(json.dumps(m) + "\n" for m in kept))
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.rank == 0:
-            with open(self.files.metrics, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        if self.rank != 0:
+            return
+        data = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.files.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+            except OSError as error:
+                # Take back a partial line (a full disk mid-append) so the file stays whole JSON lines.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise self._write_failed(error, self.files.metrics) from None
+        finally:
+            os.close(fd)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -584,8 +724,9 @@ class Trainer:
         return total_loss / self.world_size, int(right), int(scored)
 
     @torch.no_grad()
-    def pretext_accuracy(self, images: ImageSet) -> float:
-        """Pretext accuracy (%) of the current weights on ``images`` (the validation split)."""
+    def pretext_accuracy(self, images: ImageSet) -> float | None:
+        """Pretext accuracy (%) of the current weights on ``images`` (the validation split), None
+        when nothing could be scored (e.g. a validation split of one image)."""
         self.network.eval()
         self.task.eval()
         right = scored = skipped = 0
@@ -604,7 +745,14 @@ class Trainer:
             right, scored = right + r, scored + s
         right, scored, skipped = all_reduce_sum([right, scored, skipped], self.device, self.dist)
         self.skipped_val = int(skipped)
-        return 100.0 * right / max(scored, 1)
+        self.val_scored = int(scored)
+        if scored and scored < MIN_VAL_SCORED and not self.warned_val and self.rank == 0:
+            self.warned_val = True
+            notice(
+                f"warning: the validation pretext accuracy is over only {int(scored)} scored samples (under "
+                f"{MIN_VAL_SCORED}), so it is noisy: raise --val-size or --val-batches for a firmer number"
+            )
+        return 100.0 * right / scored if scored else None
 
     @contextlib.contextmanager
     def _stop_on_sigterm(self) -> Iterator[None]:
@@ -623,10 +771,13 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
 
     def fit(self) -> dict[str, Any]:
-        if self.files.summary.exists() and self.step >= self.total_steps:
-            return json.loads(self.files.summary.read_text())
-        with self._stop_on_sigterm():
-            return self._fit()
+        try:
+            if self.files.summary.exists() and self.step >= self.total_steps:
+                return json.loads(self.files.summary.read_text())
+            with self._stop_on_sigterm():
+                return self._fit()
+        finally:
+            self.lock.release()
 
     def _fit(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -640,7 +791,8 @@ class Trainer:
         )
         window_loss, window_right, window_scored, window_start = 0.0, 0, 0, time.perf_counter()
         window_steps = 0
-        val_accuracy = None
+        val_accuracy: float | None = None
+        validated = False
         try:
             while self.step < self.total_steps:
                 for batch in self._epoch_batches():
@@ -662,26 +814,30 @@ class Trainer:
                             "epoch": self.step / self.steps_per_epoch,
                             "lr": learning_rate(self.config, self.step - 1, self.steps_per_epoch, self.world_size),
                             "loss": window_loss / window_steps,
-                            "pretext_accuracy": 100.0 * window_right / max(window_scored, 1),
+                            "pretext_accuracy_percent": 100.0 * window_right / window_scored if window_scored else None,
                             "images_per_s": window_steps * self.config.batch_size * self.world_size / max(elapsed, 1e-9),
                         }
                         self._log(record)
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['pretext_accuracy']:.1f}", lr=f"{record['lr']:.3g}")
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=_percent(record["pretext_accuracy_percent"]), lr=f"{record['lr']:.3g}")
                         window_loss, window_right, window_scored, window_steps = 0.0, 0, 0, 0
                         window_start = time.perf_counter()
                     end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
                     if end_of_epoch:
                         val_accuracy = self.pretext_accuracy(self.splits.val)
+                        validated = True
                         self._log(
                             {
                                 "step": self.step,
                                 "epoch": self.step / self.steps_per_epoch,
-                                "val_pretext_accuracy": val_accuracy,
+                                "val_pretext_accuracy_percent": val_accuracy,
+                                "val_pretext_scored": self.val_scored,
                                 "skipped_images": self.skipped,
                                 "skipped_val_images": self.skipped_val,
                             }
                         )
-                        bar.write(f"epoch {self.step / self.steps_per_epoch:.2f}: val pretext accuracy {val_accuracy:.2f}%")
+                        if self.rank == 0:
+                            # stderr, beside the progress bar: stdout carries the JSON summary only
+                            notice(f"epoch {self.step / self.steps_per_epoch:.2f}: val pretext accuracy {_percent(val_accuracy)}")
                         self.save_checkpoint()
                     elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                         self.save_checkpoint()
@@ -695,21 +851,27 @@ class Trainer:
                         )
         finally:
             bar.close()
-        if val_accuracy is None:
+        if not validated:
             val_accuracy = self.pretext_accuracy(self.splits.val)
         summary = {
             "status": "finished",
             "config_hash": self.config.config_hash(),
             "steps": self.step,
             "epochs": self.config.epochs,
-            "val_pretext_accuracy": val_accuracy,
+            "val_pretext_accuracy_percent": val_accuracy,
+            "val_pretext_scored": self.val_scored,
+            "world_size": self.world_size,
+            "global_batch_images": self.config.batch_size * self.world_size,
             "skipped_images": self.skipped,
             "skipped_val_images": self.skipped_val,
             "seconds_this_session": time.perf_counter() - started,
             "data": self.splits.describe(),
         }
         if self.rank == 0:
-            atomic.write_json(self.files.summary, summary)
+            try:
+                atomic.write_json(self.files.summary, summary)
+            except OSError as error:
+                raise self._write_failed(error, self.files.summary) from None
         return summary
 
 
