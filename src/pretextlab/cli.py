@@ -121,7 +121,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pretextlab.train import train
 
     summary = train(_train_config(args), args.out, resume=args.resume, progress=not args.no_progress, force=args.force)
-    print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
+    # stdout is the summary as JSON and nothing else, once per job: torchrun's rank 0 alone prints it.
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
     return 0
 
 
