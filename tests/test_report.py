@@ -123,3 +123,39 @@ def test_report_of_a_study_that_has_not_finished_anything(tmp_path):
     assert sorted(report.empty_figures) == sorted(report.figures) and len(report.figures) == 8
     assert all(c["title"] and c["axes"][0]["xlabel"] and c["axes"][0]["legend"] for c in report.figure_checks.values())
     assert markdown.count("Missing: nothing has finished for this figure yet.") == 8
+
+
+def test_one_unit_whichever_names_the_records_use_and_chosen_printed_plainly(tmp_path):
+    """Percent everywhere: a probe record with the unit-suffixed fields (percent) and one with the
+    older fraction fields give the same numbers in the tables, figures' data and CSV."""
+    import csv
+    import io
+
+    from pretextlab.report import format_chosen
+
+    path = tmp_path / "results.sqlite"
+    with ResultsStore(path) as store:
+        for config_hash, network, record in (
+            ("000000000001", "resnet50v1", {"val_top1": 0.7125, "test_top1": 0.705}),
+            ("000000000002", "revnet50", {"val_top1_percent": 71.25, "test_top1_percent": 70.5}),
+        ):
+            store.register_run(config_hash, task="rotation", network=network, width=1, representation_size=None,
+                               config={}, run_dir=f"/runs/{config_hash}", plan=[("fm", "pre_logits", "lbfgs", "all")])
+            attempt = store.claim(config_hash, "test:1")
+            store.record_training(config_hash, {"val_pretext_accuracy_percent": 88.5, "steps": 3}, 1.0)
+            store.add_curve_points(config_hash, [{"step": 3, "epoch": 1.0, "val_pretext_accuracy_percent": 88.5,
+                                                  "pretext_accuracy_percent": 90.0}])
+            store.add_probe_result(config_hash, "fm", {"output": "pre_logits", "probe": "lbfgs", "labels": "all",
+                                                       "chosen": {"l2": 0.001}, **record})
+            store.end_attempt(config_hash, attempt, "finished")
+        rows = list(csv.DictReader(io.StringIO(store.probes_csv())))
+    assert [(float(r["val_top1_percent"]), float(r["test_top1_percent"])) for r in rows] == [(71.25, 70.5)] * 2
+    assert {float(r["pretext_val_accuracy_percent"]) for r in rows} == {88.5}
+    markdown = build_report(path, tmp_path / "report").markdown.read_text()
+    assert "| resnet50v1 | 1 | <ins>**[70.5](#run-000000000001)**</ins> |" in markdown  # a tie: both bold
+    assert "| revnet50 | 1 | <ins>**[70.5](#run-000000000002)**</ins> |" in markdown
+    assert "| rotation resnet50v1 k=1 | 1.00 | [88.5](#run-000000000001) |" in markdown  # the unit-suffixed curve names
+    assert format_chosen({"l2": 0.001}) == "L2=1e-03"
+    assert format_chosen({"epoch": 70, "lr": 0.2, "best_val_top1": 0.8125}) == "epoch=70 lr=0.2 best_val_top1=81.25%"
+    assert format_chosen({"best_val_top1_percent": 81.25}) == "best_val_top1=81.25%"
+    assert format_chosen(None) == "—"

@@ -44,7 +44,8 @@ def test_store_is_wal_and_probe_rows_are_unique(tmp_path):
         store.register_run("aaaa00000001", task="rotation", network="resnet50v2(-)", width=2, representation_size=None,
                            config={}, run_dir=str(tmp_path / "moved"), plan=[("fm", "pre_logits", "lbfgs", "all")])
         rows = store.probes()
-        assert [(r["labels"], r["val_top1"]) for r in rows] == [("10pc", 0.5), ("all", 0.5)]
+        # Records with the older fraction fields are stored in percent, as the columns say.
+        assert [(r["labels"], r["val_top1_percent"]) for r in rows] == [("10pc", 50.0), ("all", 50.0)]
         assert rows[0]["network"] == "resnet50v2(-)" and rows[0]["chosen"] == {"l2": 0.01}
         assert [p["output"] for p in store.planned()] == ["pre_logits"]
         assert store.runs()[0]["run_dir"] == str(tmp_path / "moved")
@@ -94,7 +95,7 @@ def test_claim_skips_live_workers_and_takes_over_dead_or_silent_ones(tmp_path):
         store.record_training("aaaa00000001", {"val_pretext_accuracy": 71.5, "steps": 40}, 12.0)
         store.end_attempt("aaaa00000001", last, "finished")
         run = store.runs()[0]
-        assert (run["status"], run["pretext_val_accuracy"], run["steps"], run["train_seconds"]) == ("finished", 71.5, 40, 12.0)
+        assert (run["status"], run["pretext_val_accuracy_percent"], run["steps"], run["train_seconds"]) == ("finished", 71.5, 40, 12.0)
         assert store.cell_state(run) == "done"
         assert store.claim("aaaa00000001", me) is None  # finished cells are not taken again...
         # ...unless the study file plans a new probe for them: then the cell has work left.
@@ -176,8 +177,9 @@ def test_csv_export_and_locating_the_store(tmp_path):
         store.record_training("aaaa00000001", {"val_pretext_accuracy": 80.0, "steps": 10}, None)
         rows = list(csv.DictReader(io.StringIO(store.probes_csv())))
     assert len(rows) == 1
-    assert rows[0]["network"] == "resnet50v2(-)" and float(rows[0]["test_top1"]) == 0.625
-    assert float(rows[0]["pretext_val_accuracy"]) == 80.0 and rows[0]["chosen"] == '{"l2": 0.01}'
+    assert rows[0]["network"] == "resnet50v2(-)" and float(rows[0]["test_top1_percent"]) == 62.5
+    assert float(rows[0]["pretext_val_accuracy_percent"]) == 80.0
+    assert float(rows[0]["chosen_l2"]) == 0.01 and rows[0]["chosen_json"] == '{"l2": 0.01}'
     assert locate_store(tmp_path) == path and locate_store(path) == path
     with pytest.raises(PretextlabError, match="run `pretextlab study FILE` first"):
         locate_store(tmp_path / "nowhere")
@@ -192,9 +194,11 @@ def test_results_cli_lists_and_exports(tmp_path, capsys):
     assert main(["results", str(tmp_path)]) == 0
     listed = capsys.readouterr().out
     assert "aaaa00000001 rotation" in listed and "50.00  40.00" in listed
+    # What the probe chose, as a person writes it, not a Python dict.
+    assert "50.00  40.00  L2=1e-02" in listed and "{'l2'" not in listed
     target = tmp_path / "out.csv"
     assert main(["results", str(path), "--csv", str(target)]) == 0
-    assert "wrote 1 probe results" in capsys.readouterr().out
+    assert "wrote 1 probe results" in capsys.readouterr().err
     assert target.read_text().splitlines()[0].startswith("config_hash,task,network")
     assert main(["results", str(tmp_path / "nowhere")]) == 2
     assert "run `pretextlab study FILE` first" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 a tiny real grid (Fashion-MNIST, width 1) is killed mid-run, resumed on submitit's local executor,
 finishes every cell exactly once, and its report is rebuilt from the store."""
 
+import json
 import os
 import shutil
 import signal
@@ -153,7 +154,8 @@ def test_tiny_study_is_killed_resumed_on_the_local_executor_and_reported(tmp_pat
     # 2. Resume: both cells as parallel jobs of submitit's local executor, writing the same store.
     resumed = subprocess.run(command + ["--executor", "local"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "2 cells: 2 done, 0 running, 0 left" in resumed.stdout
+    assert "2 cells: 2 done, 0 running, 0 left" in resumed.stderr  # people read stderr; stdout is JSON
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["done"] == 2
     assert len(list((out / "submitit").rglob("*_result.pkl"))) == 2
 
     with ResultsStore(store_path) as store:
@@ -162,7 +164,7 @@ def test_tiny_study_is_killed_resumed_on_the_local_executor_and_reported(tmp_pat
         attempts = store.attempts()
         planned = store.planned()
     assert len(runs_rows) == 2 and {r["status"] for r in runs_rows} == {"finished"}
-    assert all(r["steps"] == 6 and r["pretext_val_accuracy"] is not None for r in runs_rows)
+    assert all(r["steps"] == 6 and r["pretext_val_accuracy_percent"] is not None for r in runs_rows)
     # Every cell finished exactly once; the killed one was resumed from its checkpoint, not restarted.
     for run in runs_rows:
         outcomes = [a["outcome"] for a in attempts if a["config_hash"] == run["config_hash"]]
@@ -175,7 +177,7 @@ def test_tiny_study_is_killed_resumed_on_the_local_executor_and_reported(tmp_pat
     # Each planned probe result is there once: 2 cells x 2 outputs x 2 label budgets.
     keys = [(p["config_hash"], p["dataset"], p["output"], p["probe"], p["labels"]) for p in probes]
     assert len(keys) == len(set(keys)) == len(planned) == 8
-    assert all(0.1 < p["test_top1"] <= 1.0 and p["chosen"]["l2"] in (1.0, 0.01) for p in probes)
+    assert all(10.0 < p["test_top1_percent"] <= 100.0 and p["chosen"]["l2"] in (1.0, 0.01) for p in probes)
     assert {p["train_images"] for p in probes} == {160, 50}  # all labels of the 160-image train split, and 5 per class
 
     # 3. A third start finds nothing to do and changes nothing.
@@ -199,3 +201,65 @@ def test_tiny_study_is_killed_resumed_on_the_local_executor_and_reported(tmp_pat
     for run in runs_rows:
         assert f'<a id="run-{run["config_hash"]}"></a>' in markdown
         assert f"(#run-{run['config_hash']})" in markdown
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        ({"grids": 3}, ["grids must be a non-empty list of mappings", "got 3 (a whole number)"]),
+        ({"evaluations": "lbfgs"}, ["evaluations must be a non-empty list of mappings", "got 'lbfgs' (a string)"]),
+        ({"evaluations": [{"sgd": {"base_lr": True}}]}, ["evaluations[0].sgd.base_lr must be a number > 0", "True"]),
+        ({"downstream": {"fm": {"dataset": "fashion-mnist", "limit": "200"}}}, ["downstream.fm.limit must be a whole number >= 1 or null", "'200' (a string)"]),
+        ({"downstream": {"fm": {"dataset": "fashion-mnist", "val_size": "10%"}}}, ["downstream.fm.val_size must be a number", "'10%'"]),
+        ({"downstream": {"fm": {"dataset": "fashion-mnist", "seed": 1.5}}}, ["downstream.fm.seed must be a whole number", "1.5 (a number)"]),
+        ({"downstream": {"fm": {"dataset": "fashion-mnist", "data_dir": 7}}}, ["downstream.fm.data_dir must be a directory path", "7"]),
+        ({"downstream": {"fm": {"dataset": ["fashion-mnist"]}}}, ["downstream.fm.dataset must be a dataset name", "(a list)"]),
+        ({"runtime": {"device": 0}}, ["runtime.device must be a device name", "got 0"]),
+        ({"runtime": {"stale_seconds": True}}, ["runtime.stale_seconds must be a number of seconds"]),
+        ({"runtime": {"workers": "two"}}, ["runtime.workers must be a whole number >= 0", "'two'"]),
+        ({"executor": {"kind": "local", "parameters": "fast"}}, ["executor.parameters must be a mapping", "'fast' (a string)"]),
+        ({"executor": {"kind": ["local"]}}, ["executor.kind must be a string", "(a list)"]),
+        ({"out": 5}, ["out must be a directory path (a string)", "got 5"]),
+    ],
+)
+def test_wrong_yaml_types_outside_the_pretext_section_name_key_value_and_type(tmp_path, change, fragments):
+    _refused(_study_dict(**change), tmp_path, *fragments)
+
+
+def test_dry_run_creates_nothing_and_writes_nothing(tmp_path, capsys):
+    import json
+
+    from pretextlab.cli import main
+
+    out = tmp_path / "study"
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text(yaml.safe_dump(_study_dict(out=str(out))))
+    assert main(["study", str(study_file), "--dry-run", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+    assert "2 cells: 0 done, 0 running, 2 left" in captured.err and "not started yet" in captured.err
+    assert json.loads(captured.out) == {"study": "t", "directory": str(out.resolve()), "dry_run": True, "cells": 2,
+                                        "done": 0, "running": 0, "left": 2, "job_ids": [], "errors": {}}
+
+    # With a store already there, a dry run reads it and changes nothing in it, even when the study
+    # file now plans more probes (that cell is shown as left; only a real start registers the plan).
+    study = load_study(study_file)
+    with ResultsStore(study.store_path) as store:
+        from pretextlab.study import register
+
+        register(study, store, study.cells())
+        cell = study.cells()[0]
+        attempt = store.claim(cell.config_hash, "test:1")
+        for job in cell.plan:
+            store.add_probe_result(cell.config_hash, job.dataset, {"output": job.output, "probe": job.probe,
+                                                                   "labels": job.labels.tag, "val_top1_percent": 50.0})
+        store.end_attempt(cell.config_hash, attempt, "finished")
+    data = _study_dict(out=str(out))
+    data["evaluations"].append({"outputs": ["block3"], "probes": ["lbfgs"]})
+    study_file.write_text(yaml.safe_dump(data))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    shown = []
+    outcome = run_study(load_study(study_file), dry_run=True, echo=shown.append)
+    assert [s.state for s in outcome.statuses] == ["left", "left"] and outcome.ran == {}
+    assert f"{cell.label:<40} {cell.config_hash:<12} left       4/5" in "\n".join(shown)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -74,11 +74,19 @@ def _train_config(args: argparse.Namespace):
         dataset=args.dataset,
         data_dir=args.data_dir,
         image_size=args.image_size,
+        chosen = ", ".join(f"{k}={v:.0e}" if k == "l2" else f"{k}={v:g}" for k, v in r["chosen"].items() if isinstance(v, (int, float)))
         limit=args.limit,
         test_limit=args.test_limit,
         val_size=args.val_size,
         epochs=args.epochs,
         batch_size=args.batch_size,
+    fields = ("output", "probe", "labels", "feature_dim", "val_top1_percent", "test_top1_percent", "chosen",
+              "train_images", "val_images", "test_images", "warnings", "result_file")
+    print(json.dumps({
+        "run": str(args.run),
+        "checkpoint": results[0]["checkpoint"] if results else None,
+        "results": [{k: r.get(k) for k in fields} for r in results],
+    }, indent=2))
         base_lr=args.base_lr,
         warmup_epochs=args.warmup_epochs,
         decay_epochs=tuple(args.decay_epochs) if args.decay_epochs is not None else None,
@@ -117,6 +125,7 @@ def _cmd_networks(args: argparse.Namespace) -> int:
     return 0
 
 
+        percent = lambda value, width: f"{'—' if value is None else f'{value:.2f}':>{width}}"  # noqa: E731
 def _cmd_train(args: argparse.Namespace) -> int:
     from pretextlab.train import train
 
@@ -156,11 +165,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pretextlab.evaluate.probe_run import evaluate_run
 
     results = evaluate_run(args.run, _eval_config(args), progress=not args.no_progress)
-    print(f"{'output':<12} {'dims':>6} {'probe':<7} {'labels':<8} {'val top-1 %':>11} {'test top-1 %':>12}  chosen")
+    # People read the table on stderr; stdout is one JSON document for scripts.
+    print(f"{'output':<12} {'dims':>6} {'probe':<7} {'labels':<8} {'val top-1 %':>11} {'test top-1 %':>12}  chosen", file=sys.stderr)
     for r in results:
         print(
-            f"{r['output']:<12} {r['feature_dim']:>6} {r['probe']:<7} {r['labels']:<8} {100 * r['val_top1']:>11.2f} "
-            f"{100 * r['test_top1']:>12.2f}  {r['chosen']}"
+            f"{r['output']:<12} {r['feature_dim']:>6} {r['probe']:<7} {r['labels']:<8} {r['val_top1_percent']:>11.2f} "
+            f"{r['test_top1_percent']:>12.2f}  {chosen}",
+            file=sys.stderr,
         )
     return 0
 
@@ -176,42 +187,51 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from pretextlab.study import load_study, run_study
 
     study = load_study(args.file, out=args.out)
-    outcome = run_study(study, executor=args.executor, dry_run=args.dry_run, wait=not args.no_wait, progress=not args.no_progress)
+    # People read the status tables on stderr; stdout is one JSON line for scripts.
+    outcome = run_study(study, executor=args.executor, dry_run=args.dry_run, wait=not args.no_wait,
+                        progress=not args.no_progress, echo=lambda line: print(line, file=sys.stderr))
+    counts = {state: sum(1 for s in outcome.statuses if s.state == state) for state in ("done", "running", "left")}
+    print(json.dumps({"study": study.name, "directory": str(study.directory), "dry_run": args.dry_run,
+                      "cells": len(outcome.statuses), **counts, "job_ids": outcome.job_ids, "errors": outcome.errors}))
     return 0 if outcome.ok else 1
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
     from pretextlab import atomic
-    from pretextlab.store import ResultsStore, locate_store
+    from pretextlab.report import format_chosen
+    from pretextlab.store import ResultsStore
+    from pretextlab.study import locate_study_store
 
-    with ResultsStore(locate_store(args.file), create=False) as store:
+    with ResultsStore(locate_study_store(args.file), create=False) as store:
         if args.csv is not None:
             text = store.probes_csv()
             if args.csv == "-":
                 sys.stdout.write(text)
             else:
                 atomic.write_text(args.csv, text)
-                print(f"wrote {len(text.splitlines()) - 1} probe results to {args.csv}")
+                print(f"wrote {len(text.splitlines()) - 1} probe results to {args.csv}", file=sys.stderr)
             return 0
         runs = store.runs()
-        print(f"{'hash':<12} {'task':<15} {'network':<15} {'k':>3} {'size':>5} {'status':<11} {'pretext':>8}")
+        print(f"{'hash':<12} {'task':<15} {'network':<15} {'k':>3} {'size':>5} {'status':<11} {'pretext %':>9}")
         for r in runs:
-            pretext = "" if r["pretext_val_accuracy"] is None else f"{r['pretext_val_accuracy']:.2f}"
-            print(f"{r['config_hash']:<12} {r['task']:<15} {r['network']:<15} {r['width']:>3} {r['representation_size'] or '':>5} {r['status']:<11} {pretext:>8}")
+            print(f"{r['config_hash']:<12} {r['task']:<15} {r['network']:<15} {r['width']:>3} {r['representation_size'] or '':>5} "
+                  f"{r['status']:<11} {percent(r['pretext_val_accuracy_percent'], 9)}")
         print()
         print(f"{'hash':<12} {'dataset':<14} {'output':<11} {'probe':<6} {'labels':<8} {'val %':>6} {'test %':>6}  chosen")
         for p in store.probes():
             print(f"{p['config_hash']:<12} {p['dataset']:<14} {p['output']:<11} {p['probe']:<6} {p['labels']:<8} "
-                  f"{100 * p['val_top1']:>6.2f} {100 * p['test_top1']:>6.2f}  {p['chosen']}")
+                  f"{percent(p['val_top1_percent'], 6)} {percent(p['test_top1_percent'], 6)}  {format_chosen(p['chosen'])}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from pretextlab.report import build_report
-    from pretextlab.store import locate_store
+    from pretextlab.study import locate_study_store
 
-    report = build_report(locate_store(args.file), args.out, main_output=args.main_output, main_probe=args.main_probe)
-    print(f"wrote {report.markdown} and {report.html} ({len(report.figures)} figures)")
+    report = build_report(locate_study_store(args.file), args.out, main_output=args.main_output, main_probe=args.main_probe)
+    print(f"wrote {report.markdown} and {report.html} ({len(report.figures)} figures)", file=sys.stderr)
+    print(json.dumps({"markdown": str(report.markdown), "html": str(report.html), "figures": len(report.figures),
+                      "empty_figures": len(report.empty_figures), "missing_cells": report.missing_cells}))
     return 0
 
 

@@ -15,7 +15,7 @@ Contents, per downstream dataset:
   SGD probe convergence curves;
 and, for the whole study, the pretext training curves.
 
-Accuracies are stored as fractions; the report shows percent.
+Accuracies are percent everywhere: in the store (``*_percent`` columns), the tables and the figures.
 """
 
 from __future__ import annotations
@@ -43,9 +43,13 @@ NETWORK_ORDER = ("resnet50v1", "resnet50v2", "resnet50v2(-)", "revnet50", "revne
 OUTPUT_ORDER = ("block1", "block2", "block3", "block4", "block5", "fc6", "pre_logits")
 TASK_TITLES = {"rotation": "Rotation", "exemplar": "Exemplar", "relative_patch": "Rel. Patch Loc.", "jigsaw": "Jigsaw"}
 MISSING = "—"
-# Keys a probe record may keep its per-epoch curve under, and the accuracy keys inside a point.
+# Keys a probe record may keep its per-epoch curve under, and the accuracy keys inside a point with
+# the factor to percent (records before the unit-suffixed names held fractions under "val_top1").
 CURVE_KEYS = ("curve", "history", "per_epoch")
-CURVE_ACCURACY_KEYS = ("val_top1", "val_accuracy", "top1", "accuracy")
+CURVE_ACCURACY_KEYS = (("val_top1_percent", 1.0), ("val_top1", 100.0))
+# Pretext accuracy metric names in metrics.jsonl (percent under both the old and the unit-suffixed names).
+PRETEXT_TRAIN_NAMES = ("pretext_accuracy_percent", "pretext_accuracy")
+PRETEXT_VAL_NAMES = ("val_pretext_accuracy_percent", "val_pretext_accuracy")
 FIGURE_DPI = 110
 
 
@@ -184,7 +188,30 @@ def _ordered(names: Iterable[str], preferred: Sequence[str], study_order: Sequen
 
 
 def _percent(value: float | None) -> str:
-    return MISSING if value is None else f"{100 * value:.1f}"
+    """A percentage as the tables show it (the store holds percent already)."""
+    return MISSING if value is None else f"{value:.1f}"
+
+
+def format_chosen(chosen: Any) -> str:
+    """What a probe chose, as a person reads it: ``L2=1e-03``, or ``epoch=70 lr=0.2 ...`` for the SGD
+    probes (their best validation epoch's accuracy in percent, whichever unit the record used)."""
+    if not chosen:
+        return MISSING
+    if not isinstance(chosen, dict):
+        return str(chosen)
+    parts = []
+    for key, value in chosen.items():
+        if key == "l2" and isinstance(value, (int, float)):
+            parts.append(f"L2={value:.0e}")
+        elif key == "weight_decay" and isinstance(value, (int, float)):
+            parts.append(f"weight_decay={value:.0e}")
+        elif key in ("best_val_top1", "best_val_top1_percent") and isinstance(value, (int, float)):
+            parts.append(f"best_val_top1={value * (100 if key == 'best_val_top1' else 1):.2f}%")
+        elif isinstance(value, float):
+            parts.append(f"{key}={value:g}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
 
 
 def _slug(text: str) -> str:
@@ -306,8 +333,8 @@ def main_table(data: StudyData, dataset: str, output: str, probe: str) -> Table:
                 row.append(_missing_cell(run))
                 row_values.append(None)
             else:
-                row.append(Cell(_percent(result["test_top1"]), link=run["config_hash"]))
-                row_values.append(result["test_top1"])
+                row.append(Cell(_percent(result["test_top1_percent"]), link=run["config_hash"]))
+                row_values.append(result["test_top1_percent"])
         rows.append(row)
         values.append(row_values)
     _mark_best(rows, values)
@@ -328,7 +355,7 @@ def runs_table(data: StudyData) -> Table:
                 Cell(str(run["width"])),
                 Cell(str(run["representation_size"] or "")),
                 Cell(run["status"]),
-                Cell(MISSING if run["pretext_val_accuracy"] is None else f"{run['pretext_val_accuracy']:.1f}"),
+                Cell(MISSING if run["pretext_val_accuracy_percent"] is None else f"{run['pretext_val_accuracy_percent']:.1f}"),
                 Cell(f"{len(finished)}/{len(planned)}"),
                 Cell(seconds(run["train_seconds"])),
                 Cell(seconds(run["probe_seconds"])),
@@ -416,7 +443,7 @@ def figure_by_output(data: StudyData, dataset: str, probe: str, path: Path) -> F
             for output in OUTPUT_ORDER:
                 result = data.result(run["config_hash"], dataset, output, probe)
                 if result is not None:
-                    series.setdefault((task, network), []).append((output, result["test_top1"], run["config_hash"]))
+                    series.setdefault((task, network), []).append((output, result["test_top1_percent"], run["config_hash"]))
     outputs = [o for o in OUTPUT_ORDER if any(o == p[0] for s in series.values() for p in s)]
     points = sum(len(s) for s in series.values())
     if not points:
@@ -428,7 +455,7 @@ def figure_by_output(data: StudyData, dataset: str, probe: str, path: Path) -> F
         for network in data.networks:
             pts = series.get((task, network))
             if pts:
-                ax.plot([outputs.index(o) for o, _, _ in pts], [100 * v for _, v, _ in pts], "o-", color=colors[network],
+                ax.plot([outputs.index(o) for o, _, _ in pts], [v for _, v, _ in pts], "o-", color=colors[network],
                         label=f"{network} k={data.largest_width(network)}")
         ax.set_xticks(range(len(outputs)), outputs, rotation=30, ha="right")
         ax.set_title(TASK_TITLES.get(task, task))
@@ -449,7 +476,7 @@ def figure_by_width(data: StudyData, dataset: str, output: str, probe: str, path
     for run in sorted(data.natural_runs(), key=lambda r: r["width"]):
         result = data.result(run["config_hash"], dataset, output, probe)
         if result is not None:
-            series.setdefault((run["task"], run["network"]), []).append((run["width"], result["test_top1"], run["config_hash"]))
+            series.setdefault((run["task"], run["network"]), []).append((run["width"], result["test_top1_percent"], run["config_hash"]))
     points = sum(len(s) for s in series.values())
     if not points:
         checks = _placeholder(path, title, "widening factor k", "test top-1 (%)", f"no {probe} results at {output} on {dataset} yet")
@@ -461,7 +488,7 @@ def figure_by_width(data: StudyData, dataset: str, output: str, probe: str, path
         for network in data.networks:
             pts = series.get((task, network))
             if pts:
-                ax.plot([w for w, _, _ in pts], [100 * v for _, v, _ in pts], "o-", color=colors[network], label=network)
+                ax.plot([w for w, _, _ in pts], [v for _, v, _ in pts], "o-", color=colors[network], label=network)
         ax.set_xscale("log", base=2)
         ax.set_xticks(widths, [str(w) for w in widths])
         ax.minorticks_off()
@@ -482,8 +509,8 @@ def figure_pretext_vs_downstream(data: StudyData, dataset: str, output: str, pro
     points: list[tuple[dict[str, Any], float]] = []
     for run in data.natural_runs():
         result = data.result(run["config_hash"], dataset, output, probe)
-        if result is not None and run["pretext_val_accuracy"] is not None:
-            points.append((run, result["test_top1"]))
+        if result is not None and run["pretext_val_accuracy_percent"] is not None:
+            points.append((run, result["test_top1_percent"]))
     if not points:
         checks = _placeholder(path, title, "pretext validation accuracy (%)", "test top-1 (%)", "no finished runs with both numbers yet")
         return FigureResult("pretext_vs_downstream", title, path, 0, checks=checks)
@@ -498,7 +525,7 @@ def figure_pretext_vs_downstream(data: StudyData, dataset: str, output: str, pro
                 continue
             label = run["network"] if run["network"] not in shown else None
             shown.add(run["network"])
-            ax.scatter(run["pretext_val_accuracy"], 100 * value, s=size(run["width"]), color=colors[run["network"]],
+            ax.scatter(run["pretext_val_accuracy_percent"], value, s=size(run["width"]), color=colors[run["network"]],
                        alpha=0.75, edgecolors="black", linewidths=0.5, label=label)
         handles, labels = ax.get_legend_handles_labels()
         for w in widths:
@@ -512,7 +539,7 @@ def figure_pretext_vs_downstream(data: StudyData, dataset: str, output: str, pro
     figure.suptitle(title)
     checks = _save(figure, path)
     rows = [
-        [Cell(r["task"]), Cell(r["network"]), Cell(str(r["width"])), Cell(f"{r['pretext_val_accuracy']:.1f}", link=r["config_hash"]),
+        [Cell(r["task"]), Cell(r["network"]), Cell(str(r["width"])), Cell(f"{r['pretext_val_accuracy_percent']:.1f}", link=r["config_hash"]),
          Cell(_percent(v), link=r["config_hash"])]
         for r, v in points
     ]
@@ -529,16 +556,16 @@ def figure_linear_vs_mlp(data: StudyData, dataset: str, probe: str, path: Path) 
         if row["dataset"] == dataset and row["probe"] == "mlp" and row["labels"] == "all":
             linear = data.result(row["config_hash"], dataset, row["output"], probe)
             if linear is not None:
-                pairs.append((row, linear["test_top1"], row["test_top1"]))
+                pairs.append((row, linear["test_top1_percent"], row["test_top1_percent"]))
     if not pairs:
         checks = _placeholder(path, title, f"linear ({probe}) test top-1 (%)", "MLP test top-1 (%)", f"no run has both {probe} and mlp results on {dataset} yet")
         return FigureResult("linear_vs_mlp", title, path, 0, checks=checks)
     figure = Figure(figsize=(5.6, 4.6), layout="constrained")
     ax = figure.subplots()
     for row, linear, mlp in pairs:
-        ax.scatter(100 * linear, 100 * mlp, color=colors[row["task"]], marker=markers[row["network"]], s=45,
+        ax.scatter(linear, mlp, color=colors[row["task"]], marker=markers[row["network"]], s=45,
                    edgecolors="black", linewidths=0.4)
-    values = [100 * v for _, a, b in pairs for v in (a, b)]
+    values = [v for _, a, b in pairs for v in (a, b)]
     low, high = min(values) - 2, max(values) + 2
     ax.plot([low, high], [low, high], "--", color="gray", linewidth=1)
     handles = [Line2D([], [], marker="o", linestyle="", color=colors[t], label=TASK_TITLES.get(t, t))
@@ -562,7 +589,7 @@ def figure_few_labels(data: StudyData, dataset: str, output: str, probe: str, pa
     series: dict[str, list[tuple[int, float, str]]] = {}
     for row in data.probes:
         if (row["dataset"], row["output"], row["probe"]) == (dataset, output, probe) and row["train_images"]:
-            series.setdefault(row["config_hash"], []).append((row["train_images"], row["test_top1"], row["labels"]))
+            series.setdefault(row["config_hash"], []).append((row["train_images"], row["test_top1_percent"], row["labels"]))
     series = {h: sorted(s) for h, s in series.items() if len(s) >= 2 and data.runs[h]["representation_size"] is None}
     if not series:
         checks = _placeholder(path, title, "labelled training images", "test top-1 (%)", f"no run has {probe} results at two label budgets yet")
@@ -577,7 +604,7 @@ def figure_few_labels(data: StudyData, dataset: str, output: str, probe: str, pa
             run = data.runs[config_hash]
             if run["task"] != task:
                 continue
-            ax.plot([n for n, _, _ in pts], [100 * v for _, v, _ in pts], marker="o", linestyle=styles[run["width"]],
+            ax.plot([n for n, _, _ in pts], [v for _, v, _ in pts], marker="o", linestyle=styles[run["width"]],
                     color=colors[run["network"]], label=f"{run['network']} k={run['width']}")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -603,7 +630,7 @@ def figure_width_by_size(data: StudyData, dataset: str, output: str, probe: str,
         result = data.result(run["config_hash"], dataset, output, probe)
         if result is not None:
             combos.setdefault((run["task"], run["network"]), {})[(run["width"], run["representation_size"])] = (
-                result["test_top1"], run["config_hash"])
+                result["test_top1_percent"], run["config_hash"])
     if not combos:
         checks = _placeholder(path, title, "representation size", "widening factor k", "no representation-size runs have finished yet")
         return FigureResult("width_by_representation", title, path, 0, checks=checks)
@@ -611,7 +638,7 @@ def figure_width_by_size(data: StudyData, dataset: str, output: str, probe: str,
     for ax, ((task, network), cells) in zip(axes, combos.items()):
         widths = sorted({w for w, _ in cells})
         sizes = sorted({s for _, s in cells})
-        grid = [[100 * cells[(w, s)][0] if (w, s) in cells else math.nan for s in sizes] for w in widths]
+        grid = [[cells[(w, s)][0] if (w, s) in cells else math.nan for s in sizes] for w in widths]
         image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
         finite = [v for row in grid for v in row if not math.isnan(v)]
         middle = (min(finite) + max(finite)) / 2
@@ -643,9 +670,9 @@ def _curve(record: dict[str, Any]) -> list[tuple[float, float]]:
             for point in points:
                 if not isinstance(point, dict) or "epoch" not in point:
                     continue
-                for accuracy in CURVE_ACCURACY_KEYS:
+                for accuracy, to_percent in CURVE_ACCURACY_KEYS:
                     if isinstance(point.get(accuracy), (int, float)):
-                        curve.append((float(point["epoch"]), float(point[accuracy])))
+                        curve.append((float(point["epoch"]), to_percent * float(point[accuracy])))
                         break
             if curve:
                 return curve
@@ -663,7 +690,6 @@ def figure_sgd_convergence(data: StudyData, dataset: str, path: Path) -> FigureR
     if not curves:
         checks = _placeholder(path, title, "probe training epoch", "validation top-1 (%)", f"no SGD probe results with a per-epoch curve on {dataset} yet")
         return FigureResult("sgd_convergence", title, path, 0, checks=checks)
-    scale = 100 if max(v for _, c in curves for _, v in c) <= 1.0 else 1
     tasks = [t for t in data.tasks if any(data.runs[r["config_hash"]]["task"] == t for r, _ in curves)]
     figure, axes = _panels(len(tasks), width=5.0, height=3.8)
     for ax, task in zip(axes, tasks):
@@ -674,10 +700,10 @@ def figure_sgd_convergence(data: StudyData, dataset: str, path: Path) -> FigureR
             run = data.runs[row["config_hash"]]
             size = f" d={run['representation_size']}" if run["representation_size"] else ""
             label = f"{run['network']} k={run['width']}{size} {row['output']}"
-            ax.plot([e for e, _ in curve], [scale * v for _, v in curve], color=color, label=label)
+            ax.plot([e for e, _ in curve], [v for _, v in curve], color=color, label=label)
             lbfgs = data.result(row["config_hash"], dataset, row["output"], "lbfgs")
-            if lbfgs is not None and lbfgs["val_top1"] is not None:
-                ax.axhline(100 * lbfgs["val_top1"], color=color, linestyle="--", linewidth=1)
+            if lbfgs is not None and lbfgs["val_top1_percent"] is not None:
+                ax.axhline(lbfgs["val_top1_percent"], color=color, linestyle="--", linewidth=1)
         ax.set_xlabel("probe training epoch")
         ax.set_ylabel("validation top-1 (%)")
         ax.set_title(TASK_TITLES.get(task, task))
@@ -689,8 +715,8 @@ def figure_sgd_convergence(data: StudyData, dataset: str, path: Path) -> FigureR
     for row, curve in curves:
         lbfgs = data.result(row["config_hash"], dataset, row["output"], "lbfgs")
         rows.append([Cell(data.run_label(row["config_hash"])), Cell(row["output"]), Cell(f"{curve[-1][0]:g}"),
-                     Cell(_percent(row["val_top1"]), link=row["config_hash"]),
-                     Cell(_percent(lbfgs["val_top1"]) if lbfgs else MISSING, link=row["config_hash"] if lbfgs else None)])
+                     Cell(_percent(row["val_top1_percent"]), link=row["config_hash"]),
+                     Cell(_percent(lbfgs["val_top1_percent"]) if lbfgs else MISSING, link=row["config_hash"] if lbfgs else None)])
     return FigureResult("sgd_convergence", title, path, len(curves),
                         _data_table(["run", "output", "epochs", "SGD val %", "L-BFGS val %"], rows), checks=checks)
 
@@ -699,8 +725,9 @@ def figure_pretext_training(data: StudyData, path: Path) -> FigureResult:
     title = "Pretext training: accuracy on the training batches (lines) and on the held-out split (dots)"
     by_run: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for point in data.curves:
-        if point["name"] in ("pretext_accuracy", "val_pretext_accuracy") and point["epoch"] is not None:
-            by_run.setdefault(point["config_hash"], {}).setdefault(point["name"], []).append((point["epoch"], point["value"]))
+        kind = "train" if point["name"] in PRETEXT_TRAIN_NAMES else "val" if point["name"] in PRETEXT_VAL_NAMES else None
+        if kind is not None and point["epoch"] is not None:
+            by_run.setdefault(point["config_hash"], {}).setdefault(kind, []).append((point["epoch"], point["value"]))
     if not by_run:
         checks = _placeholder(path, title, "epoch", "pretext accuracy (%)", "no pretext training curves recorded yet")
         return FigureResult("pretext_training", title, path, 0, checks=checks)
@@ -712,8 +739,8 @@ def figure_pretext_training(data: StudyData, path: Path) -> FigureResult:
             if data.runs[config_hash]["task"] != task:
                 continue
             color = colors[config_hash]
-            train = sorted(series.get("pretext_accuracy", []))
-            val = sorted(series.get("val_pretext_accuracy", []))
+            train = sorted(series.get("train", []))
+            val = sorted(series.get("val", []))
             label = f"{data.runs[config_hash]['network']} k={data.runs[config_hash]['width']}"
             if data.runs[config_hash]["representation_size"]:
                 label += f" d={data.runs[config_hash]['representation_size']}"
@@ -730,7 +757,7 @@ def figure_pretext_training(data: StudyData, path: Path) -> FigureResult:
     checks = _save(figure, path)
     rows = []
     for config_hash, series in by_run.items():
-        val = sorted(series.get("val_pretext_accuracy", []))
+        val = sorted(series.get("val", []))
         if val:
             rows.append([Cell(data.run_label(config_hash)), Cell(f"{val[-1][0]:.2f}"), Cell(f"{val[-1][1]:.1f}", link=config_hash)])
     return FigureResult("pretext_training", title, path, len(by_run),

@@ -2,16 +2,23 @@
 
 Tables::
 
-    meta      key -> value: the study's name, its study file's text, the schema version
+    meta      key -> value: the study's name, its study file's text, the store's format version
+              (``schema_version``) and the pretextlab version that last wrote the format
     runs      one row per cell of the grid (keyed by the pretext config's hash): its config, status
               (pending / running / finished / failed / interrupted), the worker holding it and its
               heartbeat, pretext metrics and timings (``trained`` is when its pretext run ended);
               ``in_study`` is 0 for a cell the study file no longer names (kept for its results)
     attempts  one row per time a worker took a cell: when, who, from which step, how it ended
     plan      the probe results a cell is expected to produce (dataset, output, probe, labels)
-    probes    the probe results: accuracy on val and test (fractions in [0, 1]), regularisation
-              chosen, the full record as JSON; unique per (run, dataset, output, probe, labels)
+    probes    the probe results: top-1 on val and test in percent, regularisation chosen, the full
+              record as JSON; unique per (run, dataset, output, probe, labels)
     curves    pretext training curves (metrics.jsonl), one row per (run, step, metric)
+
+Every accuracy in the store is in percent, and its column says so (``*_percent``). Format 1 (the
+first release) kept probe accuracies as fractions; such a store is upgraded in place, in one
+transaction, the first time this version opens it. A store of an unknown format, or a file that is
+not a readable SQLite store, is refused with one line naming the file and what to do; it is never
+modified.
 
 Every write is one short transaction; ``busy_timeout`` makes a writer wait for another's lock
 instead of failing, and the unique constraints make a repeated write a no-op, so several workers
@@ -32,9 +39,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from pretextlab import __version__
 from pretextlab.errors import PretextlabError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Formats this version can open: 1 is upgraded in place (see _migrate_1_to_2).
+READABLE_VERSIONS = (1, 2)
 STORE_FILE = "results.sqlite"
 RUN_STATUSES = ("pending", "running", "finished", "failed", "interrupted")
 # Seconds without a heartbeat after which a 'running' cell held by another machine counts as abandoned.
@@ -58,7 +68,7 @@ CREATE TABLE IF NOT EXISTS runs (
     in_study INTEGER NOT NULL DEFAULT 1,
     owner TEXT,
     heartbeat REAL,
-    pretext_val_accuracy REAL,
+    pretext_val_accuracy_percent REAL,
     steps INTEGER,
     train_seconds REAL,
     probe_seconds REAL,
@@ -93,8 +103,8 @@ CREATE TABLE IF NOT EXISTS probes (
     output TEXT NOT NULL,
     probe TEXT NOT NULL,
     labels TEXT NOT NULL,
-    val_top1 REAL,
-    test_top1 REAL,
+    val_top1_percent REAL,
+    test_top1_percent REAL,
     chosen_json TEXT,
     feature_dim INTEGER,
     train_images INTEGER,
@@ -114,6 +124,13 @@ CREATE TABLE IF NOT EXISTS curves (
 """
 
 ProbeKey = tuple[str, str, str, str]  # (dataset, output, probe, labels)
+
+# The CSV export's columns, each accuracy named with its unit.
+CSV_COLUMNS = (
+    "config_hash", "task", "network", "width", "representation_size", "dataset", "output", "probe", "labels",
+    "val_top1_percent", "test_top1_percent", "chosen_l2", "chosen_json", "feature_dim", "train_images", "seconds",
+    "run_dir", "pretext_val_accuracy_percent",
+)
 
 
 def worker_id() -> str:
@@ -137,13 +154,24 @@ def _owner_is_dead(owner: str | None) -> bool:
     return False
 
 
-def locate_store(path: str | os.PathLike) -> Path:
-    """The store file for ``path``: a .sqlite file itself, a study directory, or a study YAML file."""
-    path = Path(path)
-    if path.suffix in (".yaml", ".yml"):
-        from pretextlab.study import load_study  # the study file knows where its directory is
+def percent_field(record: dict[str, Any], name: str, old_unit: float) -> float | None:
+    """``record[name + '_percent']``, else the pre-unit-suffix ``record[name]`` times ``old_unit``.
 
-        return load_study(path).store_path
+    Probe records once held fractions under ``val_top1`` / ``test_top1`` (old_unit 100); a
+    summary's ``val_pretext_accuracy`` was already percent (old_unit 1). Newer records name the unit.
+    """
+    value = record.get(f"{name}_percent")
+    if value is None:
+        value = record.get(name)
+        if value is not None:
+            value = float(value) * old_unit
+    return None if value is None else float(value)
+
+
+def locate_store(path: str | os.PathLike) -> Path:
+    """The store file for ``path``: a .sqlite file itself or a study directory (a study file is
+    resolved by the study package, which knows where its directory is)."""
+    path = Path(path)
     if path.is_dir():
         path = path / STORE_FILE
     if not path.exists():
@@ -154,37 +182,86 @@ def locate_store(path: str | os.PathLike) -> Path:
     return path
 
 
+def _unreadable(path: Path, reason: str) -> PretextlabError:
+    return PretextlabError(
+        f"{path} is not a readable results store ({reason}); it was left as it is: move it aside "
+        "(or restore it from a backup) and run `pretextlab study FILE` again, which re-registers every "
+        "cell and reuses finished pretext runs from their run directories"
+    )
+
+
+def _is_corruption(error: sqlite3.DatabaseError) -> bool:
+    """SQLite's words for a file that is not (or no longer) a database; lock timeouts are not."""
+    text = str(error).lower()
+    return any(words in text for words in ("malformed", "not a database", "file is encrypted", "disk i/o error"))
+
+
 class ResultsStore:
     """One study's SQLite store. Open one per process (or thread); every method commits at once."""
 
     def __init__(self, path: str | os.PathLike, create: bool = True) -> None:
         self.path = Path(path)
-        if not create and not self.path.exists():
+        existed = self.path.exists()
+        if not create and not existed:
             raise PretextlabError(f"no results store at {self.path}: run `pretextlab study FILE` first")
+        if existed and self.path.is_dir():
+            raise PretextlabError(f"{self.path} is a directory, not a results store: pass the study directory or its {STORE_FILE}")
+        # A zero-byte file would silently become an empty store: it is more likely a store whose
+        # contents were lost (a failed copy, a full disk), so say so instead of hiding it.
+        if existed and self.path.stat().st_size == 0:
+            raise _unreadable(self.path, "the file is empty (0 bytes)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: autocommit, transactions are explicit BEGIN IMMEDIATE blocks below,
         # so a writer takes the lock before reading what it will change.
         self.connection = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         self.connection.row_factory = sqlite3.Row
-        self.connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise PretextlabError(f"{self.path} cannot use SQLite's WAL mode (got {mode!r}): put the study on a local or POSIX file system")
-        self.connection.execute("PRAGMA synchronous = NORMAL")
-        self.connection.execute("PRAGMA foreign_keys = ON")
-        with self.transaction() as db:
-            db.executescript_safe(_SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            # Stores made before runs.in_study existed gain it (every cell counts as in the study).
-            columns = {row[1] for row in db.execute("PRAGMA table_info(runs)").fetchall()}
-            if "in_study" not in columns:
-                db.execute("ALTER TABLE runs ADD COLUMN in_study INTEGER NOT NULL DEFAULT 1")
-        version = self.get_meta("schema_version")
-        if version != str(SCHEMA_VERSION):
+        try:
+            self._open(existed)
+        except BaseException:
+            self.connection.close()
+            raise
+
+    def _open(self, existed: bool) -> None:
+        with self._translate_errors():
+            if existed:
+                # Before anything writes (even the WAL switch), check the file is a sound database.
+                problems = [row[0] for row in self.connection.execute("PRAGMA quick_check").fetchall()]
+                if problems != ["ok"]:
+                    raise _unreadable(self.path, f"SQLite's integrity check says: {problems[0]}")
+                # Someone else's database or an unknown format is refused before the WAL switch,
+                # which would rewrite its header.
+                tables = {r[0] for r in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+                if tables:
+                    self._version(self.connection, tables)
+            self.connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise PretextlabError(f"{self.path} cannot use SQLite's WAL mode (got {mode!r}): put the study on a local or POSIX file system")
+            self.connection.execute("PRAGMA synchronous = NORMAL")
+            self.connection.execute("PRAGMA foreign_keys = ON")
+            with self.transaction() as db:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+                if not tables:
+                    db.executescript_safe(_SCHEMA)
+                    db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
+                    return
+                version = self._version(db, tables)
+                if version == 1:
+                    _migrate_1_to_2(db)
+
+    def _version(self, db: "_Transaction | sqlite3.Connection", tables: set[str]) -> int:
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if "meta" in tables else None
+        if row is None:
+            raise _unreadable(self.path, "it has no pretextlab format version: it is some other SQLite database")
+        version = int(row[0]) if str(row[0]).isdigit() else None
+        if version not in READABLE_VERSIONS:
             raise PretextlabError(
-                f"{self.path} was written by another pretextlab version (schema {version}, this one reads {SCHEMA_VERSION}): "
-                "use that version or start a new study directory"
+                f"{self.path} is a results store of format {row[0]}, which pretextlab {__version__} cannot read "
+                f"(it reads formats {', '.join(map(str, READABLE_VERSIONS))}): report it with the pretextlab version "
+                "that wrote it, or start a new study directory (`pretextlab study FILE --out NEW_DIR`)"
             )
+        return version
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -198,26 +275,38 @@ class ResultsStore:
         self.close()
 
     @contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        """A store that turns out to be damaged mid-way gives the one-line error, not a traceback."""
+        try:
+            yield
+        except sqlite3.DatabaseError as error:
+            if _is_corruption(error):
+                raise _unreadable(self.path, f"SQLite says: {error}") from error
+            raise
+
+    @contextmanager
     def transaction(self) -> Iterator["_Transaction"]:
         """BEGIN IMMEDIATE ... COMMIT, retried while another process holds the write lock."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        while True:
+        with self._translate_errors():
+            deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+            while True:
+                try:
+                    self.connection.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as error:
+                    if "locked" not in str(error) and "busy" not in str(error) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             try:
-                self.connection.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as error:
-                if "locked" not in str(error) and "busy" not in str(error) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        try:
-            yield _Transaction(self.connection)
-        except BaseException:
-            self.connection.execute("ROLLBACK")
-            raise
-        self.connection.execute("COMMIT")
+                yield _Transaction(self.connection)
+            except BaseException:
+                self.connection.execute("ROLLBACK")
+                raise
+            self.connection.execute("COMMIT")
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        return [dict(row) for row in self.connection.execute(sql, params).fetchall()]
+        with self._translate_errors():
+            return [dict(row) for row in self.connection.execute(sql, params).fetchall()]
 
     # -- study ---------------------------------------------------------------------------------
 
@@ -226,8 +315,8 @@ class ResultsStore:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def get_meta(self, key: str) -> str | None:
-        row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
 
     def register_run(
         self,
@@ -334,11 +423,11 @@ class ResultsStore:
         """The pretext run has finished: its accuracy, steps and timing."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE runs SET pretext_val_accuracy = ?, steps = ?, summary_json = ?, "
+                "UPDATE runs SET pretext_val_accuracy_percent = ?, steps = ?, summary_json = ?, "
                 "train_seconds = COALESCE(train_seconds, 0) + COALESCE(?, 0), trained = COALESCE(trained, ?) "
                 "WHERE config_hash = ?",
                 (
-                    summary.get("val_pretext_accuracy"),
+                    percent_field(summary, "val_pretext_accuracy", old_unit=1.0),
                     summary.get("steps"),
                     json.dumps(summary, sort_keys=True, default=str),
                     train_seconds,
@@ -369,13 +458,16 @@ class ResultsStore:
     # -- results ---------------------------------------------------------------------------------
 
     def add_probe_result(self, config_hash: str, dataset: str, record: dict[str, Any]) -> bool:
-        """Store one probe result; returns False when that (run, dataset, output, probe, labels) was already there."""
+        """Store one probe result; returns False when that (run, dataset, output, probe, labels) was already there.
+
+        Accuracies are read as ``val_top1_percent`` / ``test_top1_percent``, or as the older fractions
+        ``val_top1`` / ``test_top1``, and stored in percent."""
         for field in ("output", "probe", "labels"):
             if field not in record:
                 raise PretextlabError(f"a probe record needs {field!r}; got keys {', '.join(sorted(record))}")
         with self.transaction() as db:
             cursor = db.execute(
-                "INSERT OR IGNORE INTO probes (config_hash, dataset, output, probe, labels, val_top1, test_top1, chosen_json, "
+                "INSERT OR IGNORE INTO probes (config_hash, dataset, output, probe, labels, val_top1_percent, test_top1_percent, chosen_json, "
                 "feature_dim, train_images, seconds, record_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     config_hash,
@@ -383,8 +475,8 @@ class ResultsStore:
                     record["output"],
                     record["probe"],
                     record["labels"],
-                    record.get("val_top1"),
-                    record.get("test_top1"),
+                    percent_field(record, "val_top1", old_unit=100.0),
+                    percent_field(record, "test_top1", old_unit=100.0),
                     json.dumps(record.get("chosen"), sort_keys=True, default=str),
                     record.get("feature_dim"),
                     record.get("train_images"),
@@ -416,15 +508,12 @@ class ResultsStore:
     # -- reading ---------------------------------------------------------------------------------
 
     def runs(self) -> list[dict[str, Any]]:
+        """Every cell, with its config and pretext summary decoded."""
         rows = self._rows("SELECT * FROM runs ORDER BY task, network, width, representation_size, config_hash")
         for row in rows:
             row["config"] = json.loads(row.pop("config_json"))
             row["summary"] = json.loads(row.pop("summary_json")) if row.get("summary_json") else None
         return rows
-
-    def run(self, config_hash: str) -> dict[str, Any] | None:
-        rows = [r for r in self.runs() if r["config_hash"] == config_hash]
-        return rows[0] if rows else None
 
     def probes(self, config_hash: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE p.config_hash = ?", (config_hash,)) if config_hash else ("", ())
@@ -439,10 +528,8 @@ class ResultsStore:
         return rows
 
     def probe_keys(self, config_hash: str) -> set[ProbeKey]:
-        rows = self.connection.execute(
-            "SELECT dataset, output, probe, labels FROM probes WHERE config_hash = ?", (config_hash,)
-        ).fetchall()
-        return {tuple(r) for r in rows}  # type: ignore[misc]
+        rows = self._rows("SELECT dataset, output, probe, labels FROM probes WHERE config_hash = ?", (config_hash,))
+        return {(r["dataset"], r["output"], r["probe"], r["labels"]) for r in rows}
 
     def planned(self, config_hash: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE config_hash = ?", (config_hash,)) if config_hash else ("", ())
@@ -469,19 +556,37 @@ class ResultsStore:
     # -- export ----------------------------------------------------------------------------------
 
     def probes_csv(self) -> str:
-        """Every probe result joined with its run, as CSV (accuracies as fractions)."""
-        columns = [
-            "config_hash", "task", "network", "width", "representation_size", "dataset", "output", "probe",
-            "labels", "val_top1", "test_top1", "chosen", "feature_dim", "train_images", "seconds", "run_dir",
-        ]
-        pretext = {r["config_hash"]: r["pretext_val_accuracy"] for r in self.runs()}
+        """Every probe result joined with its run, as CSV (accuracies in percent, as the columns say)."""
+        pretext = {r["config_hash"]: r["pretext_val_accuracy_percent"] for r in self.runs()}
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(columns + ["pretext_val_accuracy"])
+        writer.writerow(CSV_COLUMNS)
         for row in self.probes():
-            values = dict(row, chosen=json.dumps(row["chosen"], sort_keys=True))
-            writer.writerow([values.get(c) for c in columns] + [pretext.get(row["config_hash"])])
+            chosen = row["chosen"] if isinstance(row["chosen"], dict) else {}
+            values = dict(
+                row,
+                chosen_l2=chosen.get("l2"),
+                chosen_json=json.dumps(row["chosen"], sort_keys=True),
+                pretext_val_accuracy_percent=pretext.get(row["config_hash"]),
+            )
+            writer.writerow([values.get(c) for c in CSV_COLUMNS])
         return buffer.getvalue()
+
+
+def _migrate_1_to_2(db: "_Transaction") -> None:
+    """Format 1 -> 2, inside the opening transaction (all or nothing): probe accuracies were
+    fractions in val_top1 / test_top1; the pretext accuracy was already percent."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(runs)").fetchall()}
+    # The earliest format-1 stores predate runs.in_study (every cell then counted as in the study).
+    if "in_study" not in columns:
+        db.execute("ALTER TABLE runs ADD COLUMN in_study INTEGER NOT NULL DEFAULT 1")
+    db.execute("ALTER TABLE runs RENAME COLUMN pretext_val_accuracy TO pretext_val_accuracy_percent")
+    db.execute("ALTER TABLE probes RENAME COLUMN val_top1 TO val_top1_percent")
+    db.execute("ALTER TABLE probes RENAME COLUMN test_top1 TO test_top1_percent")
+    db.execute("UPDATE probes SET val_top1_percent = 100 * val_top1_percent, test_top1_percent = 100 * test_top1_percent")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('migrated_from', '1')")
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
 
 
 class _Transaction:

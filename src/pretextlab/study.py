@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from pretextlab.config import TrainConfig
 from pretextlab.errors import PretextlabError
-from pretextlab.store import DEFAULT_STALE_SECONDS, STORE_FILE, ProbeKey, ResultsStore, worker_id
+from pretextlab.store import DEFAULT_STALE_SECONDS, STORE_FILE, ProbeKey, ResultsStore, locate_store, worker_id
 
 STUDY_PROBES = ("lbfgs", "sgd", "mlp")
 EXECUTORS = ("inline", "local", "slurm")
@@ -261,6 +261,40 @@ def _check_keys(section: Any, valid: Iterable[str], context: str) -> dict[str, A
         raise PretextlabError(f"unknown key {', '.join(map(repr, unknown))}{_where(context)}: valid keys are {', '.join(valid)}")
     return section
 
+def _type_name(value: Any) -> str:
+    return "null" if value is None else {"str": "a string", "int": "a whole number", "float": "a number", "bool": "true/false",
+                                          "list": "a list", "dict": "a mapping"}.get(type(value).__name__, type(value).__name__)
+
+
+def _wrong_type(context: str, value: Any, expected: str) -> PretextlabError:
+    """One message for a YAML value of the wrong type: the key, the value (and what YAML made of it), the type wanted."""
+    return PretextlabError(f"{context} must be {expected}, got {value!r} ({_type_name(value)})")
+
+
+def _optional_number(value: Any, context: str, *, whole: bool, minimum: float, expected: str) -> Any:
+    if value is None:
+        return None
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        raise _wrong_type(context, value, expected)
+    return value
+
+
+def _optional_string(value: Any, context: str, expected: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _wrong_type(context, value, expected)
+    return value
+
+
+def _section_list(value: Any, context: str, example: str) -> list[Any]:
+    """A list of mappings (grids, evaluations); a single mapping counts as a list of one."""
+    if isinstance(value, dict):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise _wrong_type(context, value, f"a non-empty list of mappings, e.g. {example}")
+    return value
+
+
 
 def _as_list(value: Any, context: str) -> list[Any]:
     if value is None:
@@ -330,7 +364,7 @@ def _sgd_settings(value: Any, context: str) -> SgdSettings | None:
         number = getattr(settings, name)
         if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < 1):
             raise PretextlabError(f"{context}.{name} must be a whole number >= 1, got {number!r}")
-    if settings.base_lr is not None and (not isinstance(settings.base_lr, (int, float)) or settings.base_lr <= 0):
+    if settings.base_lr is not None and (isinstance(settings.base_lr, bool) or not isinstance(settings.base_lr, (int, float)) or settings.base_lr <= 0):
         raise PretextlabError(f"{context}.base_lr must be a number > 0, got {settings.base_lr!r}")
     return settings
 
@@ -350,6 +384,21 @@ def _pretext_fields(section: Any, context: str) -> dict[str, Any]:
 
     return check_fields(TrainConfig, _check_keys(section, valid, context), context)
 
+def _downstream_types(settings: dict[str, Any], context: str) -> None:
+    """A downstream dataset's values, each of the type its DownstreamDataset field takes."""
+    if not isinstance(settings.get("dataset"), str):
+        raise _wrong_type(f"{context}.dataset", settings.get("dataset"), "a dataset name (a string), e.g. fashion-mnist or folder")
+    _optional_string(settings.get("data_dir"), f"{context}.data_dir", "a directory path (a string) or null")
+    _optional_number(settings.get("val_size"), f"{context}.val_size", whole=False, minimum=0,
+                     expected="a number of images, or a fraction < 1, or null")
+    for key in ("limit", "test_limit"):
+        _optional_number(settings.get(key), f"{context}.{key}", whole=True, minimum=1, expected="a whole number >= 1 or null")
+    if "seed" in settings:
+        if settings["seed"] is None:
+            raise _wrong_type(f"{context}.seed", None, "a whole number")
+        _optional_number(settings["seed"], f"{context}.seed", whole=True, minimum=0, expected="a whole number >= 0")
+
+
 
 def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None = None, text: str = "") -> Study:
     """Validate a study (the parsed YAML) and return it; ``out`` overrides the study directory."""
@@ -359,11 +408,12 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
     data = _check_keys(data, TOP_LEVEL_KEYS, "the study file")
     name = data.get("name")
     if not isinstance(name, str) or not name.strip() or "/" in name:
+    file_out = _optional_string(data.get("out"), "out", "a directory path (a string)")
         raise PretextlabError("the study file needs a name (a string without '/'), e.g. name: mini-fashion")
     if out is not None:
         directory = Path(out)
-    elif data.get("out") is not None:
-        directory = Path(str(data["out"]))
+    elif file_out is not None:
+        directory = Path(file_out)
         if not directory.is_absolute() and path is not None:
             directory = path.parent / directory
     else:
@@ -376,8 +426,7 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
     grid_sections = data.get("grids")
     if not grid_sections:
         raise PretextlabError("the study file needs grids: a list of {tasks, networks, widths} (see configs/mini-fashion.yaml)")
-    if isinstance(grid_sections, dict):
-        grid_sections = [grid_sections]
+    grid_sections = _section_list(grid_sections, "grids", "[{tasks: [rotation], networks: [resnet50v1], widths: [1]}]")
     grids = []
     for index, section in enumerate(grid_sections):
         context = f"grids[{index}]"
@@ -408,6 +457,7 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
     downstream = {}
     for ds_name, settings in downstream_section.items():
         context = f"downstream.{ds_name}"
+        _downstream_types(settings, context)
         settings = _check_keys(settings, DOWNSTREAM_KEYS, context)
         if settings.get("dataset") not in DATASETS:
             raise PretextlabError(f"unknown dataset {settings.get('dataset')!r} in {context}.dataset: choose one of {', '.join(DATASETS)}")
@@ -415,6 +465,7 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
 
     evaluation_sections = data.get("evaluations")
     if not evaluation_sections:
+    evaluation_sections = _section_list(evaluation_sections, "evaluations", "[{outputs: [pre_logits], probes: [lbfgs]}]")
         raise PretextlabError("the study file needs evaluations: a list of {outputs, probes, labels}")
     evaluations = []
     outputs_cache: dict[str, tuple[str, ...]] = {}
@@ -450,19 +501,26 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
         )
 
     runtime_section = _check_keys(data.get("runtime"), RUNTIME_KEYS, "runtime")
+    if not isinstance(runtime.device, str):
+        raise _wrong_type("runtime.device", runtime.device, "a device name (a string): auto, cpu, cuda or cuda:N")
     runtime = Runtime(**runtime_section)
     if isinstance(runtime.feature_batch_size, bool) or not isinstance(runtime.feature_batch_size, int) or runtime.feature_batch_size < 1:
         raise PretextlabError(f"runtime.feature_batch_size must be a whole number >= 1, got {runtime.feature_batch_size!r}")
     if runtime.workers is not None and (isinstance(runtime.workers, bool) or not isinstance(runtime.workers, int) or runtime.workers < 0):
         raise PretextlabError(f"runtime.workers must be a whole number >= 0 (data loader processes), got {runtime.workers!r}")
-    if not isinstance(runtime.stale_seconds, (int, float)) or runtime.stale_seconds <= HEARTBEAT_SECONDS:
+    if isinstance(runtime.stale_seconds, bool) or not isinstance(runtime.stale_seconds, (int, float)) or runtime.stale_seconds <= HEARTBEAT_SECONDS:
         raise PretextlabError(f"runtime.stale_seconds must be a number of seconds > {HEARTBEAT_SECONDS:g} (the heartbeat period)")
 
     executor_section = data.get("executor") or {}
     if isinstance(executor_section, str):
         executor_section = {"kind": executor_section}
     executor_section = _check_keys(executor_section, EXECUTOR_KEYS, "executor")
-    executor = ExecutorSettings(kind=executor_section.get("kind", "inline"), parameters=dict(executor_section.get("parameters") or {}))
+    parameters = executor_section.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise _wrong_type("executor.parameters", parameters, "a mapping of submitit parameters, e.g. {timeout_min: 60, slurm_partition: gpu}")
+    if not isinstance(executor_section.get("kind", "inline"), str):
+        raise _wrong_type("executor.kind", executor_section["kind"], f"a string: one of {', '.join(EXECUTORS)}")
+    executor = ExecutorSettings(kind=executor_section.get("kind", "inline"), parameters=dict(parameters))
     _choices([executor.kind], EXECUTORS, "executor", "executor.kind")
 
     study = Study(
@@ -495,6 +553,14 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
         return parse_study(data, path=path, out=out, text=text)
     except PretextlabError as error:
         raise PretextlabError(f"{path}: {error}") from error
+
+def locate_study_store(path: str | Path) -> Path:
+    """The store for a study file (its study directory's), a study directory, or a .sqlite file."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        return load_study(path).store_path
+    return locate_store(path)
+
 
 
 def expand_cells(study: Study) -> list[Cell]:
@@ -598,20 +664,29 @@ def register(study: Study, store: ResultsStore, cells: list[Cell]) -> None:
     store.retire(cell.config_hash for cell in cells)
 
 
-def study_status(study: Study, store: ResultsStore, cells: list[Cell]) -> list[CellStatus]:
-    runs = {r["config_hash"]: r for r in store.runs()}
+def study_status(study: Study, store: ResultsStore | None, cells: list[Cell]) -> list[CellStatus]:
+    """Each cell's state as the store has it; a cell the store does not hold yet (or no store at
+    all, for a dry run of a new study) is pending, and a finished cell with newly planned probes is left."""
+    runs = {r["config_hash"]: r for r in store.runs()} if store is not None else {}
     statuses = []
     for cell in cells:
-        run = runs[cell.config_hash]
-        done_keys = store.probe_keys(cell.config_hash)
+        run = runs.get(cell.config_hash)
+        done_keys = store.probe_keys(cell.config_hash) if store is not None and run is not None else set()
+        probes_done = sum(1 for job in cell.plan if job.key in done_keys)
+        if run is None:
+            state, status, owner = "left", "pending", None
+        else:
+            state, status, owner = store.cell_state(run, study.runtime.stale_seconds), run["status"], run["owner"]  # type: ignore[union-attr]
+            if state == "done" and probes_done < len(cell.plan):
+                state, status = "left", "pending"  # what register() will make of it
         statuses.append(
             CellStatus(
                 cell=cell,
-                state=store.cell_state(run, study.runtime.stale_seconds),
-                status=run["status"],
-                probes_done=sum(1 for job in cell.plan if job.key in done_keys),
+                state=state,
+                status=status,
+                probes_done=probes_done,
                 has_checkpoint=(cell.run_dir / "checkpoint.pt").exists(),
-                owner=run["owner"],
+                owner=owner,
             )
         )
     return statuses
@@ -811,14 +886,26 @@ def run_study(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> StudyOutcome:
-    """Show what is done / running / left, then run what is left (unless ``dry_run``)."""
+    """Show what is done / running / left, then run what is left (unless ``dry_run``).
+
+    A dry run only reads: it creates no study directory and no store, and writes nothing into an
+    existing store (the cells are registered when the study really starts).
+    """
     kind = executor or study.executor.kind
     _choices([kind], EXECUTORS, "executor", "--executor")
     cells = study.cells()
-    with ResultsStore(study.store_path) as store:
-        register(study, store, cells)
-        statuses = study_status(study, store, cells)
-    echo(f"study {study.name}: {study.directory} (store {study.store_path.name})")
+    if dry_run:
+        if study.store_path.exists():
+            with ResultsStore(study.store_path, create=False) as store:
+                statuses = study_status(study, store, cells)
+        else:
+            statuses = study_status(study, None, cells)
+    else:
+        with ResultsStore(study.store_path) as store:
+            register(study, store, cells)
+            statuses = study_status(study, store, cells)
+    started = "" if study.store_path.exists() else "; not started yet"
+    echo(f"study {study.name}: {study.directory} (store {study.store_path.name}{started})")
     echo(format_status(statuses))
     left = [s.cell for s in statuses if s.state == "left"]
     outcome = StudyOutcome(statuses=statuses, ran={}, errors={})
