@@ -74,19 +74,11 @@ def _train_config(args: argparse.Namespace):
         dataset=args.dataset,
         data_dir=args.data_dir,
         image_size=args.image_size,
-        chosen = ", ".join(f"{k}={v:.0e}" if k == "l2" else f"{k}={v:g}" for k, v in r["chosen"].items() if isinstance(v, (int, float)))
         limit=args.limit,
         test_limit=args.test_limit,
         val_size=args.val_size,
         epochs=args.epochs,
         batch_size=args.batch_size,
-    fields = ("output", "probe", "labels", "feature_dim", "val_top1_percent", "test_top1_percent", "chosen",
-              "train_images", "val_images", "test_images", "warnings", "result_file")
-    print(json.dumps({
-        "run": str(args.run),
-        "checkpoint": results[0]["checkpoint"] if results else None,
-        "results": [{k: r.get(k) for k in fields} for r in results],
-    }, indent=2))
         base_lr=args.base_lr,
         warmup_epochs=args.warmup_epochs,
         decay_epochs=tuple(args.decay_epochs) if args.decay_epochs is not None else None,
@@ -125,7 +117,6 @@ def _cmd_networks(args: argparse.Namespace) -> int:
     return 0
 
 
-        percent = lambda value, width: f"{'—' if value is None else f'{value:.2f}':>{width}}"  # noqa: E731
 def _cmd_train(args: argparse.Namespace) -> int:
     from pretextlab.train import train
 
@@ -165,13 +156,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pretextlab.evaluate.probe_run import evaluate_run
 
     results = evaluate_run(args.run, _eval_config(args), progress=not args.no_progress)
-    # People read the table on stderr; stdout is one JSON document for scripts.
-    print(f"{'output':<12} {'dims':>6} {'probe':<7} {'labels':<8} {'val top-1 %':>11} {'test top-1 %':>12}  chosen", file=sys.stderr)
+    print(f"{'output':<12} {'dims':>6} {'probe':<7} {'labels':<8} {'val top-1 %':>11} {'test top-1 %':>12}  chosen")
     for r in results:
         print(
-            f"{r['output']:<12} {r['feature_dim']:>6} {r['probe']:<7} {r['labels']:<8} {r['val_top1_percent']:>11.2f} "
-            f"{r['test_top1_percent']:>12.2f}  {chosen}",
-            file=sys.stderr,
+            f"{r['output']:<12} {r['feature_dim']:>6} {r['probe']:<7} {r['labels']:<8} {100 * r['val_top1']:>11.2f} "
+            f"{100 * r['test_top1']:>12.2f}  {r['chosen']}"
         )
     return 0
 
@@ -211,6 +200,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
                 atomic.write_text(args.csv, text)
                 print(f"wrote {len(text.splitlines()) - 1} probe results to {args.csv}", file=sys.stderr)
             return 0
+        percent = lambda value, width: f"{'—' if value is None else f'{value:.2f}':>{width}}"  # noqa: E731
         runs = store.runs()
         print(f"{'hash':<12} {'task':<15} {'network':<15} {'k':>3} {'size':>5} {'status':<11} {'pretext %':>9}")
         for r in runs:

@@ -261,6 +261,7 @@ def _check_keys(section: Any, valid: Iterable[str], context: str) -> dict[str, A
         raise PretextlabError(f"unknown key {', '.join(map(repr, unknown))}{_where(context)}: valid keys are {', '.join(valid)}")
     return section
 
+
 def _type_name(value: Any) -> str:
     return "null" if value is None else {"str": "a string", "int": "a whole number", "float": "a number", "bool": "true/false",
                                           "list": "a list", "dict": "a mapping"}.get(type(value).__name__, type(value).__name__)
@@ -293,7 +294,6 @@ def _section_list(value: Any, context: str, example: str) -> list[Any]:
     if not isinstance(value, list) or not value:
         raise _wrong_type(context, value, f"a non-empty list of mappings, e.g. {example}")
     return value
-
 
 
 def _as_list(value: Any, context: str) -> list[Any]:
@@ -384,6 +384,7 @@ def _pretext_fields(section: Any, context: str) -> dict[str, Any]:
 
     return check_fields(TrainConfig, _check_keys(section, valid, context), context)
 
+
 def _downstream_types(settings: dict[str, Any], context: str) -> None:
     """A downstream dataset's values, each of the type its DownstreamDataset field takes."""
     if not isinstance(settings.get("dataset"), str):
@@ -399,7 +400,6 @@ def _downstream_types(settings: dict[str, Any], context: str) -> None:
         _optional_number(settings["seed"], f"{context}.seed", whole=True, minimum=0, expected="a whole number >= 0")
 
 
-
 def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None = None, text: str = "") -> Study:
     """Validate a study (the parsed YAML) and return it; ``out`` overrides the study directory."""
     from pretextlab.data import DATASETS
@@ -408,8 +408,8 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
     data = _check_keys(data, TOP_LEVEL_KEYS, "the study file")
     name = data.get("name")
     if not isinstance(name, str) or not name.strip() or "/" in name:
-    file_out = _optional_string(data.get("out"), "out", "a directory path (a string)")
         raise PretextlabError("the study file needs a name (a string without '/'), e.g. name: mini-fashion")
+    file_out = _optional_string(data.get("out"), "out", "a directory path (a string)")
     if out is not None:
         directory = Path(out)
     elif file_out is not None:
@@ -457,16 +457,16 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
     downstream = {}
     for ds_name, settings in downstream_section.items():
         context = f"downstream.{ds_name}"
-        _downstream_types(settings, context)
         settings = _check_keys(settings, DOWNSTREAM_KEYS, context)
+        _downstream_types(settings, context)
         if settings.get("dataset") not in DATASETS:
             raise PretextlabError(f"unknown dataset {settings.get('dataset')!r} in {context}.dataset: choose one of {', '.join(DATASETS)}")
         downstream[str(ds_name)] = DownstreamDataset(name=str(ds_name), **settings)
 
     evaluation_sections = data.get("evaluations")
     if not evaluation_sections:
-    evaluation_sections = _section_list(evaluation_sections, "evaluations", "[{outputs: [pre_logits], probes: [lbfgs]}]")
         raise PretextlabError("the study file needs evaluations: a list of {outputs, probes, labels}")
+    evaluation_sections = _section_list(evaluation_sections, "evaluations", "[{outputs: [pre_logits], probes: [lbfgs]}]")
     evaluations = []
     outputs_cache: dict[str, tuple[str, ...]] = {}
     all_networks = {n for g in grids for n in g.networks}
@@ -501,9 +501,9 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
         )
 
     runtime_section = _check_keys(data.get("runtime"), RUNTIME_KEYS, "runtime")
+    runtime = Runtime(**runtime_section)
     if not isinstance(runtime.device, str):
         raise _wrong_type("runtime.device", runtime.device, "a device name (a string): auto, cpu, cuda or cuda:N")
-    runtime = Runtime(**runtime_section)
     if isinstance(runtime.feature_batch_size, bool) or not isinstance(runtime.feature_batch_size, int) or runtime.feature_batch_size < 1:
         raise PretextlabError(f"runtime.feature_batch_size must be a whole number >= 1, got {runtime.feature_batch_size!r}")
     if runtime.workers is not None and (isinstance(runtime.workers, bool) or not isinstance(runtime.workers, int) or runtime.workers < 0):
@@ -554,13 +554,13 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     except PretextlabError as error:
         raise PretextlabError(f"{path}: {error}") from error
 
+
 def locate_study_store(path: str | Path) -> Path:
     """The store for a study file (its study directory's), a study directory, or a .sqlite file."""
     path = Path(path)
     if path.suffix in (".yaml", ".yml"):
         return load_study(path).store_path
     return locate_store(path)
-
 
 
 def expand_cells(study: Study) -> list[Cell]:
