@@ -187,3 +187,47 @@ def test_right_values_are_canonicalised():
 def test_values_of_the_right_type_that_cannot_mean_anything_are_refused(changes, message):
     with pytest.raises(PretextlabError, match=message):
         resolve(TrainConfig(**changes))
+
+
+# -- issue 15: one option, one definition: the train flags are generated from TrainConfig ---------
+
+
+def _parse_train(*flags):
+    from pretextlab.cli import _train_config, build_parser
+
+    return _train_config(build_parser().parse_args(["train", "--out", "x", *flags]))
+
+
+def test_every_option_is_a_flag_with_help_and_its_default_shown():
+    import dataclasses
+
+    from pretextlab.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    actions = {a.dest: a for a in train._actions}
+    for f in dataclasses.fields(TrainConfig):
+        action = actions[f.name]
+        assert action.help.startswith(f.metadata["help"]), f.name
+        if f.default is not None:
+            assert "(default: " in action.help, f.name
+    assert _parse_train() == TrainConfig()  # the command line's defaults are the config's
+
+
+def test_the_flags_people_type_keep_working():
+    c = _parse_train("--no-final-relu", "--no-flip", "--no-exemplar-color-distortion", "--reversible-backward",
+                     "--sync-bn", "--compile", "--crop-scale", "0.5", "1", "--decay-epochs", "--epochs", "3",
+                     "--batch-size", "16", "--width", "2", "--permutation-criterion", "min", "--data-dir", "/d")
+    assert (c.final_relu, c.flip, c.exemplar_color_distortion, c.reversible_backward, c.sync_bn, c.compile) == (
+        False, False, False, True, True, True)
+    assert c.crop_scale == (0.5, 1.0) and c.decay_epochs == () and c.epochs == 3.0 and c.batch_size == 16
+    assert (c.width, c.permutation_criterion, c.data_dir) == (2, "min", "/d")
+    assert _parse_train("--no-reversible-backward").reversible_backward is False
+    assert _parse_train("--decay-epochs", "1", "2").decay_epochs == (1.0, 2.0)
+
+
+def test_a_choice_outside_the_metadata_is_refused_by_the_parser_and_by_resolve(capsys):
+    with pytest.raises(SystemExit):
+        _parse_train("--precision", "fp8")
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+    with pytest.raises(PretextlabError, match="exemplar_normalization 'l1': choose one of batch, embedding, none"):
+        resolve(TrainConfig(exemplar_normalization="l1"))

@@ -12,102 +12,17 @@ from pretextlab.errors import PretextlabError
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from pretextlab.config import TrainConfig
+    from pretextlab.options import add_arguments
 
-    defaults = TrainConfig()
-    parser.add_argument("--task", default=defaults.task, help="rotation, exemplar, jigsaw or relative_patch")
-    parser.add_argument("--network", default=defaults.network, help="resnet50v1, resnet50v2, revnet50 or vgg19bn")
-    parser.add_argument("--width", type=int, default=None, help="widening factor k (default 4; 8 for vgg19bn)")
-    parser.add_argument("--no-final-relu", action="store_true", help='the "(-)" variant: no ReLU before pooling (v2, RevNet)')
-    parser.add_argument("--representation-size", type=int, default=None, help="a linear layer makes pre_logits this size")
-    parser.add_argument("--dataset", default=defaults.dataset, help="fashion-mnist or folder (ROOT/train/<class>/*, ROOT/val/<class>/*)")
-    parser.add_argument("--data-dir", default=None, help="where the dataset lives")
-    parser.add_argument("--image-size", type=int, default=None, help="network input side (default 224 for folder, 32 for fashion-mnist)")
-    parser.add_argument("--limit", type=int, default=None, help="use a class-balanced subset of N training images")
-    parser.add_argument("--test-limit", type=int, default=None, help="use a class-balanced subset of N test images")
-    parser.add_argument("--val-size", type=float, default=None, help="held-out validation images (count, or fraction < 1)")
-    parser.add_argument("--epochs", type=float, default=defaults.epochs, help="epochs (the schedule keeps the study's proportions)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the study's per task)")
-    parser.add_argument("--base-lr", type=float, default=defaults.base_lr, help="learning rate at a batch of 256 images")
-    parser.add_argument("--warmup-epochs", type=float, default=None)
-    parser.add_argument("--decay-epochs", type=float, nargs="*", default=None)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--crop-scale", type=float, nargs=2, default=list(defaults.crop_scale), metavar=("MIN", "MAX"))
-    parser.add_argument("--color-jitter", type=float, default=defaults.color_jitter)
-    parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips (digits, text)")
-    parser.add_argument("--patch-size", type=int, default=defaults.patch_size, help="patch side for jigsaw/relative_patch (64 = the study)")
-    parser.add_argument("--copies", type=int, default=defaults.copies, help="exemplar copies per image")
-    parser.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim,
-                        help="per-patch vector (jigsaw, relative_patch) and exemplar embedding size")
-    parser.add_argument("--head-hidden", type=int, default=defaults.head_hidden, help="patch tasks' FC layer width")
-    parser.add_argument("--margin", type=float, default=defaults.margin, help="exemplar triplet-loss margin")
-    parser.add_argument("--permutations-per-batch", type=int, default=defaults.permutations_per_batch, help="jigsaw permutations drawn per image")
-    parser.add_argument("--num-permutations", type=int, default=defaults.num_permutations, help="size of the jigsaw permutation set")
-    parser.add_argument("--permutation-criterion", choices=("mean", "min"), default=defaults.permutation_criterion,
-                        help="jigsaw set: mean (Noroozi & Favaro, the released set) or min (max-min) Hamming distance")
-    parser.add_argument("--patch-eval-geometry", choices=("released", "pretext"), default=defaults.patch_eval_geometry,
-                        help="how a patch-trained network is fed to probes")
-    parser.add_argument("--exemplar-normalization", choices=("batch", "embedding", "none"), default=defaults.exemplar_normalization)
-    parser.add_argument("--no-exemplar-color-distortion", action="store_true")
-    parser.add_argument("--reversible-backward", dest="reversible_backward", action="store_true", default=None,
-                        help="revnet50: recompute activations in the backward pass (saves memory)")
-    parser.add_argument("--no-reversible-backward", dest="reversible_backward", action="store_false")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="data loader processes (decoding only; default 0 in memory, up to 8 for folders)")
-    parser.add_argument("--precision", default=defaults.precision, help="auto (bf16 on GPU), fp32, bf16, or fp64 (exactness checks)")
-    parser.add_argument("--val-batches", type=int, default=None, help="cap on validation batches scored per epoch")
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
-    parser.add_argument("--log-every", type=int, default=defaults.log_every, help="log metrics every N steps")
-    parser.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over the global batch (multi-process)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network (GPU)")
+    # Generated from TrainConfig's fields: each option's type, default, choices and help live there.
+    add_arguments(parser, TrainConfig)
 
 
 def _train_config(args: argparse.Namespace):
     from pretextlab.config import TrainConfig
+    from pretextlab.options import from_arguments
 
-    return TrainConfig(
-        task=args.task,
-        network=args.network,
-        width=args.width,
-        final_relu=not args.no_final_relu,
-        representation_size=args.representation_size,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        image_size=args.image_size,
-        limit=args.limit,
-        test_limit=args.test_limit,
-        val_size=args.val_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        base_lr=args.base_lr,
-        warmup_epochs=args.warmup_epochs,
-        decay_epochs=tuple(args.decay_epochs) if args.decay_epochs is not None else None,
-        weight_decay=args.weight_decay,
-        crop_scale=tuple(args.crop_scale),
-        color_jitter=args.color_jitter,
-        flip=not args.no_flip,
-        patch_size=args.patch_size,
-        copies=args.copies,
-        margin=args.margin,
-        embedding_dim=args.embedding_dim,
-        head_hidden=args.head_hidden,
-        permutations_per_batch=args.permutations_per_batch,
-        num_permutations=args.num_permutations,
-        permutation_criterion=args.permutation_criterion,
-        patch_eval_geometry=args.patch_eval_geometry,
-        exemplar_normalization=args.exemplar_normalization,
-        exemplar_color_distortion=not args.no_exemplar_color_distortion,
-        reversible_backward=args.reversible_backward,
-        seed=args.seed,
-        device=args.device,
-        workers=args.workers,
-        precision=args.precision,
-        val_batches=args.val_batches,
-        checkpoint_every=args.checkpoint_every,
-        sync_bn=args.sync_bn,
-        log_every=args.log_every,
-        compile=args.compile,
-    )
+    return from_arguments(TrainConfig, args)
 
 
 def _cmd_networks(args: argparse.Namespace) -> int:

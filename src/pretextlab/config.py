@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pretextlab.errors import PretextlabError
-from pretextlab.options import check_fields, check_instance
+from pretextlab.options import check_choices, check_fields, check_instance, option
 
 # The study's schedule (PROTOCOL.md "Training"): 35 epochs, warm-up over 5, x0.1 at 15 and 25.
 PAPER_EPOCHS = 35.0
@@ -40,57 +40,66 @@ _RETIRED_KEYS = frozenset({"extra"})
 class TrainConfig:
     """Everything that defines a pretext training run."""
 
-    task: str = "rotation"
-    network: str = "resnet50v1"
-    width: int | None = None
-    final_relu: bool = True
-    representation_size: int | None = None
+    task: str = option("rotation", "pretext task: rotation, exemplar, jigsaw, relative_patch (or module:Class, see tasks)")
+    network: str = option("resnet50v1", "resnet50v1, resnet50v2, revnet50 or vgg19bn")
+    width: int | None = option(None, "widening factor k (default: the network's, 4; 8 for vgg19bn)", metavar="K")
+    final_relu: bool = option(True, 'the ReLU before pooling; --no-final-relu is the "(-)" variant (v2, RevNet)')
+    representation_size: int | None = option(None, "a linear layer makes pre_logits this size", metavar="D")
 
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    image_size: int | None = None  # network input side; default 224 (folder) or 32 (fashion-mnist)
-    decode_size: int | None = None  # side the loader decodes to; default 8/7 of image_size for folder
-    limit: int | None = None  # use a class-balanced subset of this many training images
-    test_limit: int | None = None
-    val_size: float | None = None  # held-out validation: a count (>= 1) or a fraction (< 1)
+    dataset: str = option("fashion-mnist", "fashion-mnist or folder (ROOT/train/<class>/*, ROOT/val/<class>/*)")
+    data_dir: str | None = option(None, "where the dataset lives (part of the recipe: another folder is another dataset)", metavar="DIR")
+    image_size: int | None = option(None, "network input side (default: 224 for folder, 32 for fashion-mnist)", metavar="PX")
+    decode_size: int | None = option(None, "side the loader decodes to (default: 8/7 of --image-size for folder)", metavar="PX")
+    limit: int | None = option(None, "use a class-balanced subset of N training images", metavar="N")
+    test_limit: int | None = option(None, "use a class-balanced subset of N test images", metavar="N")
+    val_size: float | None = option(None, "held-out validation images: a count (>= 1) or a fraction (< 1)", metavar="N")
 
-    epochs: float = PAPER_EPOCHS
-    batch_size: int | None = None  # images per step (before a task multiplies them); default per task
-    base_lr: float = 0.1  # at a global batch of 256 images, scaled linearly
-    warmup_epochs: float | None = None  # None: the study's 5/35 of the run
-    decay_epochs: tuple[float, ...] | None = None  # None: the study's 15/35 and 25/35 of the run
-    decay_factor: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4  # on convolution kernels only
+    epochs: float = option(PAPER_EPOCHS, "epochs (the schedule keeps the study's proportions)")
+    batch_size: int | None = option(None, "images per step, before a task multiplies them (default: the study's per task)", metavar="N")
+    base_lr: float = option(0.1, "learning rate at a global batch of 256 images (scaled linearly)", metavar="LR")
+    warmup_epochs: float | None = option(None, "linear warm-up epochs (default: the study's 5/35 of the run)", metavar="E")
+    decay_epochs: tuple[float, ...] | None = option(None, "epochs of the step decays (default: the study's 15/35 and 25/35 of the run)", metavar="E")
+    decay_factor: float = option(0.1, "learning-rate factor at each decay")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(1e-4, "L2 on convolution kernels only, as the study")
 
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    color_jitter: float = 0.4
-    flip: bool = True  # random horizontal flips in the training augmentation
-    gray_probability: float = 0.66
-    patch_size: int = 64
-    copies: int = 8
-    permutations_per_batch: int = 8
-    num_permutations: int = 100
-    embedding_dim: int = 1000  # per-patch vector (patch tasks) and Exemplar's embedding
-    head_hidden: int = 4096  # the patch tasks' FC layer
-    margin: float = 0.5
+    crop_scale: tuple[float, float] = option((0.08, 1.0), "inception crop: the fraction of the image's area, min and max", metavar=("MIN", "MAX"))
+    color_jitter: float = option(0.4, "colour-jitter strength (rotation)")
+    flip: bool = option(True, "random horizontal flips in training (--no-flip for digits, text)")
+    gray_probability: float = option(0.66, "probability of a gray image (exemplar, patch tasks)", metavar="P")
+    patch_size: int = option(64, "patch side for jigsaw/relative_patch (64 = the study)", metavar="PX")
+    copies: int = option(8, "exemplar copies per image")
+    permutations_per_batch: int = option(8, "jigsaw permutations drawn per batch, every image shown under each")
+    num_permutations: int = option(100, "size of the jigsaw permutation set")
+    embedding_dim: int = option(1000, "per-patch vector (jigsaw, relative_patch) and exemplar embedding size")
+    head_hidden: int = option(4096, "the patch tasks' FC layer width")
+    margin: float = option(0.5, "exemplar triplet-loss margin")
     # Where the released code and the paper's text differ (tasks.base.TaskOptions explains each).
-    permutation_criterion: str = "mean"
-    patch_eval_geometry: str = "released"
-    exemplar_normalization: str = "batch"
-    exemplar_color_distortion: bool = True
-    reversible_backward: bool | None = None  # RevNet: recompute activations in backward (None = default)
+    permutation_criterion: str = option(
+        "mean", "jigsaw set: mean (Noroozi & Favaro, the released set) or min (max-min) Hamming distance", choices=("mean", "min")
+    )
+    patch_eval_geometry: str = option(
+        "released", "how a patch-trained network is fed to probes: the released evaluation or the pretext geometry",
+        choices=("released", "pretext"),
+    )
+    exemplar_normalization: str = option(
+        "batch", "exemplar: l2-normalise each dimension over the batch (the released code), each embedding, or none",
+        choices=("batch", "embedding", "none"),
+    )
+    exemplar_color_distortion: bool = option(True, "exemplar: the released random brightness and saturation per copy")
+    reversible_backward: bool | None = option(None, "revnet50: recompute activations in the backward pass (saves memory; default: on)")
 
-    seed: int = 0
-    device: str = "auto"
-    workers: int | None = None  # decoding processes; None: 0 for in-memory data, up to 8 for folders
-    precision: str = "auto"  # "auto" = bf16 autocast on CUDA, float32 elsewhere; "fp32", "bf16", or "fp64" (exactness checks)
-    channels_last: bool | None = None  # None = on for CUDA
-    sync_bn: bool = False  # BatchNorm statistics over the global batch (the study: per device)
-    compile: bool = False  # torch.compile the network (GPU speed; same results)
-    val_batches: int | None = None  # cap on the validation batches scored per epoch
-    checkpoint_every: int | None = None  # also checkpoint every N steps inside an epoch
-    log_every: int = 10
+    seed: int = option(0, "random seed (data splits, initialisation, augmentation)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    workers: int | None = option(None, "data loader processes, decoding only (default: 0 in memory, up to 8 for folders)", metavar="N")
+    precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 elsewhere), fp32, bf16, or fp64 (exactness checks)",
+                            choices=("auto", "fp32", "bf16", "fp64"))
+    channels_last: bool | None = option(None, "channels-last memory format (default: on for CUDA)")
+    sync_bn: bool = option(False, "BatchNorm statistics over the global batch (multi-process; the study: per device)")
+    compile: bool = option(False, "torch.compile the network (GPU speed; same results)")
+    val_batches: int | None = option(None, "cap on the validation batches scored per epoch", metavar="N")
+    checkpoint_every: int | None = option(None, "also checkpoint every N steps inside an epoch", metavar="N")
+    log_every: int = option(10, "log metrics every N steps", metavar="N")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,8 +181,6 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise PretextlabError(f"base learning rate must be > 0, got {c.base_lr}")
     if not (0 < c.crop_scale[0] <= c.crop_scale[1] <= 1):
         raise PretextlabError(f"crop scale {c.crop_scale} must satisfy 0 < min <= max <= 1")
-    if c.precision not in ("auto", "fp32", "bf16", "fp64"):
-        raise PretextlabError(f"precision {c.precision!r}: choose auto, fp32, bf16 or fp64")
     if c.representation_size is not None and c.representation_size < 1:
         raise PretextlabError(f"representation size must be >= 1, got {c.representation_size}")
     if c.limit is not None and c.limit < 2:
@@ -184,14 +191,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise PretextlabError(
             f"--permutations-per-batch {c.permutations_per_batch} must be between 1 and --num-permutations {c.num_permutations}"
         )
-    choices = {
-        "permutation_criterion": ("mean", "min"),
-        "patch_eval_geometry": ("released", "pretext"),
-        "exemplar_normalization": ("batch", "embedding", "none"),
-    }
-    for name, valid in choices.items():
-        if getattr(c, name) not in valid:
-            raise PretextlabError(f"{name} {getattr(c, name)!r}: choose one of {', '.join(valid)}")
+    check_choices(c)
     _check_ranges(c)
     if c.reversible_backward and not network_info(c.network).supports_reversible_backward:
         raise PretextlabError(f"--reversible-backward is for networks of reversible units (revnet50), not {c.network}: drop the flag")

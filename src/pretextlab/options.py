@@ -1,19 +1,31 @@
-"""Options defined once as dataclass fields: type checking of their values (YAML, JSON, Python).
+"""Options defined once, as dataclass fields: their help, type checks and the CLI flags made from them.
 
-A recipe's options are dataclass fields whose type hints say what a value must be; values that come
-from a study's YAML or a saved ``config.json`` are checked against those hints here, so a wrong type
-gets one clear error naming the key, the value and the type expected, instead of a ``TypeError``
-deep in training or a string ``"false"`` silently read as true.
+An option is a dataclass field made with ``option(default, help, choices=..., metavar=...)``; its
+type hint says what a value must be. Values from a study's YAML or a saved ``config.json`` are
+checked against those hints (one clear error naming the key, the value and the type expected,
+never a ``TypeError`` deep in training or a string ``"false"`` read as true), and ``add_arguments``
+generates the command line from the same fields: ``--name-with-dashes``, the type, the default in
+the help, choices, ``--x/--no-x`` for booleans, several values for tuples.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
 from typing import Any, Union
 
 from pretextlab.errors import PretextlabError
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, metavar: Any = None) -> Any:
+    """A dataclass field that is an option: its default, its help text, its choices (checked by
+    ``check_choices``) and how the command line names its value."""
+    metadata = {"help": help, "choices": choices, "metavar": metavar}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("an option's default must be immutable (use a tuple)")
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -118,3 +130,62 @@ def check_instance(obj: Any, where: str = "") -> Any:
     """A copy of the dataclass instance ``obj`` with every field checked and canonicalised."""
     values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
     return dataclasses.replace(obj, **check_fields(type(obj), values, where))
+
+
+def check_choices(obj: Any) -> None:
+    """Every field of the dataclass instance ``obj`` that has choices holds one of them."""
+    for f in dataclasses.fields(obj):
+        valid = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if valid and value not in valid:
+            raise PretextlabError(f"{f.name} {value!r}: choose one of {', '.join(valid)}")
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of the field ``name``: ``--name-with-dashes``."""
+    return "--" + name.replace("_", "-")
+
+
+def _argument(hint: Any) -> dict[str, Any]:
+    """argparse settings (type, nargs) that read a value of the type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        [inner] = [a for a in args if a is not type(None)]
+        return _argument(inner)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return {"type": args[0], "nargs": "*"}
+        return {"type": args[0], "nargs": len(args)}
+    return {"type": hint}
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of the dataclass ``cls`` (but ``skip``), made from its type and metadata."""
+    hints = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint, meta = hints[f.name], f.metadata
+        if "help" not in meta:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help: define it with options.option(...)")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"]}
+        if hint is bool or hint == (bool | None):
+            if f.default is not None:
+                kwargs["help"] += f" (default: {flag_name(f.name) if f.default else '--no-' + flag_name(f.name)[2:]})"
+            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        kwargs.update(_argument(hint))
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if meta.get("metavar") is not None:
+            kwargs["metavar"] = meta["metavar"]
+        if f.default is not None:
+            shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            kwargs["help"] += f" (default: {shown})"
+        parser.add_argument(flag_name(f.name), **kwargs)
+
+
+def from_arguments(cls: type, args: argparse.Namespace, where: str = "the command line") -> Any:
+    """An instance of ``cls`` from the flags ``add_arguments`` made, every value checked."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**check_fields(cls, values, where))
