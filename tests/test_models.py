@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -12,9 +17,11 @@ from pretextlab.models import (
     NETWORKS,
     ReversibleUnit,
     build_network,
+    network_info,
     networks_table,
     parameter_count,
 )
+from pretextlab.models import registry as models_registry
 from pretextlab.models.torchvision_convert import (
     resnet50v1_from_torchvision,
     resnet50v1_to_torchvision,
@@ -450,3 +457,67 @@ def test_converters_reject_networks_without_a_torchvision_form():
         resnet50v1_from_torchvision({"head.weight": torch.zeros(1)})
     with pytest.raises(PretextlabError, match=r"'features\.99\.weight' is not an entry of a torchvision vgg19_bn"):
         vgg19bn_from_torchvision({"features.99.weight": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------- the registry and its metadata
+
+
+def test_every_network_declares_the_outputs_its_forward_returns():
+    for name in NETWORKS:
+        info = network_info(name)
+        assert info.name == name and info.title
+        network = build_network(name, width=1, patch_mode=True).eval()
+        with torch.no_grad():
+            outputs = network(torch.randn(2, 3, 64, 64))
+        assert tuple(outputs) == info.outputs == network.output_names, name
+    with torch.device("meta"):
+        assert [build_network(n).width for n in NETWORKS] == [network_info(n).default_width for n in NETWORKS] == [4, 4, 4, 8]
+    assert [n for n in NETWORKS if network_info(n).has_final_relu_variant] == ["resnet50v2", "revnet50"]
+    assert [n for n in NETWORKS if network_info(n).supports_reversible_backward] == ["revnet50"]
+
+
+def test_the_network_registry_imports_no_network_family():
+    # No cycle registry <-> resnet/revnet/vgg: the families import the registry, never the reverse.
+    source = Path(models_registry.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+            imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    families = {f"pretextlab.models.{family}" for family in ("resnet", "revnet", "vgg")}
+    assert not imported & families, sorted(imported & families)
+
+
+def test_a_network_registered_from_outside_builds_and_follows_the_declared_rules():
+    # In a fresh interpreter, so the toy network does not join this process's registry.
+    code = """
+import torch
+from pretextlab.models import Network, build_network, register_network
+from pretextlab.errors import PretextlabError
+
+class Toy(Network):
+    def __init__(self, width, final_relu=True, patch_mode=False, representation_size=None, input_size=None):
+        super().__init__("toy", width, final_relu, patch_mode, representation_size, input_size)
+        self.conv = torch.nn.Conv2d(3, width, 3)
+        self.output_names = ("block1", "pre_logits")
+        self._add_representation_layer(width)
+    def forward(self, x):
+        x = self.conv(x)
+        return {"block1": x, "pre_logits": self._pre_logits(x.mean(dim=(2, 3)))}
+
+@register_network("toy", title="Toy", outputs=("block1", "pre_logits"), default_width=3,
+                  no_final_relu_variant_because="toy has no ReLU at all")
+def toy(width=3, **options):
+    return Toy(width, **options)
+
+network = build_network("toy")
+assert network.width == 3 and network.out_dim == 3
+try:
+    build_network("toy", final_relu=False)
+except PretextlabError as error:
+    print(error)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "does not exist for toy: toy has no ReLU at all; it exists for resnet50v2, revnet50" in done.stdout

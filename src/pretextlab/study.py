@@ -226,24 +226,23 @@ def network_name(network: str) -> tuple[str, bool]:
 
 
 def valid_network_names() -> tuple[str, ...]:
-    from pretextlab.models import NETWORKS
-    from pretextlab.models.registry import NETWORKS_WITH_FINAL_RELU_SWITCH
+    from pretextlab.models import NETWORKS, network_info
 
     names: list[str] = []
     for name in NETWORKS:
         names.append(name)
-        if name in NETWORKS_WITH_FINAL_RELU_SWITCH:
+        if network_info(name).has_final_relu_variant:
             names.append(name + NO_FINAL_RELU_SUFFIX)
     return tuple(names)
 
 
 def network_outputs(network: str, cache: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
-    """The named outputs of a network family, read off a width-1 instance (the registry's own truth)."""
-    from pretextlab.models import build_network
+    """The named outputs of a network family, as its registration declares them (nothing is built)."""
+    from pretextlab.models import network_info
 
     base, _ = network_name(network)
     if base not in cache:
-        cache[base] = tuple(build_network(base, width=1).output_names)
+        cache[base] = network_info(base).outputs
     return cache[base]
 
 

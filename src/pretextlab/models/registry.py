@@ -1,32 +1,55 @@
-"""The study's networks by name: the shared Network contract, ``build_network`` and ``networks_table``.
+"""The network registry and contract: ``Network``, ``register_network``, ``build_network``, ``networks_table``.
 
 Every network is an ``nn.Module`` whose ``forward`` returns a dict of named outputs in network
 order (ResNet/RevNet: block1..block4, pre_logits; VGG: block1..block5, fc6, pre_logits), so a task
 reads ``pre_logits`` and a probe names the output it reads without touching the internals.
 
-The families (resnet.py, revnet.py, vgg.py) subclass ``Network`` from this module, so the table
-of constructors is looked up inside ``build_network`` rather than imported at the top here.
+A family module (resnet.py, revnet.py, vgg.py) subclasses ``Network`` and registers each of its
+constructors with ``@register_network(name, ...)``, declaring its outputs and variants as metadata
+(``pretextlab.registry.NetworkInfo``), as torchvision's ``models/_api.py`` and timm's
+``feature_info`` do. This module imports no family: ``pretextlab.models`` imports them, so they
+have registered before anything can be looked up (any import of this module runs the package first).
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from pretextlab.errors import PretextlabError
+from pretextlab.registry import NetworkInfo, Registry
 
-NETWORKS: tuple[str, ...] = ("resnet50v1", "resnet50v2", "revnet50", "vgg19bn")
+NETWORK_REGISTRY: Registry[Callable[..., "Network"]] = Registry("network", NetworkInfo)
 
-DEFAULT_WIDTHS: dict[str, int] = {"resnet50v1": 4, "resnet50v2": 4, "revnet50": 4, "vgg19bn": 8}
 
-# The study's "(-)" variants drop the ReLU before global pooling; only these two have one to drop.
-NETWORKS_WITH_FINAL_RELU_SWITCH: tuple[str, ...] = ("resnet50v2", "revnet50")
+def register_network(name: str, **metadata: Any) -> Callable[[Callable[..., "Network"]], Callable[..., "Network"]]:
+    """Decorator for a network constructor ``f(width, **options) -> Network``; ``metadata`` are the
+    fields of ``NetworkInfo`` (title, outputs, default_width, has_final_relu_variant, ...)."""
+    return NETWORK_REGISTRY.register(name, **metadata)
 
-# Only these can backpropagate by recomputing activations (build_network's reversible_backward).
-NETWORKS_WITH_REVERSIBLE_UNITS: tuple[str, ...] = ("revnet50",)
+
+def network_names() -> tuple[str, ...]:
+    """The registered networks, in registration order."""
+    return NETWORK_REGISTRY.names()
+
+
+def network_info(name: str) -> NetworkInfo:
+    """What network ``name`` declares (outputs, default width, variants), without building it."""
+    return NETWORK_REGISTRY.metadata(name)
+
+
+def check_final_relu(name: str, final_relu: bool) -> None:
+    """The one place of the "(-)" rule: final_relu=False only where the network declares that variant."""
+    info = network_info(name)
+    if not final_relu and not info.has_final_relu_variant:
+        having = ", ".join(n for n in network_names() if network_info(n).has_final_relu_variant)
+        raise PretextlabError(
+            f"final_relu=False (--no-final-relu, the '(-)' variant) does not exist for {name}: "
+            f"{info.no_final_relu_variant_because}; it exists for {having}"
+        )
 
 
 class Network(nn.Module):
@@ -112,18 +135,6 @@ def _positive_int(value: object, what: str, hint: str) -> int:
     return int(value)
 
 
-def _constructors() -> dict[str, Callable[..., Network]]:
-    # Imported here: the family modules import Network from this module.
-    from pretextlab.models import resnet, revnet, vgg
-
-    return {
-        "resnet50v1": resnet.resnet50v1,
-        "resnet50v2": resnet.resnet50v2,
-        "revnet50": revnet.revnet50,
-        "vgg19bn": vgg.vgg19bn,
-    }
-
-
 def build_network(
     name: str,
     width: int | None = None,
@@ -134,43 +145,35 @@ def build_network(
     reversible_backward: bool | None = None,
     reversible_check: bool = False,
 ) -> Network:
-    """The study's network ``name`` at widening factor ``width`` (default 4, VGG 8).
+    """The registered network ``name`` at widening factor ``width`` (default: its declared one, 4, VGG 8).
 
-    ``final_relu=False`` is the study's "(-)" variant (resnet50v2, revnet50 only).
+    ``final_relu=False`` is the study's "(-)" variant (where declared: resnet50v2, revnet50).
     ``patch_mode`` is the Jigsaw / Relative Patch Location geometry for 64x64 patches.
     ``representation_size`` inserts a linear layer so pre_logits has that many dimensions.
     ``input_size`` is the input side; VGG needs it (fc6's kernel covers the remaining map),
     default 224, or 64 in patch mode.
-    ``reversible_backward`` (revnet50 only; None = on) backpropagates through RevNet's stages by
+    ``reversible_backward`` (networks declaring ``supports_reversible_backward``: revnet50; None = on) backpropagates through RevNet's stages by
     recomputing activations instead of storing them (models/reversible.py): same gradients,
     activation memory independent of depth. ``reversible_check`` (revnet50 only) measures that
     recomputation's error in every backward and warns past a tolerance (costs the saved memory).
     """
-    if name not in NETWORKS:
-        raise PretextlabError(f"unknown network {name!r}: choose one of {', '.join(NETWORKS)}")
-    width = DEFAULT_WIDTHS[name] if width is None else _positive_int(
+    constructor = NETWORK_REGISTRY.get(name)
+    info = network_info(name)
+    width = info.default_width if width is None else _positive_int(
         width, "width", "the widening factor k is a whole number (the study uses 4, 8, 12, 16)"
     )
-    if not final_relu and name not in NETWORKS_WITH_FINAL_RELU_SWITCH:
-        reason = {
-            "resnet50v1": "ResNet v1 ends every unit with a ReLU after the addition, so its "
-            "pre-logits are always rectified",
-            "vgg19bn": "VGG's pre-logits are fc7's output, whose BN-ReLU is part of the layer",
-        }[name]
-        raise PretextlabError(
-            f"final_relu=False (the '(-)' variant) does not exist for {name}: {reason}; "
-            f"it exists for {', '.join(NETWORKS_WITH_FINAL_RELU_SWITCH)}"
-        )
+    check_final_relu(name, final_relu)
     reversible_options: dict[str, bool] = {}
     for option, value in (("reversible_backward", reversible_backward), ("reversible_check", reversible_check)):
         if value is not None and not isinstance(value, bool):
             raise PretextlabError(f"{option} must be True or False, got {value!r}")
-        if name in NETWORKS_WITH_REVERSIBLE_UNITS:
+        if info.supports_reversible_backward:
             if value is not None:
                 reversible_options[option] = value
         elif value:
+            reversible = ", ".join(n for n in network_names() if network_info(n).supports_reversible_backward)
             raise PretextlabError(
-                f"{option}=True is for networks of reversible units ({', '.join(NETWORKS_WITH_REVERSIBLE_UNITS)}), "
+                f"{option}=True is for networks of reversible units ({reversible}), "
                 f"not {name}: {name} must store its activations for backprop; drop the option"
             )
     if representation_size is not None:
@@ -179,7 +182,7 @@ def build_network(
         )
     if input_size is not None:
         input_size = _positive_int(input_size, "input_size", "give the side of the square network input in pixels")
-    return _constructors()[name](
+    return constructor(
         width=width,
         final_relu=bool(final_relu),
         patch_mode=bool(patch_mode),
@@ -203,9 +206,9 @@ def networks_table(widths: tuple[int, ...] = (4, 8, 12, 16)) -> str:
     if not widths:
         raise PretextlabError("widths is empty: give at least one widening factor, e.g. (4, 8, 12, 16)")
     variants: list[tuple[str, str, bool]] = []
-    for name in NETWORKS:
+    for name in network_names():
         variants.append((name, name, True))
-        if name in NETWORKS_WITH_FINAL_RELU_SWITCH:
+        if network_info(name).has_final_relu_variant:
             variants.append((f"{name} (-)", name, False))
     lines = ["| network | k | parameters | pre-logits |", "|---|---:|---:|---:|"]
     for label, name, final_relu in variants:

@@ -1,6 +1,6 @@
 """ResNet50 v1 (post-activation) and v2 (pre-activation) at any widening factor k.
 
-The study's definition (PROTOCOL.md "Networks"), laid out like torchvision's models/resnet.py:
+The study's definition (paper Sec. 3.1; the released code's models/resnet.py), laid out like torchvision's models/resnet.py:
 stem 7x7 conv stride 2 to 16k channels (v1: BN-ReLU after it), 3x3 max-pool stride 2; four stages
 of 3, 4, 6, 3 bottleneck units with output widths 64k, 128k, 256k, 512k, inner width a quarter of
 that, the stride on the 3x3 conv; global average pooling to 512k pre-logits. At k=4 ResNet50 v1
@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from pretextlab.errors import PretextlabError
-from pretextlab.models.registry import Network
+from pretextlab.models.registry import Network, check_final_relu, register_network
 
 STAGE_DEPTHS = (3, 4, 6, 3)
 STAGE_WIDTH_MULTIPLIERS = (64, 128, 256, 512)  # stage output width = multiplier * k
 STEM_WIDTH_MULTIPLIER = 16
 STAGE_STRIDES = (1, 2, 2, 2)
 PATCH_STAGE_STRIDES = (1, 2, 2, 1)  # Jigsaw / Relative Patch Location on 64x64 patches
+OUTPUTS = tuple(f"block{i + 1}" for i in range(len(STAGE_DEPTHS))) + ("pre_logits",)
 
 
 def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -139,8 +140,7 @@ class ResNet50(Network):
     ) -> None:
         if version not in ("v1", "v2"):
             raise PretextlabError(f"ResNet50 version must be 'v1' or 'v2', got {version!r}")
-        if version == "v1" and not final_relu:
-            raise PretextlabError("ResNet50 v1 always ends with a ReLU: final_relu=False exists only for v2")
+        check_final_relu(f"resnet50{version}", final_relu)
         super().__init__(f"resnet50{version}", width, final_relu, patch_mode, representation_size, input_size)
         self.version = version
         unit = Bottleneck if version == "v1" else PreActBottleneck
@@ -157,7 +157,7 @@ class ResNet50(Network):
         self.stages = nn.ModuleList(stages)
         self.final_bn = nn.BatchNorm2d(in_channels) if version == "v2" else None
         self.relu = nn.ReLU(inplace=True)
-        self.output_names = tuple(f"block{i + 1}" for i in range(len(stages))) + ("pre_logits",)
+        self.output_names = OUTPUTS
         self._add_representation_layer(in_channels)
         self._init_weights()
 
@@ -176,9 +176,18 @@ class ResNet50(Network):
         return outputs
 
 
+@register_network(
+    "resnet50v1",
+    title="ResNet50 v1",
+    outputs=OUTPUTS,
+    default_width=4,
+    no_final_relu_variant_because="ResNet v1 ends every unit with a ReLU after the addition, so its pre-logits are "
+    "always rectified",
+)
 def resnet50v1(width: int = 4, **options) -> ResNet50:
     return ResNet50("v1", width, **options)
 
 
+@register_network("resnet50v2", title="ResNet50 v2", outputs=OUTPUTS, default_width=4, has_final_relu_variant=True)
 def resnet50v2(width: int = 4, **options) -> ResNet50:
     return ResNet50("v2", width, **options)

@@ -1,7 +1,7 @@
 """RevNet50: the reversible counterpart of ResNet50 v2 at any widening factor k.
 
-The study's definition (PROTOCOL.md "Networks"; RevNet of Gomez et al. 2017 as the released code
-builds it): stem 7x7 conv stride 2 to 64k channels with no BN/ReLU, 3x3 max-pool stride 2 (over a
+The study's definition (paper Sec. 3.1; RevNet of Gomez et al. 2017 as the released code's
+models/revnet.py builds it): stem 7x7 conv stride 2 to 64k channels with no BN/ReLU, 3x3 max-pool stride 2 (over a
 zero-padded map, as the released code); four stages of 3, 4, 6, 3 reversible units at widths
 64k, 128k, 256k, 512k; between stages a 2x2 average pool stride 2 (TF 'SAME': a ragged edge
 window averages only the pixels it covers) and zero channels padded on both sides to double the
@@ -33,10 +33,10 @@ import torch.nn.functional as functional
 from torch import nn
 
 from pretextlab.errors import PretextlabError
-from pretextlab.models.registry import Network
+from pretextlab.models.registry import Network, register_network
 from pretextlab.models.lean_stem import lean_conv_max_pool
 from pretextlab.models.reversible import ReconstructionCheck, batch_stats_without_update, reversible_sequence
-from pretextlab.models.resnet import STAGE_DEPTHS, STAGE_WIDTH_MULTIPLIERS, conv1x1, conv3x3, stem_max_pool
+from pretextlab.models.resnet import OUTPUTS, STAGE_DEPTHS, STAGE_WIDTH_MULTIPLIERS, conv1x1, conv3x3, stem_max_pool
 
 STEM_WIDTH_MULTIPLIER = 64  # the stem projects straight to the first stage's width
 TRANSITION_STRIDES = (2, 2, 2)  # before stages 2, 3, 4: overall stage strides (1, 2, 2, 2)
@@ -181,7 +181,7 @@ class RevNet50(Network):
         channels = STAGE_WIDTH_MULTIPLIERS[-1] * width
         self.final_bn = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU(inplace=True)
-        self.output_names = tuple(f"block{i + 1}" for i in range(len(self.stages))) + ("pre_logits",)
+        self.output_names = OUTPUTS  # four stages whatever their depth
         self._add_representation_layer(channels)
         self._init_weights()
 
@@ -249,6 +249,10 @@ def _as_check(reversible_check: bool | ReconstructionCheck) -> ReconstructionChe
     )
 
 
+@register_network(
+    "revnet50", title="RevNet50", outputs=OUTPUTS, default_width=4, has_final_relu_variant=True,
+    supports_reversible_backward=True,
+)
 def revnet50(width: int = 4, **options) -> RevNet50:
     """RevNet50 at widening factor ``width``; ``options`` are ``RevNet50``'s keywords."""
     return RevNet50(width, **options)

@@ -1,6 +1,6 @@
 """VGG19-BN at any widening factor k (default 8, the standard VGG19 widths).
 
-The study's definition (PROTOCOL.md "Networks", the released vggnet.py): five blocks of 2, 2, 4, 4, 4
+The study's definition (paper Sec. 3.1; the released code's models/vggnet.py): five blocks of 2, 2, 4, 4, 4
 3x3 conv-BN-ReLU layers of widths 8k, 16k, 32k, 64k, 64k (64..512 at k=8), a 2x2 max-pool after
 each block; fc6 is a conv whose kernel is the whole remaining map (7x7 at 224 input) to 512k
 channels + BN-ReLU; fc7 a 1x1 conv to 512k + BN-ReLU, whose output is the pre-logits (4096 at k=8).
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pretextlab.errors import PretextlabError
-from pretextlab.models.registry import Network
+from pretextlab.models.registry import Network, check_final_relu, register_network
 
 BLOCK_DEPTHS = (2, 2, 4, 4, 4)
 BLOCK_WIDTH_MULTIPLIERS = (8, 16, 32, 64, 64)  # block width = multiplier * k
@@ -32,6 +32,7 @@ FC_WIDTH_MULTIPLIER = 512  # fc6 and fc7 width = 512 * k
 DEFAULT_INPUT_SIZE = 224
 DEFAULT_PATCH_INPUT_SIZE = 64
 DOWNSAMPLING = 2 ** len(BLOCK_DEPTHS)  # five 2x2/2 max-pools
+OUTPUTS = tuple(f"block{i + 1}" for i in range(len(BLOCK_DEPTHS))) + ("fc6", "pre_logits")
 
 
 class ConvBNReLU(nn.Module):
@@ -66,8 +67,7 @@ class VGG19BN(Network):
         representation_size: int | None = None,
         input_size: int | None = None,
     ) -> None:
-        if not final_relu:
-            raise PretextlabError("vgg19bn has no '(-)' variant: fc7's BN-ReLU output is the pre-logits")
+        check_final_relu("vgg19bn", final_relu)
         if input_size is None:
             input_size = DEFAULT_PATCH_INPUT_SIZE if patch_mode else DEFAULT_INPUT_SIZE
         if input_size < DOWNSAMPLING:
@@ -90,7 +90,7 @@ class VGG19BN(Network):
         fc_width = FC_WIDTH_MULTIPLIER * width
         self.fc6 = ConvBNReLU(in_channels, fc_width, kernel_size=self.fc6_kernel_size, padding=0)
         self.fc7 = ConvBNReLU(fc_width, fc_width, kernel_size=1, padding=0)
-        self.output_names = tuple(f"block{i + 1}" for i in range(len(blocks))) + ("fc6", "pre_logits")
+        self.output_names = OUTPUTS
         self._add_representation_layer(fc_width)
         self._init_weights()
 
@@ -124,5 +124,12 @@ class VGG19BN(Network):
         return outputs
 
 
+@register_network(
+    "vgg19bn",
+    title="VGG19-BN",
+    outputs=OUTPUTS,
+    default_width=8,
+    no_final_relu_variant_because="VGG's pre-logits are fc7's output, whose BN-ReLU is part of the layer",
+)
 def vgg19bn(width: int = 8, **options) -> VGG19BN:
     return VGG19BN(width, **options)
