@@ -64,3 +64,22 @@ def test_standardize_has_tensorflow_semantics():
     assert torch.allclose(y.std(dim=(1, 2, 3), unbiased=False), torch.ones(6), atol=1e-4)
     flat = torch.full((2, 3, 8, 8), 0.5)
     assert torch.equal(augment.standardize(flat), torch.zeros_like(flat))  # no division by zero
+
+
+def test_random_grayscale_shares_one_draw_among_the_views_of_an_image():
+    images = _images(batch=40, h=6, w=5).double()  # float64: gray rows are compared exactly
+    views = images.repeat_interleave(9, dim=0)  # 9 views (patches) per image
+    per_image, decision = augment.random_grayscale(images, 0.5, torch.Generator().manual_seed(3))
+    grouped, same = augment.random_grayscale(views, 0.5, torch.Generator().manual_seed(3), group=9)
+    assert decision.shape == (40,) and 5 < int(decision.sum()) < 35
+    assert torch.equal(same, decision)  # one draw per image, the same stream as without views
+    assert torch.equal(grouped, per_image.repeat_interleave(9, dim=0))
+    gray = grouped[decision.repeat_interleave(9)]
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+    assert torch.equal(grouped[~decision.repeat_interleave(9)], views[~decision.repeat_interleave(9)])
+    try:
+        augment.random_grayscale(views[:10], 0.5, group=9)
+    except ValueError as error:
+        assert "10 rows do not make groups of 9" in str(error)
+    else:
+        raise AssertionError("a batch that is not whole groups must be refused")

@@ -18,11 +18,11 @@ from torchvision.transforms import v2 as T
 from pretextlab.data import (
     DATASETS,
     Batch,
+    BatchLoader,
     TensorImageSet,
     batches_per_epoch,
     few_label_subset,
     load_dataset,
-    make_loader,
     split_indices,
 )
 from pretextlab.data import fashion_mnist
@@ -241,7 +241,7 @@ def image_root(tmp_path) -> Path:
 
 
 def _all_batches(images, batch_size=4, **options) -> list[Batch]:
-    return list(make_loader(images, batch_size, shuffle=False, **options))
+    return list(BatchLoader(images, batch_size, shuffle=False, **options))
 
 
 def test_folder_dataset_decodes_every_format_and_skips_bad_files(image_root, caplog):
@@ -319,8 +319,8 @@ def test_folder_errors_are_clear(image_root, tmp_path):
 
 def test_worker_processes_decode_the_same_batches(image_root):
     splits = load_dataset("folder", data_dir=str(image_root), image_size=16, val_size=3)
-    serial = list(make_loader(splits.train, 4, shuffle=True, seed=1, epoch=2))
-    parallel = list(make_loader(splits.train, 4, shuffle=True, seed=1, epoch=2, workers=2, pin_memory=True))
+    serial = list(BatchLoader(splits.train, 4, shuffle=True, seed=1, epoch=2))
+    parallel = list(BatchLoader(splits.train, 4, shuffle=True, seed=1, epoch=2, workers=2, pin_memory=True))
     assert len(serial) == len(parallel) == 4
     for a, b in zip(serial, parallel):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.skipped == b.skipped
@@ -331,21 +331,21 @@ def test_worker_processes_decode_the_same_batches(image_root):
 
 def test_resume_from_a_batch_yields_the_tail_of_the_epoch(fmnist, image_root):
     subset = fmnist.train.subset(np.arange(0, 54_000, 37))
-    full = list(make_loader(subset, 64, shuffle=True, seed=4, epoch=3, drop_last=True))
+    full = list(BatchLoader(subset, 64, shuffle=True, seed=4, epoch=3, drop_last=True))
     assert len(full) == batches_per_epoch(len(subset), 64, True) == len(subset) // 64
     for k in (0, 1, 9, len(full)):
-        tail = list(make_loader(subset, 64, shuffle=True, seed=4, epoch=3, start_batch=k, drop_last=True))
+        tail = list(BatchLoader(subset, 64, shuffle=True, seed=4, epoch=3, start_batch=k, drop_last=True))
         assert len(tail) == len(full) - k
         for a, b in zip(full[k:], tail):
             assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    next_epoch = next(iter(make_loader(subset, 64, shuffle=True, seed=4, epoch=4)))
+    next_epoch = next(iter(BatchLoader(subset, 64, shuffle=True, seed=4, epoch=4)))
     assert not torch.equal(next_epoch.labels, full[0].labels)
     with pytest.raises(PretextlabError, match="start_batch"):
-        make_loader(subset, 64, shuffle=True, start_batch=len(full) + 1, drop_last=True)
+        BatchLoader(subset, 64, shuffle=True, start_batch=len(full) + 1, drop_last=True)
     # The same for decoded files, skipped images included.
     files = load_dataset("folder", data_dir=str(image_root), image_size=8, val_size=3).train
-    whole = list(make_loader(files, 2, shuffle=True, seed=9, epoch=1))
-    rest = list(make_loader(files, 2, shuffle=True, seed=9, epoch=1, start_batch=3))
+    whole = list(BatchLoader(files, 2, shuffle=True, seed=9, epoch=1))
+    rest = list(BatchLoader(files, 2, shuffle=True, seed=9, epoch=1, start_batch=3))
     assert [b.labels.tolist() for b in whole[3:]] == [b.labels.tolist() for b in rest]
     assert [b.skipped for b in whole[3:]] == [b.skipped for b in rest]
 
@@ -370,7 +370,7 @@ def test_rank_shards_are_disjoint_and_cover_the_epoch(drop_last):
 def _loaded_shard(num_images: int, batch: int, rank: int, world: int, drop_last: bool):
     images = torch.arange(num_images, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
     labelled = TensorImageSet(images, np.arange(num_images) % 5, [str(c) for c in range(5)])
-    loader = make_loader(labelled, batch, shuffle=True, seed=7, epoch=2, drop_last=drop_last, rank=rank, world_size=world)
+    loader = BatchLoader(labelled, batch, shuffle=True, seed=7, epoch=2, drop_last=drop_last, rank=rank, world_size=world)
     expected = shard_batches(num_images, batch, shuffle=True, seed=7, epoch=2, drop_last=drop_last, rank=rank, world_size=world)
     got = list(loader)
     # The in-memory fast path returns exactly the shard's images, in order.
@@ -383,10 +383,10 @@ def test_batches_per_epoch_matches_what_the_loader_yields(fmnist):
     subset = fmnist.val.subset(np.arange(101))
     for batch, drop_last, world in ((10, False, 1), (10, True, 1), (7, False, 4), (7, True, 4), (200, False, 1), (200, True, 1)):
         for rank in range(world):
-            loader = make_loader(subset, batch, shuffle=False, drop_last=drop_last, rank=rank, world_size=world)
+            loader = BatchLoader(subset, batch, shuffle=False, drop_last=drop_last, rank=rank, world_size=world)
             assert len(list(loader)) == len(loader)
-        assert len(make_loader(subset, batch, shuffle=False, drop_last=drop_last, world_size=world)) == batches_per_epoch(101, batch, drop_last, world)
-    unshuffled = list(make_loader(subset, 50, shuffle=False))
+        assert len(BatchLoader(subset, batch, shuffle=False, drop_last=drop_last, world_size=world)) == batches_per_epoch(101, batch, drop_last, world)
+    unshuffled = list(BatchLoader(subset, 50, shuffle=False))
     np.testing.assert_array_equal(torch.cat([b.labels for b in unshuffled]).numpy(), subset.labels)
 
 

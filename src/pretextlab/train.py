@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from pretextlab import atomic
 from pretextlab.config import TrainConfig, config_differences, resolve
-from pretextlab.data import DatasetSplits, ImageSet, batches_per_epoch, load_dataset, make_loader
+from pretextlab.data import BatchLoader, DatasetSplits, ImageSet, batches_per_epoch, load_dataset
 from pretextlab.distributed import all_reduce_sum, barrier, convert_sync_batchnorm, distributed_context
 from pretextlab.errors import PretextlabError
 from pretextlab.models import build_network, network_info
@@ -678,7 +678,7 @@ class Trainer:
     def _epoch_batches(self) -> Iterator[Any]:
         epoch, start = divmod(self.step, self.steps_per_epoch)
         return iter(
-            make_loader(
+            BatchLoader(
                 self.splits.train,
                 self.config.batch_size,
                 shuffle=True,
@@ -730,7 +730,7 @@ class Trainer:
         self.network.eval()
         self.task.eval()
         right = scored = skipped = 0
-        loader = make_loader(
+        loader = BatchLoader(
             images, self.config.batch_size, shuffle=False, drop_last=False, workers=self.config.workers,
             rank=self.rank, world_size=self.world_size,
         )

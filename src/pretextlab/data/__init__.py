@@ -2,7 +2,7 @@
 few-label subsets, and a resumable loader that only decodes (``augment`` runs on the device).
 
     splits = load_dataset("fashion-mnist", image_size=32)
-    for batch in make_loader(splits.train, 256, shuffle=True, epoch=3, start_batch=10):
+    for batch in BatchLoader(splits.train, 256, shuffle=True, epoch=3, start_batch=10):
         batch.images  # uint8 (B, 3, 32, 32); batch.labels int64 (B,); batch.skipped int
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from pretextlab.data import fashion_mnist, folder
 from pretextlab.data.imageset import ImageSet, TensorImageSet
-from pretextlab.data.loader import Batch, BatchLoader, batches_per_epoch, epoch_order, make_loader
+from pretextlab.data.loader import Batch, BatchLoader, batches_per_epoch, epoch_order
 from pretextlab.data.splits import DatasetSplits, SplitIndices, few_label_subset, split_indices
 from pretextlab.errors import PretextlabError
 
@@ -33,7 +33,6 @@ __all__ = [
     "few_label_subset",
     "split_indices",
     "load_dataset",
-    "make_loader",
 ]
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from pretextlab.errors import PretextlabError
+
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # as tf.image.rgb_to_grayscale and torchvision
 
 
@@ -127,11 +129,19 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def random_grayscale(
-    x: torch.Tensor, p: float, generator: torch.Generator | None = None
+    x: torch.Tensor, p: float, generator: torch.Generator | None = None, group: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn each image gray with probability p; returns (images, the boolean decision per image)."""
-    decision = torch.rand(x.shape[0], generator=generator, device=x.device) < p
-    return torch.where(decision[:, None, None, None], grayscale(x), x), decision
+    """Turn each image gray with probability p; returns (images, the boolean decision per image).
+
+    With ``group`` > 1 the rows of ``x`` are the ``group`` consecutive views of each image (e.g. its
+    9 patches), which share one decision: one draw per image, so the random stream is the same
+    whichever views are made from it.
+    """
+    if group < 1 or x.shape[0] % group:
+        raise PretextlabError(f"random_grayscale: {x.shape[0]} rows do not make groups of {group} views per image")
+    decision = torch.rand(x.shape[0] // group, generator=generator, device=x.device) < p
+    per_row = decision.repeat_interleave(group) if group > 1 else decision
+    return torch.where(per_row[:, None, None, None], grayscale(x), x), decision
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:

@@ -50,9 +50,6 @@ class Batch:
         """Page-locked copies, for asynchronous host-to-GPU copies (DataLoader calls this)."""
         return Batch(self.images.contiguous().pin_memory(), self.labels.pin_memory(), self.skipped)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(self.images.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking), self.skipped)
-
 
 def collate_decoded(items: list[tuple[torch.Tensor, int] | None], image_size: int) -> Batch:
     """Stack the decoded images of a batch, dropping (and counting) the unreadable ones."""
@@ -113,7 +110,8 @@ def shard_batches(
 
 
 class BatchLoader:
-    """Iterable over one epoch's batches (from ``start_batch``); ``len()`` is how many it yields."""
+    """One epoch of ``Batch``es of ``images`` from ``start_batch`` on (see the module docstring for
+    order, resume and sharding); ``len()`` is how many it yields."""
 
     def __init__(
         self,
@@ -176,24 +174,3 @@ class BatchLoader:
             images, labels = self.images.take(indices)
             batch = Batch(images, labels, 0)
             yield batch.pin_memory() if self.pin_memory else batch
-
-
-def make_loader(
-    images: ImageSet,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int = 0,
-    epoch: int = 0,
-    start_batch: int = 0,
-    drop_last: bool = False,
-    workers: int = 0,
-    pin_memory: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-) -> BatchLoader:
-    """One epoch of ``Batch``es of ``images`` (see the module docstring for order, resume, sharding)."""
-    return BatchLoader(
-        images, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch, drop_last=drop_last,
-        workers=workers, pin_memory=pin_memory, rank=rank, world_size=world_size,
-    )

@@ -56,7 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pretextlab import atomic
-from pretextlab.data import ImageSet, make_loader
+from pretextlab.data import BatchLoader, ImageSet
 from pretextlab.errors import PretextlabError
 
 POOL_BUDGET = 9000  # the study's cap on the number of values per image fed to a probe
@@ -436,7 +436,7 @@ def _extract_locked(
         except OSError as error:
             raise PretextlabError(f"cannot record the feature cache's progress in {meta_path} ({error.strerror}): free some space and run it again") from error
 
-    loader = make_loader(images, batch_size, shuffle=False, start_batch=start_batch, workers=workers, pin_memory=on_cuda)
+    loader = BatchLoader(images, batch_size, shuffle=False, start_batch=start_batch, workers=workers, pin_memory=on_cuda)
     total_batches = start_batch + len(loader)
     was_training = network.training
     network.to(torch_device)

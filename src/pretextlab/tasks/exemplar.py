@@ -98,8 +98,7 @@ class ExemplarTask(PretextTask):
             raise PretextlabError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         options = self.options
         x = augment.to_unit(images)
-        gray = torch.rand(x.shape[0], generator=generator, device=x.device) < options.gray_probability
-        x = torch.where(gray[:, None, None, None], augment.grayscale(x), x)
+        x, gray = augment.random_grayscale(x, options.gray_probability, generator)
         x = crops_per_image(x, options.copies, options.image_size, tuple(options.crop_scale), generator)
         if self.options.flip:
             x = augment.random_flip(x, generator)

@@ -154,10 +154,8 @@ def image_patches(
     patches = gather_patches(x, corners, geometry.patch)
     gray = torch.zeros(batch, dtype=torch.bool, device=images.device)
     if gray_probability > 0:
-        gray = torch.rand(batch, generator=generator, device=images.device) < gray_probability
         # Gray is a per-pixel linear map, so applying it to the patches equals applying it to the image.
-        per_patch = gray.repeat_interleave(GRID_CELLS)[:, None, None, None]
-        patches = torch.where(per_patch, augment.grayscale(patches), patches)
+        patches, gray = augment.random_grayscale(patches, gray_probability, generator, group=GRID_CELLS)
     return augment.standardize(patches), gray
 
 
