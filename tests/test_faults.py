@@ -36,7 +36,7 @@ def _train_cli(out: Path, *extra: str) -> subprocess.Popen:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoint.pt", weights_only=False)["network"]
+    return torch.load(run / "checkpoint.pt", weights_only=True)["network"]
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -99,6 +99,26 @@ def test_sigterm_checkpoints_and_the_run_resumes(tmp_path, uninterrupted):
     resumed = _train_cli(run, "--log-every", "1", "--resume")
     _, err = resumed.communicate()
     assert resumed.returncode == 0, err
+    expected, got = _weights(uninterrupted), _weights(run)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_sigint_exits_130_keeps_the_last_checkpoint_and_the_run_resumes_exactly(tmp_path, uninterrupted):
+    run = tmp_path / "interrupted"
+    process = _train_cli(run, "--checkpoint-every", "3", "--log-every", "1")
+    _wait_for(lambda: _logged_steps(run) >= 5, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted; finished work is kept" in err and "Traceback" not in err
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] >= 3
+    assert not list(run.glob(".*.tmp"))
+    resumed = _train_cli(run, "--checkpoint-every", "3", "--log-every", "1", "--resume")
+    out, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    assert json.loads(out)["steps"] == json.loads((uninterrupted / "summary.json").read_text())["steps"]
     expected, got = _weights(uninterrupted), _weights(run)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)

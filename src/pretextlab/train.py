@@ -319,7 +319,10 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     path = RunFiles(Path(run_dir)).config
     if not path.exists():
         raise PretextlabError(f"{run_dir} is not a pretextlab run (no {CONFIG_FILE}): pass the --out of a train run")
-    return TrainConfig.from_dict(_read_run_config(path)["config"])
+    try:
+        return TrainConfig.from_dict(_read_run_config(path)["config"])
+    except (PretextlabError, TypeError) as error:
+        raise PretextlabError(f"{path} does not describe a run this version can load: {error}") from None
 
 
 def _read_run_config(path: Path) -> dict[str, Any]:
@@ -423,8 +426,8 @@ class PretextModel(nn.Module):
         self.network = network
         self.task = task
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.task(self.network(inputs)["pre_logits"])
+    def forward(self, inputs: torch.Tensor, context: Any = None) -> torch.Tensor:
+        return self.task(self.network(inputs)["pre_logits"], context)
 
 
 class Preempted(PretextlabError):
@@ -660,14 +663,14 @@ class Trainer:
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True)
 
-    def _forward(self, inputs: torch.Tensor, train: bool = True) -> torch.Tensor:
+    def _forward(self, inputs: torch.Tensor, context: Any = None, train: bool = True) -> torch.Tensor:
         inputs = inputs.to(self.dtype)
         if self.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             # Evaluation bypasses DDP: no gradient to reduce, and ranks may see different batch counts.
             model = self.compiled if train else PretextModel(self.network, self.task)
-            return model(inputs)
+            return model(inputs, context)
 
     def _generator(self, step: int, purpose: int = 0) -> torch.Generator:
         # purpose 0: training steps; 1: validation batches (their own stream, fixed across evaluations)
@@ -699,8 +702,8 @@ class Trainer:
         lr = learning_rate(self.config, self.step, self.steps_per_epoch, self.world_size)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = self.task.prepare(self._to_device(images), True, self._generator(self.step))
-        outputs = self._forward(inputs)
+        inputs, targets, context = self.task.prepare(self._to_device(images), True, self._generator(self.step))
+        outputs = self._forward(inputs, context)
         loss = self.task.loss(outputs, targets)
         right, scored = self.task.correct(outputs.detach(), targets)
         local_loss = loss.item()
@@ -740,8 +743,8 @@ class Trainer:
             skipped += batch.skipped
             if len(batch.labels) < 2:
                 continue
-            inputs, targets = self.task.prepare(self._to_device(batch.images), False, self._generator(index, purpose=1))
-            r, s = self.task.correct(self._forward(inputs, train=False).float(), targets)
+            inputs, targets, context = self.task.prepare(self._to_device(batch.images), False, self._generator(index, purpose=1))
+            r, s = self.task.correct(self._forward(inputs, context, train=False).float(), targets)
             right, scored = right + r, scored + s
         right, scored, skipped = all_reduce_sum([right, scored, skipped], self.device, self.dist)
         self.skipped_val = int(skipped)
