@@ -1,4 +1,4 @@
-"""Named registries of networks and pretext tasks, filled by decorators that carry metadata (a leaf: imports no implementation).
+"""Named registries (networks, pretext tasks) filled by decorators with metadata; a leaf: imports no implementation.
 
     NETWORKS = Registry("network", NetworkInfo)
 

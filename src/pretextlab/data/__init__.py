@@ -1,5 +1,7 @@
-"""Data: sources (Fashion-MNIST idx files, an ImageNet/Places205-style folder), the study's splits,
-few-label subsets, and a resumable loader that only decodes (``augment`` runs on the device).
+"""Data: datasets by name (``load_dataset``), their splits, few-label subsets and the decode-only loader.
+
+Sources are Fashion-MNIST's idx files and an ImageNet/Places205-style folder; the loader resumes
+exactly and only decodes (``augment`` runs on the training device).
 
     splits = load_dataset("fashion-mnist", image_size=32)
     for batch in BatchLoader(splits.train, 256, shuffle=True, epoch=3, start_batch=10):

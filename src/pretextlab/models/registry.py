@@ -1,4 +1,4 @@
-"""The network registry and contract: ``Network``, ``register_network``, ``build_network``, ``networks_table``.
+"""The network contract (``Network``) and registry: ``register_network``, ``network_info``, ``build_network``.
 
 Every network is an ``nn.Module`` whose ``forward`` returns a dict of named outputs in network
 order (ResNet/RevNet: block1..block4, pre_logits; VGG: block1..block5, fc6, pre_logits), so a task
