@@ -69,7 +69,7 @@ def _time_task(trainer: Trainer, steps: int, warmup: int) -> tuple[float, tuple[
         trainer.train_step(batch.images)
         trainer.step += 1
     elapsed = (time.perf_counter() - started) / steps
-    inputs, _ = trainer.task.prepare(batch.images, True, trainer._generator(0))
+    inputs, *_ = trainer.task.prepare(batch.images, True, trainer._generator(0))
     shape = tuple(inputs.shape)
     return elapsed, shape
 

@@ -134,9 +134,9 @@ def test_copies_share_the_gray_decision_and_differ_from_each_other(tmp_path):
 def test_prepare_targets_loss_and_views_on_fashion_mnist():
     images = _fashion_mnist(6)
     task = build_task("exemplar", 20, TaskOptions(image_size=32, copies=4, embedding_dim=16))
-    inputs, targets = task.prepare(images, True, torch.Generator().manual_seed(1))
+    inputs, targets, _ = task.prepare(images, True, torch.Generator().manual_seed(1))
     assert inputs.shape == (24, 3, 32, 32) and torch.equal(targets, torch.arange(6).repeat_interleave(4))
-    again, _ = task.prepare(images, False, torch.Generator().manual_seed(1))
+    again, *_ = task.prepare(images, False, torch.Generator().manual_seed(1))
     assert torch.equal(inputs, again)  # evaluation draws the same random copies from the generator
     outputs = task(torch.randn(24, 20))
     assert outputs.shape == (24, 16)
@@ -173,7 +173,7 @@ def test_shapes_and_gradients_through_a_real_network():
     network = build_network("resnet50v1", width=1, patch_mode=False, input_size=32)
     task = build_task("exemplar", network.out_dim, TaskOptions(image_size=32, copies=4))
     images = _fashion_mnist(5)
-    inputs, targets = task.prepare(images, True, torch.Generator().manual_seed(2))
+    inputs, targets, _ = task.prepare(images, True, torch.Generator().manual_seed(2))
     assert inputs.shape == (20, 3, 32, 32)
     pre_logits = network(inputs)["pre_logits"]
     assert pre_logits.shape == (20, network.out_dim)

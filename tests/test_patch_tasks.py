@@ -56,7 +56,7 @@ def _decode_cells(patches: torch.Tensor) -> torch.Tensor:
     return votes.argmax(dim=1)
 
 
-def _decode_slots(task, patches: torch.Tensor, batch: int) -> torch.Tensor:
+def _decode_slots(task, patches: torch.Tensor, batch: int, context=None) -> torch.Tensor:
     """Feed one-hot cell codes through the task's own arrangement of embeddings: with an identity
     first layer, hidden unit (slot s, cell c) lights up when slot s shows cell c. -> (B*M, slots)."""
     cells = _decode_cells(patches).view(batch, 9)
@@ -65,7 +65,7 @@ def _decode_slots(task, patches: torch.Tensor, batch: int) -> torch.Tensor:
     with torch.no_grad():
         head.fc.weight.copy_(torch.eye(head.fc.out_features, head.fc.in_features))
         head.fc.bias.zero_()
-    hidden = head.hidden(embeddings, task.arrangements(patches.device))
+    hidden = head.hidden(embeddings, task.arrangements(patches.device, context))
     return hidden.view(hidden.shape[0], head.slots, 9).argmax(dim=-1)
 
 
@@ -118,13 +118,13 @@ def test_gather_patches_cuts_the_boxes():
 def test_undoing_a_jigsaw_permutation_restores_the_grid(tmp_path, train):
     task = JigsawTask(4, _options(tmp_path))
     batch = 6
-    patches, targets = task.prepare(_cell_coded_images(batch), train, torch.Generator().manual_seed(3))
+    patches, targets, context = task.prepare(_cell_coded_images(batch), train, torch.Generator().manual_seed(3))
     assert patches.shape == (batch * 9, 3, PATCH, PATCH)
     # The network sees every image's patches in grid order ...
     assert torch.equal(_decode_cells(patches), torch.arange(9).repeat(batch))
     # ... and the head shows them permuted: slot k of sample (b, m) holds the cell its target's
     # permutation names, and undoing that permutation gives the grid back.
-    shown = _decode_slots(task, patches, batch)
+    shown = _decode_slots(task, patches, batch, context)
     samples = 8 if train else 100
     assert shown.shape == (batch * samples, 9) and targets.shape == (batch * samples,)
     perms = task.permutations.numpy()
@@ -136,14 +136,14 @@ def test_undoing_a_jigsaw_permutation_restores_the_grid(tmp_path, train):
 def test_jigsaw_draws_distinct_permutations_per_batch_shared_by_all_images(tmp_path):
     task = JigsawTask(4, _options(tmp_path, permutations_per_batch=8))
     images = _cell_coded_images(5)
-    _, first = task.prepare(images, True, torch.Generator().manual_seed(0))
+    _, first, _ = task.prepare(images, True, torch.Generator().manual_seed(0))
     drawn = first.view(5, 8)
     assert (drawn == drawn[0]).all() and len(set(drawn[0].tolist())) == 8
-    _, second = task.prepare(images, True, torch.Generator().manual_seed(1))
+    _, second, _ = task.prepare(images, True, torch.Generator().manual_seed(1))
     assert not torch.equal(first, second)
-    _, again = task.prepare(images, True, torch.Generator().manual_seed(0))
+    _, again, _ = task.prepare(images, True, torch.Generator().manual_seed(0))
     assert torch.equal(first, again)
-    _, every = task.prepare(images, False, torch.Generator().manual_seed(0))
+    _, every, _ = task.prepare(images, False, torch.Generator().manual_seed(0))
     assert torch.equal(every, torch.arange(100).repeat(5))
 
 
@@ -151,9 +151,9 @@ def test_jigsaw_draws_distinct_permutations_per_batch_shared_by_all_images(tmp_p
 def test_relative_patch_label_matches_the_true_offset(tmp_path, train):
     task = RelativePatchTask(4, _options(tmp_path, head_hidden=18))
     batch = 4
-    patches, targets = task.prepare(_cell_coded_images(batch), train, torch.Generator().manual_seed(4))
+    patches, targets, context = task.prepare(_cell_coded_images(batch), train, torch.Generator().manual_seed(4))
     assert torch.equal(targets, torch.arange(8).repeat(batch))
-    pairs = _decode_slots(task, patches, batch)  # (B*8, 2): (neighbour cell, centre cell)
+    pairs = _decode_slots(task, patches, batch, context)  # (B*8, 2): (neighbour cell, centre cell)
     assert (pairs[:, 1] == 4).all()
     expected_offset = {0: (-1, -1), 1: (-1, 0), 2: (-1, 1), 3: (0, -1), 4: (0, 1), 5: (1, -1), 6: (1, 0), 7: (1, 1)}
     for (neighbour, centre), target in zip(pairs.tolist(), targets.tolist()):
@@ -208,12 +208,12 @@ def test_eval_views_are_the_adjacent_central_grid_standardised(tmp_path):
 def test_training_patches_are_jittered_and_replayable(tmp_path):
     task = RelativePatchTask(4, _options(tmp_path))
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
-    a, _ = task.prepare(images, True, torch.Generator().manual_seed(9))
-    b, _ = task.prepare(images, True, torch.Generator().manual_seed(9))
-    c, _ = task.prepare(images, True, torch.Generator().manual_seed(10))
+    a, *_ = task.prepare(images, True, torch.Generator().manual_seed(9))
+    b, *_ = task.prepare(images, True, torch.Generator().manual_seed(9))
+    c, *_ = task.prepare(images, True, torch.Generator().manual_seed(10))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    central_1, _ = task.prepare(images, False, torch.Generator().manual_seed(9))
-    central_2, _ = task.prepare(images, False, torch.Generator().manual_seed(10))
+    central_1, *_ = task.prepare(images, False, torch.Generator().manual_seed(9))
+    central_2, *_ = task.prepare(images, False, torch.Generator().manual_seed(10))
     assert torch.equal(central_1, central_2)  # no gray here, and no jitter outside training
 
 
@@ -233,11 +233,11 @@ def test_shapes_and_gradients_through_a_real_patch_network(tmp_path, name, class
     task = build_task(name, network.out_dim, options)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(11))
     network.train(), task.train()
-    inputs, targets = task.prepare(images, True, torch.Generator().manual_seed(12))
+    inputs, targets, context = task.prepare(images, True, torch.Generator().manual_seed(12))
     assert inputs.shape == (36, 3, PATCH, PATCH) and inputs.dtype == torch.float32
     pre_logits = network(inputs)["pre_logits"]
     assert pre_logits.shape == (36, network.out_dim)
-    outputs = task(pre_logits)
+    outputs = task(pre_logits, context)
     samples = 8
     assert outputs.shape == (4 * samples, classes) and targets.shape == (4 * samples,)
     loss = task.loss(outputs, targets)
@@ -245,8 +245,8 @@ def test_shapes_and_gradients_through_a_real_patch_network(tmp_path, name, class
     assert torch.isfinite(loss) and all(p.grad is not None for p in network.parameters() if p.requires_grad)
     network.eval(), task.eval()
     with torch.no_grad():
-        inputs, targets = task.prepare(images, False, torch.Generator().manual_seed(13))
-        outputs = task(network(inputs)["pre_logits"])
+        inputs, targets, context = task.prepare(images, False, torch.Generator().manual_seed(13))
+        outputs = task(network(inputs)["pre_logits"], context)
         evaluated = 100 if name == "jigsaw" else 8
         assert outputs.shape == (4 * evaluated, classes) and targets.shape == (4 * evaluated,)
         right, scored = task.correct(outputs, targets)
@@ -259,3 +259,23 @@ def test_shapes_and_gradients_through_a_real_patch_network(tmp_path, name, class
         views, count = task.eval_views(images)
         assert count == 9 and views.shape == (36, 3, PATCH, PATCH)
         assert network(views)["pre_logits"].shape == (36, network.out_dim)
+
+
+def test_jigsaw_keeps_no_batch_state_each_batch_carries_its_permutations(tmp_path):
+    """Two batches prepared before either is scored are each scored under their own permutations."""
+    task = JigsawTask(8, _options(tmp_path, embedding_dim=4, head_hidden=16)).eval()
+    images = _cell_coded_images(3)
+    first = task.prepare(images, True, torch.Generator().manual_seed(0))
+    pre_logits = torch.randn(27, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    task.double()
+    with torch.no_grad():
+        scored_at_once = task(pre_logits, first.context)
+        state = {k: v.clone() for k, v in task.state_dict().items()}, dict(vars(task))
+        second = task.prepare(images, True, torch.Generator().manual_seed(5))
+        assert not torch.equal(first.context, second.context)
+        assert torch.equal(task(pre_logits, first.context), scored_at_once)
+        # Exactly the head on the first batch's permutations, explicitly concatenated.
+        embeddings = task.embed(pre_logits)
+        expected = task.head.classifier(torch.relu(task.head.bn(task.head.hidden_direct(embeddings, task.permutations[first.context]))))
+        assert torch.allclose(task(pre_logits, first.context), expected, rtol=1e-12, atol=1e-12)
+    assert vars(task).keys() == state[1].keys()  # prepare added nothing to the task

@@ -34,7 +34,7 @@ def test_every_image_appears_in_all_four_rotations():
         k, image = divmod(row, 2)
         assert torch.equal(rotated[row], torch.rot90(x[image], k, dims=(-2, -1)))
     task = build_task("rotation", 16, TaskOptions(image_size=24))
-    inputs, targets = task.prepare(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8), True, torch.Generator().manual_seed(0))
+    inputs, targets, _ = task.prepare(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8), True, torch.Generator().manual_seed(0))
     assert inputs.shape == (20, 3, 24, 24) and targets.shape == (20,)
     assert inputs.min() >= -1 and inputs.max() <= 1
     assert task(torch.randn(20, 16)).shape == (20, 4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from pretextlab.errors import PretextlabError
-from pretextlab.tasks.base import PretextTask, TaskOptions
+from pretextlab.tasks.base import Prepared, PretextTask, TaskOptions
 
 # name -> "module:Class"; imported on demand so a task's module loads only when it is used.
 _TASK_CLASSES = {
@@ -29,4 +29,4 @@ def build_task(name: str, feature_dim: int, options: TaskOptions | None = None) 
     return task_class(name)(feature_dim, options or TaskOptions())
 
 
-__all__ = ["TASKS", "PretextTask", "TaskOptions", "build_task", "task_class"]
+__all__ = ["TASKS", "Prepared", "PretextTask", "TaskOptions", "build_task", "task_class"]

@@ -10,7 +10,7 @@ tasks the 3x3 grid of patches whose features are averaged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -20,6 +20,14 @@ def full_precision(x: torch.Tensor) -> torch.Tensor:
     """``x`` in at least float32: losses are computed in full precision under bf16/fp16 autocast,
     and float64 (the trainer's exactness-check precision) is kept as it is."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class Prepared(NamedTuple):
+    """A batch as a task prepared it: the network's inputs, the targets, and what ``forward`` needs."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    context: Any = None
 
 
 @dataclass(frozen=True)
@@ -74,18 +82,20 @@ class PretextTask(nn.Module):
         self.feature_dim = feature_dim
         self.options = options
 
-    def prepare(
-        self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) on the device -> (float network inputs, targets), all on the device.
+    def prepare(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> Prepared:
+        """uint8 (B, 3, H, W) on the device -> (float network inputs, targets, context), on the device.
 
-        All randomness comes from ``generator`` (a generator on the images' device) so a run can be
-        replayed and resumed exactly; ``train=False`` is deterministic where the study is.
+        ``context`` is whatever ``forward`` needs to know about this batch (Jigsaw: the permutations
+        it was drawn under; None for most tasks): it travels with the batch, never on the task, so
+        two batches in flight cannot mix. All randomness comes from ``generator`` (a generator on
+        the images' device) so a run can be replayed and resumed exactly; ``train=False`` is
+        deterministic where the study is.
         """
         raise NotImplementedError
 
-    def forward(self, pre_logits: torch.Tensor) -> torch.Tensor:
-        """The head: the network's flat pre_logits for every input -> the task's outputs."""
+    def forward(self, pre_logits: torch.Tensor, context: Any = None) -> torch.Tensor:
+        """The head: the network's flat pre_logits for every input (and the batch's ``context``
+        from ``prepare``) -> the task's outputs."""
         raise NotImplementedError
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

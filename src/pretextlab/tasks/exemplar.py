@@ -29,13 +29,15 @@ image is smaller), standardised, one view per image.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision.ops import roi_align
 
 from pretextlab.data import augment
 from pretextlab.errors import PretextlabError
-from pretextlab.tasks.base import PretextTask, TaskOptions, full_precision
+from pretextlab.tasks.base import Prepared, PretextTask, TaskOptions, full_precision
 from pretextlab.tasks.triplet import l2_normalize, nearest_neighbour_correct, triplet_semihard_loss
 
 NORMALIZATIONS = ("batch", "embedding", "none")
@@ -106,14 +108,12 @@ class ExemplarTask(PretextTask):
             x = distort_color(x, generator)
         return augment.standardize(x), gray
 
-    def prepare(
-        self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> Prepared:
         copies, _ = self.copies_of(images, generator)
         targets = torch.arange(images.shape[0], device=images.device).repeat_interleave(self.options.copies)
-        return copies, targets
+        return Prepared(copies, targets)
 
-    def forward(self, pre_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, pre_logits: torch.Tensor, context: Any = None) -> torch.Tensor:
         return self.embedding(pre_logits)
 
     def normalized(self, outputs: torch.Tensor) -> torch.Tensor:

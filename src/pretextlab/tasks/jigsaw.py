@@ -14,17 +14,18 @@ gather per image; the released code chose the shared draw "for simplicity" and s
 batch's samples match theirs. In evaluation (``train=False``) every image is scored under all 100.
 
 Outputs and targets are image-major: row ``b*M + m`` is image b under the batch's m-th permutation.
-``prepare`` records the batch's permutation indices on the task and ``forward`` applies them: call
-``forward`` on the pre_logits of the inputs of the latest ``prepare`` (as the trainer does). Before
-any ``prepare``, ``forward`` scores all permutations.
+``prepare`` returns the batch's permutation indices as its context and ``forward`` applies them;
+``forward`` without a context scores all permutations.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from pretextlab.errors import PretextlabError
-from pretextlab.tasks.base import TaskOptions
+from pretextlab.tasks.base import Prepared, TaskOptions
 from pretextlab.tasks.patches import GRID_CELLS, PatchTask
 from pretextlab.tasks.permutations import permutation_set
 
@@ -44,7 +45,6 @@ class JigsawTask(PatchTask):
         self.min_hamming_distance = chosen.min_distance
         # Saved with the weights: a checkpoint keeps the exact set its classifier was trained on.
         self.register_buffer("permutations", torch.as_tensor(chosen.permutations, dtype=torch.long))
-        self._batch_permutations: torch.Tensor | None = None
 
     def draw_permutations(self, train: bool, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """The indices a batch is scored on: ``permutations_per_batch`` distinct ones in training, all otherwise."""
@@ -53,17 +53,13 @@ class JigsawTask(PatchTask):
             return torch.arange(count, device=device)
         return torch.randperm(count, generator=generator, device=device)[: self.options.permutations_per_batch]
 
-    def prepare(
-        self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> Prepared:
         patches, _ = self.patches(images, train, generator)
         chosen = self.draw_permutations(train, generator, images.device)
-        self._batch_permutations = chosen
-        return patches, chosen.repeat(images.shape[0])
+        return Prepared(patches, chosen.repeat(images.shape[0]), chosen)
 
-    def arrangements(self, device: torch.device) -> torch.Tensor:
-        """The permutations of the latest ``prepare`` (all of them before any), in target order."""
-        chosen = self._batch_permutations
-        if chosen is None:
+    def arrangements(self, device: torch.device, context: Any = None) -> torch.Tensor:
+        """The permutations a batch was prepared with (its context; all of them without one), in target order."""
+        if context is None:
             return self.permutations.to(device)
-        return self.permutations[chosen.to(self.permutations.device)].to(device)
+        return self.permutations[context.to(self.permutations.device)].to(device)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -258,12 +259,13 @@ class PatchTask(PretextTask):
             )
         return self.embedding(pre_logits).view(-1, GRID_CELLS, self.options.embedding_dim)
 
-    def arrangements(self, device: torch.device) -> torch.Tensor:
-        """(M, slots) grid-cell indices: row m lists the patches whose embeddings sample m concatenates."""
+    def arrangements(self, device: torch.device, context: Any = None) -> torch.Tensor:
+        """(M, slots) grid-cell indices for a batch prepared with ``context``: row m lists the
+        patches whose embeddings sample m concatenates."""
         raise NotImplementedError
 
-    def forward(self, pre_logits: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(pre_logits), self.arrangements(pre_logits.device))
+    def forward(self, pre_logits: torch.Tensor, context: Any = None) -> torch.Tensor:
+        return self.head(self.embed(pre_logits), self.arrangements(pre_logits.device, context))
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(full_precision(outputs), targets)

@@ -18,9 +18,11 @@ image-major: row ``8*b + t`` is image b's pair with neighbour t.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from pretextlab.tasks.base import TaskOptions
+from pretextlab.tasks.base import Prepared, TaskOptions
 from pretextlab.tasks.patches import CENTRE_CELL, GRID_CELLS, PatchTask
 
 NEIGHBOURS = tuple(cell for cell in range(GRID_CELLS) if cell != CENTRE_CELL)
@@ -36,13 +38,11 @@ class RelativePatchTask(PatchTask):
         pairs = torch.tensor([[cell, CENTRE_CELL] for cell in NEIGHBOURS], dtype=torch.long)
         self.register_buffer("pairs", pairs, persistent=False)
 
-    def prepare(
-        self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> Prepared:
         patches, _ = self.patches(images, train, generator)
         targets = torch.arange(self.classes, device=images.device).repeat(images.shape[0])
-        return patches, targets
+        return Prepared(patches, targets)
 
-    def arrangements(self, device: torch.device) -> torch.Tensor:
-        """The 8 (neighbour, centre) pairs, in target order."""
+    def arrangements(self, device: torch.device, context: Any = None) -> torch.Tensor:
+        """The 8 (neighbour, centre) pairs, in target order (the same for every batch)."""
         return self.pairs.to(device)

@@ -7,12 +7,14 @@ crop, horizontal flip, colour jitter, values in [-1, 1].
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pretextlab.data import augment
-from pretextlab.tasks.base import PretextTask, TaskOptions, full_precision
+from pretextlab.tasks.base import Prepared, PretextTask, TaskOptions, full_precision
 
 NUM_ROTATIONS = 4
 
@@ -49,12 +51,10 @@ class RotationTask(PretextTask):
             x = augment.resize(augment.center_crop(x, min(size, *x.shape[-2:])), size)
         return augment.to_signed(x)
 
-    def prepare(
-        self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotate_all(self._view(images, train, generator))
+    def prepare(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> Prepared:
+        return Prepared(*rotate_all(self._view(images, train, generator)))
 
-    def forward(self, pre_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, pre_logits: torch.Tensor, context: Any = None) -> torch.Tensor:
         return self.classifier(pre_logits)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
