@@ -50,22 +50,23 @@ def bench_extraction(network, views, images, outputs, batch_size: int) -> dict:
 def bench_probes(features: dict, num_classes: int, sgd_epochs: int, sgd_batch: int) -> dict:
     train, val, test = (features[s] for s in ("train", "val", "test"))
     lbfgs = lbfgs_probe(train, val, test, num_classes, LbfgsConfig(device="cpu"), progress=False)
-    target = lbfgs.val_top1 - 0.005
+    # The probes report percent; this benchmark's records keep fractions (as its committed results do).
+    target = lbfgs.val_top1_percent / 100 - 0.005
     started = time.perf_counter()
     reached: dict = {}
 
     def on_epoch(entry: dict) -> None:
-        if not reached and entry["val_top1"] >= target:
-            reached.update(epoch=entry["epoch"], seconds=time.perf_counter() - started, val_top1=entry["val_top1"])
+        if not reached and entry["val_top1_percent"] / 100 >= target:
+            reached.update(epoch=entry["epoch"], seconds=time.perf_counter() - started, val_top1=entry["val_top1_percent"] / 100)
 
     config = SgdConfig.paper("linear", device="cpu").scaled(sgd_epochs)
     config = dataclasses.replace(config, batch_size=sgd_batch)
     sgd = sgd_probe(train, val, test, num_classes, config, progress=False, curve_callback=on_epoch)
     return dict(
-        lbfgs_seconds=lbfgs.seconds, lbfgs_val_top1=lbfgs.val_top1, lbfgs_test_top1=lbfgs.test_top1, lbfgs_l2=lbfgs.chosen,
-        sgd_epochs=sgd_epochs, sgd_batch=sgd_batch, sgd_seconds=sgd.seconds, sgd_val_top1=sgd.val_top1,
-        sgd_test_top1=sgd.test_top1, sgd_reached=reached or None,
-        sgd_curve=[dict(epoch=e["epoch"], val_top1=e["val_top1"]) for e in sgd.curve],
+        lbfgs_seconds=lbfgs.seconds, lbfgs_val_top1=lbfgs.val_top1_percent / 100, lbfgs_test_top1=lbfgs.test_top1_percent / 100, lbfgs_l2=lbfgs.chosen,
+        sgd_epochs=sgd_epochs, sgd_batch=sgd_batch, sgd_seconds=sgd.seconds, sgd_val_top1=sgd.val_top1_percent / 100,
+        sgd_test_top1=sgd.test_top1_percent / 100, sgd_reached=reached or None,
+        sgd_curve=[dict(epoch=e["epoch"], val_top1=e["val_top1_percent"] / 100) for e in sgd.curve],
     )
 
 

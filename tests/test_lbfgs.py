@@ -60,10 +60,10 @@ def test_probe_on_raw_pixels_is_accurate_and_chooses_on_val(pixels) -> None:
     result = lbfgs_probe(train, val, test, num_classes=10, config=config, progress=False)
     assert isinstance(result, ProbeResult) and result.probe == "lbfgs"
     assert [s["l2"] for s in result.per_setting] == [1e-1, 1e-2, 1e-4]  # strongest first
-    assert result.test_top1 > 0.75
-    assert 0 <= result.val_top1 <= 1 and 0 <= result.test_top1 <= 1  # fractions, not percent
-    val_scores = [s["val_top1"] for s in result.per_setting]
-    assert result.val_top1 == max(val_scores)
+    assert result.test_top1_percent > 75
+    assert 1 < result.val_top1_percent <= 100 and 1 < result.test_top1_percent <= 100  # percent, not fractions
+    val_scores = [s["val_top1_percent"] for s in result.per_setting]
+    assert result.val_top1_percent == max(val_scores)
     assert result.chosen == {"l2": result.per_setting[val_scores.index(max(val_scores))]["l2"]}  # first best = strongest
     assert result.train_size == len(train[1])
     json.dumps(result.to_dict())  # storable as it is
@@ -71,7 +71,7 @@ def test_probe_on_raw_pixels_is_accurate_and_chooses_on_val(pixels) -> None:
     # Scored on the training images themselves, the weakest L2 wins: the choice really follows `val`.
     on_train = lbfgs_probe(train, train, test, num_classes=10, config=config, progress=False)
     assert on_train.chosen == {"l2": 1e-4}
-    assert on_train.val_top1 > result.val_top1
+    assert on_train.val_top1_percent > result.val_top1_percent
 
 
 def test_fit_agrees_with_scikit_learn_at_the_same_c(standardized) -> None:

@@ -44,14 +44,14 @@ def test_linear_probe_learns_fashion_mnist_and_reports_the_final_epoch(pixels) -
     config = SgdConfig.paper("linear", batch_size=256, device="cpu").scaled(5)
     result = sgd_probe(train, val, test, num_classes=10, config=config, progress=False)
     assert isinstance(result, SgdResult) and result.probe == "sgd"
-    assert result.test_top1 > 0.75
-    assert 0 <= result.val_top1 <= 1 and 0 <= result.test_top1 <= 1  # fractions, not percent
+    assert result.test_top1_percent > 75
+    assert 1 < result.val_top1_percent <= 100 and 1 < result.test_top1_percent <= 100  # percent, not fractions
     assert [entry["epoch"] for entry in result.curve] == [1, 2, 3, 4, 5]
-    assert set(result.curve[0]) == {"epoch", "lr", "train_loss", "val_top1"}
-    assert result.val_top1 == result.curve[-1]["val_top1"]  # the final model's, not the best epoch's
+    assert set(result.curve[0]) == {"epoch", "lr", "train_loss", "val_top1_percent"}
+    assert result.val_top1_percent == result.curve[-1]["val_top1_percent"]  # the final model's, not the best epoch's
     assert result.chosen["epoch"] == 5 and result.chosen["batch_size"] == 256
     assert result.chosen["lr"] == pytest.approx(0.1)  # 0.1 x 256 / 256
-    assert result.chosen["best_val_top1"] == max(e["val_top1"] for e in result.curve)
+    assert result.chosen["best_val_top1_percent"] == max(e["val_top1_percent"] for e in result.curve)
     assert result.curve[-1]["train_loss"] < 0.7 * result.curve[0]["train_loss"]
     assert result.train_size == len(train[1])
     restored = json.loads(json.dumps(result.to_dict()))  # storable as it is
@@ -63,7 +63,7 @@ def test_mlp_probe_learns_fashion_mnist(pixels) -> None:
     config = SgdConfig.paper("mlp", batch_size=256, device="cpu").scaled(4)
     result = sgd_probe(train, val, test, num_classes=10, config=config, progress=False)
     assert result.probe == "mlp"
-    assert result.test_top1 > 0.78
+    assert result.test_top1_percent > 78
     assert len(result.curve) == 4
 
 
@@ -88,7 +88,7 @@ def test_same_seed_gives_identical_results_and_another_seed_does_not(small) -> N
     train, val, test = small
     first = sgd_probe(train, val, test, 10, SMALL_MLP, progress=False)
     again = sgd_probe(train, val, test, 10, SMALL_MLP, progress=False)
-    assert first.curve == again.curve and first.test_top1 == again.test_top1
+    assert first.curve == again.curve and first.test_top1_percent == again.test_top1_percent
     other = sgd_probe(train, val, test, 10, dataclasses.replace(SMALL_MLP, seed=1), progress=False)
     assert [e["train_loss"] for e in other.curve] != [e["train_loss"] for e in first.curve]
 
@@ -115,11 +115,11 @@ def test_resume_after_an_interruption_ends_identical_to_an_uninterrupted_run(sma
     )
     assert seen == [3, 4]  # only the remaining epochs were trained
     assert resumed.curve == uninterrupted.curve
-    assert resumed.test_top1 == uninterrupted.test_top1 and resumed.val_top1 == uninterrupted.val_top1
+    assert resumed.test_top1_percent == uninterrupted.test_top1_percent and resumed.val_top1_percent == uninterrupted.val_top1_percent
 
     # A finished checkpoint is only scored; one from another configuration is refused.
     finished = sgd_probe(train, val, test, 10, SMALL_MLP, progress=False, curve_callback=lambda e: seen.append(-1), checkpoint_path=checkpoint)
-    assert seen == [3, 4] and finished.test_top1 == uninterrupted.test_top1
+    assert seen == [3, 4] and finished.test_top1_percent == uninterrupted.test_top1_percent
     with pytest.raises(PretextlabError, match="another configuration"):
         sgd_probe(train, val, test, 10, dataclasses.replace(SMALL_MLP, seed=5), progress=False, checkpoint_path=checkpoint)
 
@@ -133,7 +133,7 @@ def test_streaming_from_a_memmap_matches_device_resident_features(small, tmp_pat
     config = dataclasses.replace(SMALL_MLP, epochs=2, decay_epochs=(1,))
     resident = sgd_probe((train_x, train_y), val, test, 10, dataclasses.replace(config, resident="device"), progress=False)
     streamed = sgd_probe((on_disk, train_y), val, test, 10, dataclasses.replace(config, resident="stream"), progress=False)
-    assert streamed.curve == resident.curve and streamed.test_top1 == resident.test_top1
+    assert streamed.curve == resident.curve and streamed.test_top1_percent == resident.test_top1_percent
 
 
 def test_standardisation_uses_train_statistics_and_zeroes_columns_constant_on_train(small) -> None:
@@ -160,8 +160,8 @@ def test_standardisation_uses_train_statistics_and_zeroes_columns_constant_on_tr
     )
     for mine, theirs in zip(skewed.curve, plain.curve):
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
-        assert mine["val_top1"] == pytest.approx(theirs["val_top1"], abs=1 / 300)
-    assert skewed.test_top1 == pytest.approx(plain.test_top1, abs=2 / 300)
+        assert mine["val_top1_percent"] == pytest.approx(theirs["val_top1_percent"], abs=100 / 300)
+    assert skewed.test_top1_percent == pytest.approx(plain.test_top1_percent, abs=200 / 300)
 
     # Unstandardised, pixels scaled by 1e19 overflow the logits: the run stops with advice, not NaNs.
     def huge(x: np.ndarray) -> np.ndarray:

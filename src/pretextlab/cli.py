@@ -71,12 +71,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pretextlab.evaluate.probe_run import evaluate_run
 
     results = evaluate_run(args.run, _eval_config(args), progress=not args.no_progress)
-    print(f"{'output':<12} {'dims':>6} {'probe':<7} {'labels':<8} {'val top-1 %':>11} {'test top-1 %':>12}  chosen")
+    # People read the table on stderr; stdout is one JSON document for scripts.
+    print(f"{'output':<12} {'dims':>6} {'probe':<7} {'labels':<8} {'val top-1 %':>11} {'test top-1 %':>12}  chosen", file=sys.stderr)
     for r in results:
+        chosen = ", ".join(f"{k}={v:.0e}" if k == "l2" else f"{k}={v:g}" for k, v in r["chosen"].items() if isinstance(v, (int, float)))
         print(
-            f"{r['output']:<12} {r['feature_dim']:>6} {r['probe']:<7} {r['labels']:<8} {100 * r['val_top1']:>11.2f} "
-            f"{100 * r['test_top1']:>12.2f}  {r['chosen']}"
+            f"{r['output']:<12} {r['feature_dim']:>6} {r['probe']:<7} {r['labels']:<8} {r['val_top1_percent']:>11.2f} "
+            f"{r['test_top1_percent']:>12.2f}  {chosen}",
+            file=sys.stderr,
         )
+    fields = ("output", "probe", "labels", "feature_dim", "val_top1_percent", "test_top1_percent", "chosen",
+              "train_images", "val_images", "test_images", "warnings", "result_file")
+    print(json.dumps({
+        "run": str(args.run),
+        "checkpoint": results[0]["checkpoint"] if results else None,
+        "results": [{k: r.get(k) for k in fields} for r in results],
+    }, indent=2))
     return 0
 
 
@@ -103,7 +113,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _cmd_results(args: argparse.Namespace) -> int:
     from pretextlab import atomic
     from pretextlab.report import format_chosen
-    from pretextlab.store import ResultsStore
+    from pretextlab.study.store import ResultsStore
     from pretextlab.study import locate_study_store
 
     with ResultsStore(locate_study_store(args.file), create=False) as store:

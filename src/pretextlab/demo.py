@@ -145,7 +145,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     ]
     for name, r in rows:
         table.append(
-            f"| {name} | {r['feature_dim']} | {r['chosen'].get('l2', 'n/a'):.0e} | {100 * r['val_top1']:.2f} | {100 * r['test_top1']:.2f} |"
+            f"| {name} | {r['feature_dim']} | {r['chosen'].get('l2', 'n/a'):.0e} | {r['val_top1_percent']:.2f} | {r['test_top1_percent']:.2f} |"
         )
     curve = plot_training_curve(read_metrics(run_dir), out / "training_curve.png", f"{config.task} on Fashion-MNIST ({train_config.network}, k={train_config.width})")
     total_seconds = time.perf_counter() - started

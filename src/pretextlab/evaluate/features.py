@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from pretextlab import atomic
 from pretextlab.data import BatchLoader, ImageSet
+from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
 
 POOL_BUDGET = 9000  # the study's cap on the number of values per image fed to a probe
@@ -86,22 +87,6 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` means CUDA when present, else CPU; anything else must be a valid, available device."""
-    if isinstance(device, torch.device):
-        resolved = device
-    elif device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            resolved = torch.device(device)
-        except (RuntimeError, TypeError) as error:
-            raise PretextlabError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise PretextlabError(f"device {str(device)!r} asked for but CUDA is not available here: use cpu or auto")
-    return resolved
 
 
 def _check_budget(budget: int) -> int:

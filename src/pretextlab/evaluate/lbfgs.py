@@ -15,7 +15,8 @@ iterations instead of hundreds.
 
 ``lbfgs_probe`` walks the L2 grid from the strongest to the weakest value, warm-starting each fit
 from the previous solution, chooses the value with the best validation accuracy (ties go to the
-stronger one) and reports the test accuracy of that one fit. Accuracies are fractions in [0, 1].
+stronger one) and reports the test accuracy of that one fit. Accuracies are in percent (0-100), as
+every table and bar shows them, and named so (``val_top1_percent``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
-from pretextlab.evaluate.features import resolve_device
 from pretextlab.evaluate.probe_inputs import checked_split
 
 DEFAULT_L2_GRID: tuple[float, ...] = tuple(10.0**k for k in range(1, -7, -1))  # 1e1 ... 1e-6, strongest first
@@ -71,11 +72,11 @@ class LbfgsConfig:
 
 @dataclass
 class ProbeResult:
-    """One probe's outcome. ``val_top1`` / ``test_top1`` are fractions in [0, 1], not percent."""
+    """One probe's outcome; accuracies in percent (0-100)."""
 
     probe: str
-    val_top1: float
-    test_top1: float
+    val_top1_percent: float
+    test_top1_percent: float
     chosen: dict[str, float]
     per_setting: list[dict[str, float]]
     seconds: float
@@ -278,7 +279,7 @@ def _accuracy(features: np.ndarray, labels: np.ndarray, weight: torch.Tensor, bi
             logits = torch.addmm(bias, scaler.chunk(features, start), weight.t())
             predicted = logits.argmax(1).cpu().numpy()
             correct += int((predicted == labels[start : start + CHUNK_ROWS]).sum())
-    return correct / len(labels)
+    return 100.0 * correct / len(labels)
 
 
 def lbfgs_probe(
@@ -288,11 +289,12 @@ def lbfgs_probe(
     num_classes: int,
     config: LbfgsConfig | None = None,
     progress: bool = True,
+    label: str = "",
 ) -> ProbeResult:
     """Fit along ``config.l2_grid`` (strongest first, warm-started), choose L2 on ``val``, score ``test``.
 
     Each split is (features float (N, D), labels int (N,)); features may be memmaps. Accuracies in
-    the result are fractions in [0, 1].
+    the result are percent. ``label`` names what is probed (e.g. the layer) on the progress bar.
     """
     started = time.perf_counter()
     config = config or LbfgsConfig()
@@ -327,7 +329,7 @@ def lbfgs_probe(
     per_setting: list[dict[str, float]] = []
     best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None
     init = None
-    bar = tqdm(config.l2_grid, desc="L-BFGS probe", unit="l2", disable=not progress)
+    bar = tqdm(config.l2_grid, desc=f"L-BFGS probe {label}".rstrip(), unit="l2", disable=not progress)
     for l2 in bar:
         weight, bias, info = fit_logistic_regression(
             x, y, num_classes, l2, config.max_iter, config.tolerance, config.history_size, init=init, whitening=whitening
@@ -337,7 +339,7 @@ def lbfgs_probe(
         per_setting.append(
             {
                 "l2": l2,
-                "val_top1": val_top1,
+                "val_top1_percent": val_top1,
                 "iterations": info["iterations"],
                 "function_evals": info["function_evals"],
                 "converged": info["converged"],
@@ -345,7 +347,7 @@ def lbfgs_probe(
                 "seconds": info["seconds"],
             }
         )
-        bar.set_postfix(l2=f"{l2:.0e}", val=f"{val_top1:.4f}", iters=info["iterations"])
+        bar.set_postfix(l2=f"{l2:.0e}", val=f"{val_top1:.2f}%", iters=info["iterations"])
         if best is None or val_top1 > best[1]:  # strictly better: ties keep the stronger L2
             best = (l2, val_top1, weight.clone(), bias.clone())
     assert best is not None
@@ -353,8 +355,8 @@ def lbfgs_probe(
     test_top1 = _accuracy(test_x, test_y, weight, bias, scaler)
     return ProbeResult(
         probe="lbfgs",
-        val_top1=val_top1,
-        test_top1=test_top1,
+        val_top1_percent=val_top1,
+        test_top1_percent=test_top1,
         chosen={"l2": chosen_l2},
         per_setting=per_setting,
         seconds=time.perf_counter() - started,
@@ -367,6 +369,5 @@ def lbfgs_probe(
             "standardize": config.standardize,
             "precondition": config.precondition,
             "device": str(device),
-            "accuracy_unit": "fraction",
         },
     )

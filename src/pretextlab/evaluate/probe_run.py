@@ -2,7 +2,14 @@
 
 This is the glue between a trained run, a downstream dataset and the probes. Every result is
 stored as JSON in the run directory with its full recipe (run, output, probe, labels, dataset,
-split sizes, regularisation chosen), so every number can be traced back to what produced it.
+split sizes, regularisation chosen) and the checkpoint it came from (step, SHA-256 of the file,
+whether training had finished), so every number can be traced back to what produced it.
+
+Nothing derived from one checkpoint is reused for another (docs/protocol.md, "Evaluation"): the
+feature cache key holds the checkpoint's step and content hash, so a run trained further gets its
+features extracted again. A result's file name ends in a short hash of everything that changes
+the number (checkpoint, dataset and its split sizes, seed, labels, the probe's full recipe), so
+evaluations that differ in any of these are all kept side by side. Accuracies are in percent.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,6 +28,7 @@ from torch import nn
 
 from pretextlab import atomic
 from pretextlab.data import DatasetSplits, few_label_subset, load_dataset
+from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.features import extract_features
 from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
@@ -29,6 +38,18 @@ PROBES = ("lbfgs", "sgd", "mlp")
 SGD_SCHEDULES = ("paper", "paper_long")
 PROBES_DIR = "probes"
 FEATURES_DIR = "features"
+# Under these counts a top-1 accuracy says little (one image moves it by a point or more, a class
+# with a handful of images by far more): the result is kept but flagged, on stderr and in its JSON.
+MIN_SCORED_IMAGES = 100
+MIN_SCORED_PER_CLASS = 10
+# Settings that change how fast, not what, a probe computes: left out of the recipe hash.
+NOT_IN_RECIPE = ("device", "resident")
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(f"pretextlab: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -79,6 +100,15 @@ class EvalConfig:
         probe_config = self.probe_config()
         return f"{self.probe}-{self.sgd_schedule}{probe_config.epochs}"
 
+    def recipe(self) -> dict[str, Any]:
+        """Everything in this config that changes a result (not the device or the extraction batch)."""
+        probe = {k: v for k, v in dataclasses.asdict(self.probe_config()).items() if k not in NOT_IN_RECIPE}
+        return {
+            "probe": self.probe, "probe_config": probe, "dataset": self.dataset, "data_dir": self.data_dir,
+            "val_size": self.val_size, "limit": self.limit, "test_limit": self.test_limit,
+            "labels_per_class": self.labels_per_class, "label_fraction": self.label_fraction, "seed": self.seed,
+        }
+
     def label_tag(self) -> str:
         if self.labels_per_class is not None:
             return f"{self.labels_per_class}pc"
@@ -100,6 +130,20 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def scoring_warnings(split: str, labels: np.ndarray, num_classes: int) -> list[str]:
+    """Why an accuracy measured on these labels is not meaningful (empty list: it is)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    problems = []
+    if len(labels) < MIN_SCORED_IMAGES:
+        problems.append(f"only {len(labels)} {split} images (fewer than {MIN_SCORED_IMAGES})")
+    if counts.min() < MIN_SCORED_PER_CLASS:
+        problems.append(f"a class with only {counts.min()} {split} images (fewer than {MIN_SCORED_PER_CLASS} per class)")
+    if not problems:
+        return []
+    flag = "--test-limit" if split == "test" else "--val-size"
+    return [f"{' and '.join(problems)}: its top-1 accuracy is not meaningful; raise {flag} or use a larger dataset"]
+
+
 def probe_representation(
     network: nn.Module,
     views: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
@@ -110,8 +154,13 @@ def probe_representation(
     config: EvalConfig,
     progress: bool = True,
     probe_checkpoint_dir: Path | None = None,
+    log: Log = _stderr,
 ) -> dict[str, dict[str, Any]]:
-    """Features of every split at ``outputs`` (one pass per split, cached), then one probe per output."""
+    """Features of every split at ``outputs`` (one pass per split, cached), then one probe per output.
+
+    Each record carries ``warnings`` (also passed to ``log``) when its val or test split is too
+    small for its accuracy to mean much (``MIN_SCORED_IMAGES``, ``MIN_SCORED_PER_CLASS``).
+    """
     if config.probe not in PROBES:
         raise PretextlabError(f"unknown probe {config.probe!r}: choose one of {', '.join(PROBES)}")
     # Few labels: only the chosen training images go through the network (their own cache entry),
@@ -144,20 +193,27 @@ def probe_representation(
         )
     }
     probe_config = config.probe_config()
+    too_few = scoring_warnings("val", splits.val.labels, splits.num_classes) + scoring_warnings(
+        "test", splits.test.labels, splits.num_classes
+    )
+    for warning in too_few:
+        log(f"warning: {warning}")
     results = {}
     for output in outputs:
         train_set, val_set, test_set = (features[s][output] for s in ("train", "val", "test"))
         train = (train_set.features, train_set.labels)
         val, test = (val_set.features, val_set.labels), (test_set.features, test_set.labels)
         if isinstance(probe_config, LbfgsConfig):
-            result = lbfgs_probe(train, val, test, num_classes=splits.num_classes, config=probe_config, progress=progress)
+            result = lbfgs_probe(
+                train, val, test, num_classes=splits.num_classes, config=probe_config, progress=progress, label=output
+            )
         else:
             checkpoint = None
             if probe_checkpoint_dir is not None:
                 checkpoint = probe_checkpoint_dir / f"{_key(preprocessing_key, output, dataclasses.asdict(probe_config), config.label_tag(), config.seed)}.pt"
             result = sgd_probe(
                 train, val, test, num_classes=splits.num_classes, config=probe_config, progress=progress,
-                checkpoint_path=checkpoint,
+                checkpoint_path=checkpoint, label=output,
             )
         record = result.to_dict()
         record.update(
@@ -168,6 +224,7 @@ def probe_representation(
             train_images=int(len(train_set.labels)),
             val_images=int(len(val_set.labels)),
             test_images=int(len(test_set.labels)),
+            warnings=list(too_few),
         )
         results[output] = record
     return results
@@ -188,13 +245,22 @@ def downstream_splits(run_config: Any, config: EvalConfig) -> DatasetSplits:
     )
 
 
-def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Probe a trained run's frozen network at ``config.outputs``; store and return the results."""
-    from pretextlab.train import load_trained, resolve_device
+def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True, log: Log = _stderr) -> list[dict[str, Any]]:
+    """Probe a trained run's frozen network at ``config.outputs``; store and return the results.
+
+    Each record says which checkpoint was probed (``checkpoint``: step, sha256, total_steps,
+    finished) and where it was stored (``result_file``); probing an unfinished run is allowed (a
+    curve over training needs it) but said on ``log``.
+    """
+    from pretextlab.train import load_trained_identity
 
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
-    run_config, network, task = load_trained(run_dir, device)
+    run_config, network, task, identity = load_trained_identity(run_dir, device)
+    checkpoint = {"step": identity.step, "sha256": identity.sha256, "total_steps": identity.total_steps, "finished": identity.finished}
+    if not identity.finished:
+        of = f" of {identity.total_steps}" if identity.total_steps else ""
+        log(f"warning: {run_dir} has not finished training: probing its checkpoint at step {identity.step}{of}")
     valid = tuple(network.output_names)
     outputs = valid if tuple(config.outputs) == ("all",) else tuple(config.outputs)
     unknown = [o for o in outputs if o not in valid]
@@ -202,15 +268,21 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True)
         raise PretextlabError(f"{run_config.network} has no output {', '.join(unknown)}: choose from {', '.join(valid)} or all")
     splits = downstream_splits(run_config, config)
     dataset = config.dataset or run_config.dataset
-    key = _key(run_config.config_hash(), dataset, config.data_dir, config.val_size, config.limit, config.test_limit, config.seed, splits.describe())
+    # The checkpoint's step and content hash are part of the key: features of older weights are never reused.
+    key = _key(
+        run_config.config_hash(), identity.step, identity.sha256, dataset, config.data_dir, config.val_size,
+        config.limit, config.test_limit, config.seed, splits.describe(),
+    )
     results = probe_representation(
         network, task.eval_views, splits, outputs, run_dir / FEATURES_DIR, key, config, progress=progress,
-        probe_checkpoint_dir=run_dir / PROBES_DIR / "checkpoints",
+        probe_checkpoint_dir=run_dir / PROBES_DIR / "checkpoints", log=log,
     )
     # Two folder datasets (ImageNet, Places205) must not share result files: name them by folder.
     dataset_tag = dataset if dataset != "folder" else f"folder-{Path(config.data_dir or run_config.data_dir or 'data').name}"
+    recipe_hash = _key(config.recipe(), checkpoint, splits.describe())
     stored = []
     for output, record in results.items():
+        path = run_dir / PROBES_DIR / f"{dataset_tag}-{output}-{config.probe_tag()}-{config.label_tag()}-{recipe_hash}.json"
         record.update(
             run=str(run_dir),
             run_config_hash=run_config.config_hash(),
@@ -220,8 +292,11 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True)
             dataset=dataset,
             eval_config=dataclasses.asdict(config),
             data=splits.describe(),
+            checkpoint=checkpoint,
+            recipe_hash=recipe_hash,
+            result_file=str(path),
         )
-        name = f"{dataset_tag}-{output}-{config.probe_tag()}-{config.label_tag()}.json"
-        atomic.write_json(run_dir / PROBES_DIR / name, record)
+        atomic.write_json(path, record)
+        log(f"stored the {output} result ({record['test_top1_percent']:.2f}% test top-1) in {path}")
         stored.append(record)
     return stored

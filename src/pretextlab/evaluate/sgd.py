@@ -12,8 +12,8 @@ The recipe is the released evaluation code's (``linear_eval.py`` + ``trainer.py`
 - MLP: hidden 1000, ReLU, dropout 0.5 (inverted, active in training only), then the classifier;
 - Glorot-uniform weights and zero biases (TensorFlow's layer defaults).
 
-The number the study reports is the *final* model's accuracy (no early stopping): ``val_top1`` and
-``test_top1`` are the final epoch's, and the test split is scored exactly once, after training.
+The number the study reports is the *final* model's accuracy (no early stopping): ``val_top1_percent``
+and ``test_top1_percent`` are the final epoch's, and the test split is scored exactly once, after training.
 The per-epoch validation accuracy is kept in ``curve`` (the convergence plot), with the best epoch
 noted in ``chosen`` for information only.
 
@@ -45,8 +45,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pretextlab import atomic
+from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
-from pretextlab.evaluate.features import resolve_device
 from pretextlab.evaluate.probe_inputs import checked_split
 
 KINDS = ("linear", "mlp")
@@ -189,17 +189,17 @@ class SgdConfig:
 class SgdResult:
     """One SGD probe's outcome, shaped like the L-BFGS probe's result.
 
-    ``val_top1`` / ``test_top1`` are fractions in [0, 1] of the *final* model (as the study reports).
+    ``val_top1_percent`` / ``test_top1_percent``: the *final* model's (as the study reports), in percent.
     ``chosen``: the schedule that produced them (final ``epoch``, peak ``lr``, ``batch_size``,
-    ``weight_decay``) plus, for information, ``best_val_epoch`` / ``best_val_top1`` from the curve.
-    ``curve``: one ``{epoch, lr, train_loss, val_top1}`` per epoch (1-based epochs; ``lr`` is the
+    ``weight_decay``) plus, for information, ``best_val_epoch`` / ``best_val_top1_percent`` from the curve.
+    ``curve``: one ``{epoch, lr, train_loss, val_top1_percent}`` per epoch (1-based epochs; ``lr`` is the
     rate of the epoch's last step; ``train_loss`` the mean minibatch loss, weight decay excluded).
     ``seconds`` adds up the time of every call that worked on this probe (resumes included).
     """
 
     probe: str
-    val_top1: float
-    test_top1: float
+    val_top1_percent: float
+    test_top1_percent: float
     chosen: dict[str, float]
     curve: list[dict[str, float]]
     seconds: float
@@ -352,7 +352,7 @@ def _accuracy(model: _ProbeHead, split: _Standardised, labels: torch.Tensor) -> 
             predicted = model(chunk).argmax(1)
             correct += (predicted == labels[start : start + len(chunk)]).sum()
             start += len(chunk)
-    return int(correct) / len(labels)
+    return 100.0 * int(correct) / len(labels)
 
 
 def _sample_digest(features: np.ndarray, labels: np.ndarray) -> str:
@@ -410,11 +410,13 @@ def sgd_probe(
     progress: bool = True,
     curve_callback: CurveCallback | None = None,
     checkpoint_path: str | os.PathLike | None = None,
+    label: str = "",
 ) -> SgdResult:
     """Train a linear or MLP probe with SGD on ``train``, follow it on ``val``, score ``test`` once.
 
     Each split is (features float (N, D), labels int (N,)); features may be ``np.memmap``s. The
-    result's accuracies are the final model's, as fractions in [0, 1]. ``curve_callback`` receives
+    result's accuracies are the final model's, in percent. ``label`` names what is probed (e.g.
+    the layer) on the progress bar. ``curve_callback`` receives
     each epoch's curve entry once that epoch is checkpointed. With ``checkpoint_path``, the state
     is saved (atomically) after every epoch and a later call with the same arguments continues
     from it; a finished checkpoint is only scored.
@@ -491,7 +493,7 @@ def sgd_probe(
 
     bar = tqdm(
         range(start_epoch, config.epochs),
-        desc=f"SGD probe ({config.kind})",
+        desc=f"SGD probe ({config.kind}) {label}".rstrip(),
         unit="epoch",
         initial=start_epoch,
         total=config.epochs,
@@ -519,7 +521,7 @@ def sgd_probe(
                 f"the {config.kind} probe diverged in epoch {epoch + 1} (training loss {train_loss}) at lr {lr:g}: "
                 f"lower base_lr (now {config.base_lr:g} per {LR_REFERENCE_BATCH} images) or keep standardize=True"
             )
-        entry = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_top1": _accuracy(model, val_set, labels["val"])}
+        entry = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_top1_percent": _accuracy(model, val_set, labels["val"])}
         curve.append(entry)
         if path is not None:
             atomic.save_torch(
@@ -537,25 +539,25 @@ def sgd_probe(
                     "seconds": earlier_seconds + time.perf_counter() - started,
                 },
             )
-        bar.set_postfix(val=f"{entry['val_top1']:.4f}", loss=f"{train_loss:.4f}", lr=f"{lr:.3g}")
+        bar.set_postfix(val=f"{entry['val_top1_percent']:.2f}%", loss=f"{train_loss:.4f}", lr=f"{lr:.3g}")
         if curve_callback is not None:
             curve_callback(dict(entry))
     bar.close()
 
     test_set = _Standardised(splits["test"][0], mean, inv_std, device, resident=False)
     test_top1 = _accuracy(model, test_set, labels["test"])
-    best = max(curve, key=lambda e: e["val_top1"])  # the first of equals: the earliest epoch
+    best = max(curve, key=lambda e: e["val_top1_percent"])  # the first of equals: the earliest epoch
     return SgdResult(
         probe=PROBE_NAMES[config.kind],
-        val_top1=curve[-1]["val_top1"],
-        test_top1=test_top1,
+        val_top1_percent=curve[-1]["val_top1_percent"],
+        test_top1_percent=test_top1,
         chosen={
             "epoch": config.epochs,
             "lr": config.peak_lr(batch_size),
             "batch_size": batch_size,
             "weight_decay": config.weight_decay,
             "best_val_epoch": best["epoch"],
-            "best_val_top1": best["val_top1"],
+            "best_val_top1_percent": best["val_top1_percent"],
         },
         curve=curve,
         seconds=earlier_seconds + time.perf_counter() - started,

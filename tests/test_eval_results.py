@@ -1,0 +1,129 @@
+"""Stored probe results: keyed by the checkpoint they came from and by every setting that changes
+them, flagged when scored on too few images, and the probes' progress bars name the layer
+(issue 14, items 1, 3 and 9, and its output section)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pretextlab.config import TrainConfig
+from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
+from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run, scoring_warnings
+from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
+from pretextlab.train import Trainer, read_metrics
+
+TRAIN = dict(
+    task="rotation", network="resnet50v1", width=1, image_size=32, limit=320, val_size=32, test_limit=32,
+    epochs=0.5, batch_size=32, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1,
+)
+SMALL_EVAL = dict(limit=300, test_limit=200, val_size=100, device="cpu", l2_grid=(1e-1, 1e-2))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("results") / "rot"
+    Trainer(TrainConfig(**TRAIN), run_dir, progress=False).fit()
+    return run_dir
+
+
+def test_every_setting_that_changes_a_result_keeps_its_own_file(run):
+    messages: list[str] = []
+    base = evaluate_run(run, EvalConfig(**SMALL_EVAL), progress=False, log=messages.append)[0]
+    other_seed = evaluate_run(run, EvalConfig(**{**SMALL_EVAL, "seed": 1}), progress=False, log=messages.append)[0]
+    other_limit = evaluate_run(run, EvalConfig(**{**SMALL_EVAL, "limit": 250}), progress=False, log=messages.append)[0]
+    other_test = evaluate_run(run, EvalConfig(**{**SMALL_EVAL, "test_limit": 150}), progress=False, log=messages.append)[0]
+    files = [Path(r["result_file"]) for r in (base, other_seed, other_limit, other_test)]
+    assert len(set(files)) == 4 and all(f.exists() for f in files)  # none overwrote another
+    stored = [json.loads(f.read_text()) for f in files]
+    assert [s["eval_config"]["seed"] for s in stored] == [0, 1, 0, 0]
+    assert [s["eval_config"]["limit"] for s in stored] == [300, 300, 250, 300]
+    assert [s["test_images"] for s in stored] == [200, 200, 200, 150]
+    # The same recipe again lands in the same file (a repeat replaces, it does not pile up).
+    again = evaluate_run(run, EvalConfig(**SMALL_EVAL), progress=False, log=messages.append)[0]
+    assert again["result_file"] == base["result_file"]
+    assert all(f"in {f}" in "\n".join(messages) for f in files)  # each says where it was stored
+
+
+def _train_cli(out: Path, *extra: str) -> subprocess.Popen:
+    flags = [
+        "--task", "rotation", "--network", "resnet50v1", "--width", "1", "--image-size", "32", "--limit", "320",
+        "--val-size", "32", "--test-limit", "32", "--epochs", "1", "--batch-size", "16", "--crop-scale", "0.6", "1.0",
+        "--color-jitter", "0", "--device", "cpu", "--val-batches", "1", "--log-every", "1", "--no-progress",
+    ]
+    return subprocess.Popen([sys.executable, "-m", "pretextlab", "train", *flags, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow  # two training processes (a preempted one and its resume): ~20 s
+def test_a_run_trained_further_is_probed_afresh_and_results_name_their_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    process = _train_cli(run)
+    deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
+    while not any("loss" in m and m["step"] >= 2 for m in read_metrics(run)):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be preempted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # preempted mid-run: a checkpoint, no summary
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err
+
+    messages: list[str] = []
+    first = evaluate_run(run, EvalConfig(**SMALL_EVAL), progress=False, log=messages.append)[0]
+    assert first["checkpoint"]["finished"] is False
+    assert any("has not finished training" in m and f"step {first['checkpoint']['step']}" in m for m in messages)
+    caches = {d.name for d in (run / "features").iterdir()}
+
+    resumed = _train_cli(run, "--resume")  # the same recipe, continued to its end
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    messages.clear()
+    second = evaluate_run(run, EvalConfig(**SMALL_EVAL), progress=False, log=messages.append)[0]
+    assert second["checkpoint"]["finished"] is True and not any("not finished" in m for m in messages)
+    assert second["checkpoint"]["step"] > first["checkpoint"]["step"]
+    assert second["checkpoint"]["sha256"] != first["checkpoint"]["sha256"]
+    # The features were extracted again from the final weights (a new cache), not reused.
+    assert len({d.name for d in (run / "features").iterdir()} - caches) == 1
+    assert second["result_file"] != first["result_file"]
+    assert json.loads(Path(second["result_file"]).read_text())["checkpoint"] == second["checkpoint"]
+    assert json.loads(Path(first["result_file"]).read_text())["checkpoint"] == first["checkpoint"]
+
+
+def test_accuracies_on_too_few_images_are_flagged(run):
+    messages: list[str] = []
+    [record] = evaluate_run(run, EvalConfig(**{**SMALL_EVAL, "test_limit": 40}), progress=False, log=messages.append)
+    assert any("only 40 test images" in w and "not meaningful" in w for w in record["warnings"])
+    assert any("only 40 test images" in m for m in messages)
+    assert json.loads(Path(record["result_file"]).read_text())["warnings"] == record["warnings"]
+
+
+def test_the_minimum_counts_for_a_meaningful_accuracy():
+    balanced = np.repeat(np.arange(10), 10)  # 100 images, 10 per class: enough
+    assert scoring_warnings("test", balanced, 10) == []
+    [one] = scoring_warnings("test", balanced[:99], 10)
+    assert "only 99 test images" in one and "only 9" in one and "--test-limit" in one
+    [skewed] = scoring_warnings("val", np.concatenate([np.zeros(200, dtype=np.int64), np.arange(1, 10)]), 10)
+    assert "a class with only 1 val images" in skewed and "--val-size" in skewed
+
+
+def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    return (rng.normal(size=(n, 5)) + labels[:, None]).astype(np.float32), labels
+
+
+def test_probe_progress_bars_name_the_layer_and_show_percent(capfd):
+    train, val, test = _blobs(120, 0), _blobs(60, 1), _blobs(60, 2)
+    lbfgs = lbfgs_probe(train, val, test, 3, LbfgsConfig(l2_grid=(1e-2,), device="cpu"), progress=True, label="block3")
+    sgd_probe(train, val, test, 3, SgdConfig.paper("linear", device="cpu").scaled(1), progress=True, label="block3")
+    err = capfd.readouterr().err
+    assert "L-BFGS probe block3" in err and "SGD probe (linear) block3" in err
+    assert f"val={lbfgs.val_top1_percent:.2f}%" in err
