@@ -1,17 +1,19 @@
 """RevNet's memory-saving backward (models/reversible.py) against ordinary autograd.
 
-"Relative error" of a gradient below is per tensor: ||g_reversible - g_ordinary|| / ||g_ordinary||
-(L2 norms over the whole tensor), for every parameter and for the input.
+"Relative error" of a gradient below is per tensor: ||g - g_reference|| / ||g_reference|| (L2
+norms over the whole tensor), for every parameter and for the input.
 
-Why the float32 cases use fixed seeds: both backward modes run the same forward, but the
-reversible one recomputes activations from values that differ from the stored ones by roundoff
-(x1 = (x1 + F(x2)) - F(x2) in floating point). Typically that moves gradients by 2-3e-6 relative
-(median of the worst parameter over 80 cases: 2.5e-6). Where a recomputed pre-activation lies
-within that roundoff of ReLU's kink at 0, ReLU's derivative flips for that element, and in these
-tiny networks (batch 8, 2x2 maps in the last stage) one element moves many gradients by ~1%. That
-happened in 4 of those 80 cases (20 image batches for each of the four configurations below); the
-ordinary float32 gradient itself is ~10% from the float64 one at these sizes. The float64 cases,
-where the roundoff is 1e-16, are checked over several batches.
+Exactness is checked in float64, where the reconstruction x1 = (x1 + F(x2)) - F(x2) is off by
+~1e-16 and the gradients agree to 1e-11 (with ReLU, on several batches). Float32 is not compared
+to ordinary float32 autograd with a tight tolerance: the recomputed activations differ from the
+stored ones by roundoff (~1e-6 relative), and where a pre-activation lies within that of ReLU's
+kink at 0 its derivative flips; in these tiny networks (batch 8, 2x2 maps in the last stage, BN
+coupling every element of a channel) one flipped element moves many gradients by ~1%. Whether
+that happens depends on the CPU's vectorisation (a fixed-seed test passed on one CPU and failed on
+another at 6e-3). Ordinary float32 autograd suffers the same flips against the exact gradient.
+So the float32 test runs F with a smooth activation (SiLU for ReLU, in both networks: the
+recomputation does not care which), where roundoff propagates smoothly, and bounds the
+reversible gradient's error against the float64 gradient by ordinary float32 autograd's own.
 """
 
 from __future__ import annotations
@@ -41,16 +43,6 @@ pytestmark = pytest.mark.skipif(
     not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
     reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist",
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """One thread: fast on a small shared machine, and the float32 roundoff (which the fixed-seed
-    cases depend on, see the module doc) does not change with the thread count. Restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -112,21 +104,47 @@ def _relative_errors(got: dict[str, torch.Tensor], reference: dict[str, torch.Te
 # ---------------------------------------------------------------- gradients
 
 
+def _with_smooth_activations(network: nn.Module) -> nn.Module:
+    """Every ReLU replaced by SiLU, which is smooth at 0 (see the module doc)."""
+    for module in list(network.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, nn.SiLU())
+    return network
+
+
+# Bound on the reversible float32 gradient's error against the float64 one, relative to ordinary
+# float32 autograd's error on the same tensor. Both run the same float32 forward, whose roundoff
+# (u = 6e-8 per operation, compounded over ~50 layers) is what separates them from float64; the
+# reversible backward adds the reconstruction's roundoff, of the same order (a few ulps per unit,
+# which ReconstructionCheck measures below 1e-5). In a smooth network both errors are linear in
+# these perturbations, so the ratio is O(1): measured 1.02-1.18 over 12 cases (4 configurations x
+# 3 seeds) at 1 and 2 threads. The floor (16 u) covers a tensor whose ordinary gradient happens to
+# be almost exact. A real fault (a wrong recomputation, a gradient lost) is off by O(1).
+FLOAT32_ERROR_FACTOR = 2.0
+FLOAT32_ERROR_FLOOR = 16 * torch.finfo(torch.float32).eps / 2
+
+
 @pytest.mark.parametrize(
     "width,patch_mode,side",
     [(1, False, 64), (2, False, 64), (1, True, 32), (2, True, 32)],
     ids=["k1-image64", "k2-image64", "k1-patch32", "k2-patch32"],
 )
-def test_float32_gradients_of_every_parameter_and_the_input_match_ordinary_autograd(fashion, width, patch_mode, side):
-    ordinary, reversible = _pair(width, patch_mode)
+def test_float32_gradients_are_as_accurate_as_ordinary_autograd(fashion, width, patch_mode, side):
+    ordinary, reversible = (_with_smooth_activations(n) for n in _pair(width, patch_mode))
+    exact = _with_smooth_activations(_pair(width, patch_mode)[0])
+    exact.load_state_dict(ordinary.state_dict())  # the same float32 weights, exactly, in float64
+    exact.double()
     images, weights = _inputs(fashion, width, side, batch=8, dtype=torch.float32, seed=0)
-    reference = _gradients(ordinary, images, weights)
-    got = _gradients(reversible, images, weights)
-    errors = _relative_errors(got, reference)
-    assert len(errors) == len(list(ordinary.parameters())) + 1
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= 1e-5, (worst, errors[worst])
-    assert errors["input"] <= 1e-5
+    reference = _gradients(exact, images.double(), weights.double())
+    ordinary_errors = _relative_errors(_gradients(ordinary, images, weights), reference)
+    reversible_errors = _relative_errors(_gradients(reversible, images, weights), reference)
+    assert len(reversible_errors) == len(list(ordinary.parameters())) + 1
+    # The comparison means something: float32 is close to exact here (measured <= 3.1e-4).
+    assert max(ordinary_errors.values()) < 1e-3, max(ordinary_errors.items(), key=lambda item: item[1])
+    bounds = {k: FLOAT32_ERROR_FACTOR * e + FLOAT32_ERROR_FLOOR for k, e in ordinary_errors.items()}
+    beyond = {k: (reversible_errors[k], ordinary_errors[k]) for k in bounds if reversible_errors[k] > bounds[k]}
+    assert not beyond, beyond
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -156,14 +174,18 @@ def test_gradient_into_a_named_block_output_alone_is_correct(fashion):
 
 
 def test_running_statistics_after_one_step_equal_ordinary_training(fashion):
-    ordinary, reversible = _pair(2)
-    images, weights = _inputs(fashion, 2, 64, batch=8, dtype=torch.float32, seed=3)
+    # Float64, and equal to roundoff rather than bitwise: the two modes' stems convolve in
+    # different batch chunks (lean_stem.py), which float32 kernels may round differently on
+    # some CPUs. A second update by the recomputation would move a mean by ~10%.
+    ordinary, reversible = _pair(2, dtype=torch.float64)
+    images, weights = _inputs(fashion, 2, 64, batch=8, dtype=torch.float64, seed=3)
     _gradients(ordinary, images, weights)
     _gradients(reversible, images, weights)
     buffers = {name: value for name, value in ordinary.named_buffers()}
     assert len(buffers) == 3 * (3 * 16 + 1)  # three BN layers per unit, one final BN
     for name, value in reversible.named_buffers():
-        assert torch.equal(value, buffers[name]), name  # the forward updates them, once, identically
+        # the forward updates them, once, identically
+        torch.testing.assert_close(value, buffers[name], rtol=1e-12, atol=1e-14, msg=name)
     counts = {int(v) for n, v in reversible.named_buffers() if n.endswith("num_batches_tracked")}
     assert counts == {1}
     moved = reversible.stages[3][2].F.bn2.running_mean
