@@ -35,6 +35,7 @@ def _torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
 
 
+@pytest.mark.slow
 def test_two_processes_keep_identical_weights_and_follow_the_one_process_run(tmp_path):
     # Two ranks of 16 images each against one process of 32: the same global batch of the same images,
     # whole unflipped views, BatchNorm over the global batch (--sync-bn). In float64, because float32
@@ -74,6 +75,7 @@ def test_two_processes_keep_identical_weights_and_follow_the_one_process_run(tmp
     assert gap < 1e-8 * moved, (gap, moved)
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_and_finishes(tmp_path):
     run = tmp_path / "ddp"
     config = _config(batch_size=8, checkpoint_every=2, epochs=1)
@@ -102,3 +104,19 @@ def test_a_killed_two_process_run_resumes_and_finishes(tmp_path):
     rank0, rank1 = (torch.load(dumps / f"rank{r}.pt") for r in (0, 1))
     for name in rank0:
         torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_rank_0_prints_the_summary_and_it_records_the_world_size(tmp_path):
+    run = tmp_path / "cli"
+    done = subprocess.run(
+        _torchrun("-m", "pretextlab", "train", "--task", "rotation", "--network", "resnet50v1", "--width", "1",
+                  "--limit", "96", "--val-size", "32", "--test-limit", "64", "--epochs", "1", "--batch-size", "8",
+                  "--device", "cpu", "--val-batches", "1", "--no-progress", "--out", str(run)),
+        capture_output=True, text=True, env=ENV,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)  # one JSON document: rank 1 printed nothing
+    assert summary["world_size"] == 2 and summary["global_batch_images"] == 16 and summary["steps"] == 4
+    config = json.loads((run / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch_images"] == 16

@@ -151,3 +151,35 @@ def test_learning_rate_at_the_edges_of_the_schedule():
         peak = 0.1 * 128 * world_size / 256
         assert learning_rate(short, 0, steps, world_size) == pytest.approx(peak)
         assert max(learning_rate(short, s, steps, world_size) for s in range(4 * steps)) == pytest.approx(peak)
+
+
+class _NotWeights:
+    """An arbitrary pickled object: unpickling it could run any code, so weights_only loading refuses it."""
+
+
+def test_a_checkpoint_with_arbitrary_objects_is_refused_not_unpickled(tmp_path, finished_run):
+    run = _copy_run(finished_run, tmp_path / "pickled")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "extra": _NotWeights()}, run / "checkpoint.pt")
+    (run / "checkpoint.prev.pt").unlink()
+    with pytest.raises(PretextlabError, match=r"checkpoint.pt is damaged \(UnpicklingError.*no loadable previous"):
+        load_trained(run)
+
+
+def test_an_atomic_write_syncs_the_file_and_then_its_directory(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from pretextlab import atomic
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):  # the OS boundary: record what kind of object each fsync was for
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", recording_fsync)
+    atomic.write_json(tmp_path / "x.json", {"a": 1})
+    assert synced == ["file", "dir"]  # the data first, then the rename's directory entry
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
