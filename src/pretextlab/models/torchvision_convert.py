@@ -31,41 +31,55 @@ from pretextlab.errors import PretextlabError
 from pretextlab.models.resnet import ResNet50
 from pretextlab.models.vgg import BLOCK_DEPTHS, VGG19BN
 
-BN_ENTRIES = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+# The renaming table of the module docstring, read both ways: (torchvision name, our name). A
+# {stage} is 1-based in torchvision's layerN and 0-based in our stages.N; the other fields match
+# the same text on both sides.
+_RESNET_NAMES = (
+    ("conv1.weight", "stem.conv.weight"),
+    ("bn1.{bn}", "stem.bn.{bn}"),
+    ("layer{stage}.{unit}.{layer}", "stages.{stage}.{unit}.{layer}"),
+    ("layer{stage}.{unit}.downsample.0.weight", "stages.{stage}.{unit}.shortcut.conv.weight"),
+    ("layer{stage}.{unit}.downsample.1.{bn}", "stages.{stage}.{unit}.shortcut.bn.{bn}"),
+)
+_FIELDS = {
+    "bn": r"weight|bias|running_mean|running_var|num_batches_tracked",
+    "unit": r"\d+",
+    "layer": r"(?:conv[123]|bn[123])\..+",
+}
+_STAGES = ("[1-4]", "[0-3]")  # torchvision's, ours
+
+
+def _rename(key: str, side: int) -> str | None:
+    """``key`` on ``side`` (0: torchvision, 1: ours) renamed for the other side; None if no rule fits."""
+    fields = {**_FIELDS, "stage": _STAGES[side]}
+    for names in _RESNET_NAMES:
+        pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m[1]}>{fields[m[1]]})", re.escape(names[side]))
+        if match := re.fullmatch(pattern, key):
+            values = match.groupdict()
+            if "stage" in values:
+                values["stage"] = str(int(values["stage"]) + (-1 if side == 0 else 1))
+            return names[1 - side].format(**values)
+    return None
 
 
 def _resnet_key_from_torchvision(key: str) -> str | None:
     """Our name for a torchvision resnet50 entry; None for the fc entries; error otherwise."""
     if key.startswith("fc."):
         return None
-    if key == "conv1.weight":
-        return "stem.conv.weight"
-    if match := re.fullmatch(rf"bn1\.{BN_ENTRIES}", key):
-        return f"stem.bn.{match[1]}"
-    if match := re.fullmatch(rf"layer([1-4])\.(\d+)\.((?:conv[123]|bn[123])\..+)", key):
-        return f"stages.{int(match[1]) - 1}.{match[2]}.{match[3]}"
-    if match := re.fullmatch(r"layer([1-4])\.(\d+)\.downsample\.0\.weight", key):
-        return f"stages.{int(match[1]) - 1}.{match[2]}.shortcut.conv.weight"
-    if match := re.fullmatch(rf"layer([1-4])\.(\d+)\.downsample\.1\.{BN_ENTRIES}", key):
-        return f"stages.{int(match[1]) - 1}.{match[2]}.shortcut.bn.{match[3]}"
-    raise PretextlabError(
-        f"{key!r} is not an entry of a torchvision resnet50 state dict: pass "
-        "torchvision.models.resnet50(...).state_dict() (or a checkpoint of that model)"
-    )
+    ours = _rename(key, 0)
+    if ours is None:
+        raise PretextlabError(
+            f"{key!r} is not an entry of a torchvision resnet50 state dict: pass "
+            "torchvision.models.resnet50(...).state_dict() (or a checkpoint of that model)"
+        )
+    return ours
 
 
 def _resnet_key_to_torchvision(key: str) -> str:
-    if key == "stem.conv.weight":
-        return "conv1.weight"
-    if match := re.fullmatch(rf"stem\.bn\.{BN_ENTRIES}", key):
-        return f"bn1.{match[1]}"
-    if match := re.fullmatch(r"stages\.([0-3])\.(\d+)\.((?:conv[123]|bn[123])\..+)", key):
-        return f"layer{int(match[1]) + 1}.{match[2]}.{match[3]}"
-    if match := re.fullmatch(r"stages\.([0-3])\.(\d+)\.shortcut\.conv\.weight", key):
-        return f"layer{int(match[1]) + 1}.{match[2]}.downsample.0.weight"
-    if match := re.fullmatch(rf"stages\.([0-3])\.(\d+)\.shortcut\.bn\.{BN_ENTRIES}", key):
-        return f"layer{int(match[1]) + 1}.{match[2]}.downsample.1.{match[3]}"
-    raise PretextlabError(f"{key!r} has no torchvision resnet50 counterpart")
+    theirs = _rename(key, 1)
+    if theirs is None:
+        raise PretextlabError(f"{key!r} has no torchvision resnet50 counterpart")
+    return theirs
 
 
 def resnet50v1_from_torchvision(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
