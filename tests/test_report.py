@@ -4,7 +4,7 @@ every figure drawn with a title, axis labels and a legend, and placeholders wher
 import re
 
 from pretextlab.report import build_report
-from pretextlab.store import ResultsStore
+from pretextlab.study.store import ResultsStore
 
 # (task, network, width, representation size) -> test top-1 at pre_logits; None = not finished.
 GRID = {

@@ -14,7 +14,7 @@ import pytest
 
 from pretextlab.cli import main
 from pretextlab.errors import PretextlabError
-from pretextlab.store import ResultsStore, locate_store, worker_id
+from pretextlab.study.store import ResultsStore, locate_store, worker_id
 
 HOST = socket.gethostname()
 
@@ -107,7 +107,7 @@ def test_claim_skips_live_workers_and_takes_over_dead_or_silent_ones(tmp_path):
 WRITER = r"""
 import sys, time
 from pathlib import Path
-from pretextlab.store import ResultsStore
+from pretextlab.study.store import ResultsStore
 path, name, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.01)

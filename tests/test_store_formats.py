@@ -11,7 +11,8 @@ import pytest
 from pretextlab.cli import main
 from pretextlab.errors import PretextlabError
 from pretextlab.report import build_report
-from pretextlab.store import SCHEMA_VERSION, ResultsStore
+from pretextlab.study.store import ResultsStore
+from pretextlab.study.store_format import SCHEMA_VERSION
 
 V1_STORE = Path(__file__).parent / "data" / "store_v1.sqlite"
 

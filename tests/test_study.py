@@ -16,8 +16,8 @@ import yaml
 
 from pretextlab.errors import PretextlabError
 from pretextlab.report import build_report
-from pretextlab.store import ResultsStore
-from pretextlab.study import load_study, parse_study, run_study
+from pretextlab.study.store import ResultsStore
+from pretextlab.study import expand_cells, load_study, parse_study, run_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_grid_expands_to_cells_keyed_by_config_hash(tmp_path):
         ],
     )
     study = parse_study(data, out=tmp_path / "s")
-    cells = study.cells()
+    cells = expand_cells(study)
     assert len(cells) == 2 * 2 * 2 + 1
     assert len({c.config_hash for c in cells}) == len(cells)
     by_label = {c.label: c for c in cells}
@@ -102,7 +102,7 @@ def test_grid_expands_to_cells_keyed_by_config_hash(tmp_path):
     }
     assert {j.probe for j in by_label["rotation resnet50v1 k=1"].plan} == {"lbfgs"}
     # The hash is the pretext config's: the same study read twice gives the same cells.
-    assert [c.config_hash for c in parse_study(data, out=tmp_path / "s").cells()] == [c.config_hash for c in cells]
+    assert [c.config_hash for c in expand_cells(parse_study(data, out=tmp_path / "s"))] == [c.config_hash for c in cells]
 
 
 def _wait_for(predicate, timeout, what):
@@ -114,6 +114,7 @@ def _wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_tiny_study_is_killed_resumed_on_the_local_executor_and_reported(tmp_path):
     out = tmp_path / "study"
     data = _study_dict(out=str(out))
@@ -247,8 +248,8 @@ def test_dry_run_creates_nothing_and_writes_nothing(tmp_path, capsys):
     with ResultsStore(study.store_path) as store:
         from pretextlab.study import register
 
-        register(study, store, study.cells())
-        cell = study.cells()[0]
+        register(study, store, expand_cells(study))
+        cell = expand_cells(study)[0]
         attempt = store.claim(cell.config_hash, "test:1")
         for job in cell.plan:
             store.add_probe_result(cell.config_hash, job.dataset, {"output": job.output, "probe": job.probe,

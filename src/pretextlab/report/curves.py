@@ -1,0 +1,121 @@
+"""The report's training-curve figures: SGD probe convergence and pretext training accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pretextlab.report.data import TASK_TITLES, StudyData
+from pretextlab.report.document import MISSING, Cell
+from pretextlab.report.figures import FigureResult, _colors, _panels, _placeholder, _save
+from pretextlab.report.tables import data_table, percent_text
+
+# Keys a probe record may keep its per-epoch curve under, and the accuracy keys inside a point with
+# the factor to percent (records before the unit-suffixed names held fractions under "val_top1").
+CURVE_KEYS = ("curve", "history", "per_epoch")
+CURVE_ACCURACY_KEYS = (("val_top1_percent", 1.0), ("val_top1", 100.0))
+# Pretext accuracy metric names in metrics.jsonl (percent under both the old and the unit-suffixed names).
+PRETEXT_TRAIN_NAMES = ("pretext_accuracy_percent", "pretext_accuracy")
+PRETEXT_VAL_NAMES = ("val_pretext_accuracy_percent", "val_pretext_accuracy")
+
+
+def _curve(record: dict[str, Any]) -> list[tuple[float, float]]:
+    for key in CURVE_KEYS:
+        points = record.get(key)
+        if isinstance(points, list) and points:
+            curve = []
+            for point in points:
+                if not isinstance(point, dict) or "epoch" not in point:
+                    continue
+                for accuracy, to_percent in CURVE_ACCURACY_KEYS:
+                    if isinstance(point.get(accuracy), (int, float)):
+                        curve.append((float(point["epoch"]), to_percent * float(point[accuracy])))
+                        break
+            if curve:
+                return curve
+    return []
+
+
+def figure_sgd_convergence(data: StudyData, dataset: str, path: Path) -> FigureResult:
+    title = f"{dataset}: SGD linear probe convergence (dashed: L-BFGS on the same features)"
+    curves = []
+    for row in data.probes:
+        if row["dataset"] == dataset and row["probe"] == "sgd" and row["labels"] == "all":
+            curve = _curve(row["record"])
+            if curve:
+                curves.append((row, curve))
+    if not curves:
+        checks = _placeholder(path, title, "probe training epoch", "validation top-1 (%)", f"no SGD probe results with a per-epoch curve on {dataset} yet")
+        return FigureResult("sgd_convergence", title, path, 0, checks=checks)
+    tasks = [t for t in data.tasks if any(data.runs[r["config_hash"]]["task"] == t for r, _ in curves)]
+    figure, axes = _panels(len(tasks), width=5.0, height=3.8)
+    for ax, task in zip(axes, tasks):
+        mine = [(r, c) for r, c in curves if data.runs[r["config_hash"]]["task"] == task]
+        colors = _colors([f"{r['config_hash']}/{r['output']}" for r, _ in mine])
+        for row, curve in mine:
+            color = colors[f"{row['config_hash']}/{row['output']}"]
+            run = data.runs[row["config_hash"]]
+            size = f" d={run['representation_size']}" if run["representation_size"] else ""
+            label = f"{run['network']} k={run['width']}{size} {row['output']}"
+            ax.plot([e for e, _ in curve], [v for _, v in curve], color=color, label=label)
+            lbfgs = data.result(row["config_hash"], dataset, row["output"], "lbfgs")
+            if lbfgs is not None and lbfgs["val_top1_percent"] is not None:
+                ax.axhline(lbfgs["val_top1_percent"], color=color, linestyle="--", linewidth=1)
+        ax.set_xlabel("probe training epoch")
+        ax.set_ylabel("validation top-1 (%)")
+        ax.set_title(TASK_TITLES.get(task, task))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.suptitle(title)
+    checks = _save(figure, path)
+    rows = []
+    for row, curve in curves:
+        lbfgs = data.result(row["config_hash"], dataset, row["output"], "lbfgs")
+        rows.append([Cell(data.run_label(row["config_hash"])), Cell(row["output"]), Cell(f"{curve[-1][0]:g}"),
+                     Cell(percent_text(row["val_top1_percent"]), link=row["config_hash"]),
+                     Cell(percent_text(lbfgs["val_top1_percent"]) if lbfgs else MISSING, link=row["config_hash"] if lbfgs else None)])
+    return FigureResult("sgd_convergence", title, path, len(curves),
+                        data_table(["run", "output", "epochs", "SGD val %", "L-BFGS val %"], rows), checks=checks)
+
+
+def figure_pretext_training(data: StudyData, path: Path) -> FigureResult:
+    title = "Pretext training: accuracy on the training batches (lines) and on the held-out split (dots)"
+    by_run: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for point in data.curves:
+        kind = "train" if point["name"] in PRETEXT_TRAIN_NAMES else "val" if point["name"] in PRETEXT_VAL_NAMES else None
+        if kind is not None and point["epoch"] is not None:
+            by_run.setdefault(point["config_hash"], {}).setdefault(kind, []).append((point["epoch"], point["value"]))
+    if not by_run:
+        checks = _placeholder(path, title, "epoch", "pretext accuracy (%)", "no pretext training curves recorded yet")
+        return FigureResult("pretext_training", title, path, 0, checks=checks)
+    tasks = [t for t in data.tasks if any(data.runs[h]["task"] == t for h in by_run)]
+    colors = _colors(list(by_run))
+    figure, axes = _panels(len(tasks))
+    for ax, task in zip(axes, tasks):
+        for config_hash, series in by_run.items():
+            if data.runs[config_hash]["task"] != task:
+                continue
+            color = colors[config_hash]
+            train = sorted(series.get("train", []))
+            val = sorted(series.get("val", []))
+            label = f"{data.runs[config_hash]['network']} k={data.runs[config_hash]['width']}"
+            if data.runs[config_hash]["representation_size"]:
+                label += f" d={data.runs[config_hash]['representation_size']}"
+            if train:
+                ax.plot([e for e, _ in train], [v for _, v in train], color=color, alpha=0.8, label=label)
+            if val:
+                ax.plot([e for e, _ in val], [v for _, v in val], "o", color=color, label=None if train else label)
+        ax.set_title(TASK_TITLES.get(task, task))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("pretext accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.suptitle(title)
+    checks = _save(figure, path)
+    rows = []
+    for config_hash, series in by_run.items():
+        val = sorted(series.get("val", []))
+        if val:
+            rows.append([Cell(data.run_label(config_hash)), Cell(f"{val[-1][0]:.2f}"), Cell(f"{val[-1][1]:.1f}", link=config_hash)])
+    return FigureResult("pretext_training", title, path, len(by_run),
+                        data_table(["run", "epoch", "final val pretext %"], rows), checks=checks)

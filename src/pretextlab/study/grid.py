@@ -1,0 +1,126 @@
+"""The grid of a study expanded into cells (one pretext run each, keyed by its config hash) with the
+probes planned for each; network names with the "(-)" suffix and their outputs, from the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretextlab.config import TrainConfig
+from pretextlab.errors import PretextlabError
+from pretextlab.study.model import RUNS_DIR, ProbeJob, Study
+
+NO_FINAL_RELU_SUFFIX = "(-)"
+
+
+@dataclass
+class Cell:
+    """One pretext run of the grid and the probe results planned for it."""
+
+    task: str
+    network: str  # the study's name, "(-)" included
+    width: int
+    representation_size: int | None
+    config: TrainConfig  # resolved
+    config_hash: str
+    run_dir: Path
+    plan: list[ProbeJob]
+
+    @property
+    def label(self) -> str:
+        size = f" d={self.representation_size}" if self.representation_size else ""
+        return f"{self.task} {self.network} k={self.width}{size}"
+
+
+def network_name(network: str) -> tuple[str, bool]:
+    """ "resnet50v2(-)" -> ("resnet50v2", final_relu=False); a plain name keeps its final ReLU."""
+    if network.endswith(NO_FINAL_RELU_SUFFIX):
+        return network[: -len(NO_FINAL_RELU_SUFFIX)], False
+    return network, True
+
+
+def valid_network_names() -> tuple[str, ...]:
+    from pretextlab.models import NETWORKS, network_info
+
+    names: list[str] = []
+    for name in NETWORKS:
+        names.append(name)
+        if network_info(name).has_final_relu_variant:
+            names.append(name + NO_FINAL_RELU_SUFFIX)
+    return tuple(names)
+
+
+def network_outputs(network: str, cache: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The named outputs of a network family, as its registration declares them (nothing is built)."""
+    from pretextlab.models import network_info
+
+    base, _ = network_name(network)
+    if base not in cache:
+        cache[base] = network_info(base).outputs
+    return cache[base]
+
+
+def expand_cells(study: Study) -> list[Cell]:
+    """Every (task, network, width, representation size) of every grid, deduplicated by config hash."""
+    from pretextlab.config import resolve
+
+    outputs_cache: dict[str, tuple[str, ...]] = {}
+    cells: dict[str, Cell] = {}
+    for index, grid in enumerate(study.grids):
+        for task in grid.tasks:
+            for network in grid.networks:
+                base, final_relu = network_name(network)
+                for width in grid.widths:
+                    for size in grid.representation_sizes:
+                        fields = {**study.pretext, **grid.pretext}
+                        fields.update(
+                            task=task,
+                            network=base,
+                            final_relu=final_relu,
+                            width=width,
+                            representation_size=size,
+                            device=study.runtime.device,
+                            workers=study.runtime.workers,
+                        )
+                        try:
+                            config = resolve(TrainConfig.from_dict(fields))
+                        except PretextlabError as error:
+                            raise PretextlabError(f"grids[{index}] cell {task} {network} k={width}: {error}") from error
+                        config_hash = config.config_hash()
+                        cell = cells.get(config_hash)
+                        if cell is None:
+                            cell = cells[config_hash] = Cell(
+                                task=task,
+                                network=network,
+                                width=width,
+                                representation_size=size,
+                                config=config,
+                                config_hash=config_hash,
+                                run_dir=study.directory / RUNS_DIR / config_hash,
+                                plan=[],
+                            )
+                        known = {job.key for job in cell.plan}
+                        for job in _plan(study, task, network, width, size, outputs_cache):
+                            if job.key not in known:
+                                cell.plan.append(job)
+                                known.add(job.key)
+    return list(cells.values())
+
+
+def _plan(
+    study: Study, task: str, network: str, width: int, size: int | None, outputs_cache: dict[str, tuple[str, ...]]
+) -> list[ProbeJob]:
+    own_outputs = network_outputs(network, outputs_cache)
+    jobs = []
+    for evaluation in study.evaluations:
+        if not evaluation.applies_to(task, network, width, size):
+            continue
+        outputs = own_outputs if "all" in evaluation.outputs else [o for o in own_outputs if o in evaluation.outputs]
+        for dataset in evaluation.datasets:
+            for probe in evaluation.probes:
+                for labels in evaluation.labels:
+                    for output in outputs:
+                        jobs.append(
+                            ProbeJob(dataset, output, probe, labels, l2_grid=evaluation.l2_grid, sgd=evaluation.sgd)
+                        )
+    return jobs

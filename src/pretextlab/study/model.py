@@ -1,0 +1,129 @@
+"""The study file's model: frozen dataclasses for its datasets, label budgets, probe jobs, evaluations,
+grids, runtime and executor settings, and the study itself (parsed and checked by schema.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pretextlab.study.store import DEFAULT_STALE_SECONDS, STORE_FILE, ProbeKey
+
+STUDY_PROBES = ("lbfgs", "sgd", "mlp")
+EXECUTORS = ("inline", "local", "slurm")
+RUNS_DIR = "runs"
+
+
+@dataclass(frozen=True)
+class DownstreamDataset:
+    """A dataset probes are fitted on, under the study's own name for it (e.g. imagenet, places205)."""
+
+    name: str
+    dataset: str
+    data_dir: str | None = None
+    val_size: float | None = None
+    limit: int | None = None
+    test_limit: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LabelBudget:
+    """All labels, N labels per class, or a fraction of the labels."""
+
+    per_class: int | None = None
+    fraction: float | None = None
+
+    @property
+    def tag(self) -> str:
+        # The same tag as EvalConfig.label_tag(), so store rows and plan rows match.
+        if self.per_class is not None:
+            return f"{self.per_class}pc"
+        if self.fraction is not None:
+            return f"{self.fraction:g}frac"
+        return "all"
+
+
+@dataclass(frozen=True)
+class SgdSettings:
+    """The SGD-trained probes' (sgd, mlp) schedule: the study's 'paper' (70 epochs, batch 512) or
+    'paper_long' (520 epochs, batch 2048), optionally shortened in proportion or re-batched."""
+
+    schedule: str = "paper"
+    epochs: int | None = None
+    batch_size: int | None = None
+    base_lr: float | None = None
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    """One planned probe result of a cell."""
+
+    dataset: str  # the study's name of the downstream dataset
+    output: str
+    probe: str
+    labels: LabelBudget
+    l2_grid: tuple[float, ...] | None = field(default=None, compare=False)
+    sgd: "SgdSettings | None" = field(default=None, compare=False)
+
+    @property
+    def key(self) -> ProbeKey:
+        return (self.dataset, self.output, self.probe, self.labels.tag)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    outputs: tuple[str, ...]
+    probes: tuple[str, ...]
+    labels: tuple[LabelBudget, ...]
+    datasets: tuple[str, ...]
+    where: dict[str, tuple[Any, ...]]
+    l2_grid: tuple[float, ...] | None = None  # the L-BFGS probe's regularisation grid (None: its default)
+    sgd: SgdSettings | None = None  # the sgd / mlp probes' schedule (None: the study's 'paper' one)
+
+    def applies_to(self, task: str, network: str, width: int, representation_size: int | None) -> bool:
+        values = {"tasks": task, "networks": network, "widths": width, "representation_sizes": representation_size}
+        return all(values[key] in allowed for key, allowed in self.where.items())
+
+
+@dataclass(frozen=True)
+class Grid:
+    tasks: tuple[str, ...]
+    networks: tuple[str, ...]
+    widths: tuple[int, ...]
+    representation_sizes: tuple[int | None, ...] = (None,)
+    pretext: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How cells run here; none of it changes a result."""
+
+    device: str = "auto"
+    workers: int | None = None  # data loader processes; None: the trainer's default (0 in memory, up to 8 for folders)
+    feature_batch_size: int = 256
+    stale_seconds: float = DEFAULT_STALE_SECONDS
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    kind: str = "inline"
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path | None
+    directory: Path
+    pretext: dict[str, Any]
+    grids: tuple[Grid, ...]
+    downstream: dict[str, DownstreamDataset]
+    evaluations: tuple[Evaluation, ...]
+    runtime: Runtime
+    executor: ExecutorSettings
+    text: str
+
+    @property
+    def store_path(self) -> Path:
+        return self.directory / STORE_FILE

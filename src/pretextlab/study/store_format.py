@@ -1,0 +1,264 @@
+"""The results store's file format: its SQLite schema, the format version it records, upgrades from
+older formats, and how an unreadable file is recognised and reported."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from pretextlab import __version__
+from pretextlab.errors import PretextlabError
+
+STORE_FILE = "results.sqlite"
+BUSY_TIMEOUT_MS = 120_000
+
+SCHEMA_VERSION = 2
+# Formats this version can open: 1 is upgraded in place (see migrate_1_to_2).
+READABLE_VERSIONS = (1, 2)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    config_hash TEXT PRIMARY KEY,
+    task TEXT NOT NULL,
+    network TEXT NOT NULL,
+    width INTEGER,
+    representation_size INTEGER,
+    config_json TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    in_study INTEGER NOT NULL DEFAULT 1,
+    owner TEXT,
+    heartbeat REAL,
+    pretext_val_accuracy_percent REAL,
+    steps INTEGER,
+    train_seconds REAL,
+    probe_seconds REAL,
+    summary_json TEXT,
+    error TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    trained REAL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
+    owner TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    outcome TEXT,
+    start_step INTEGER
+);
+CREATE TABLE IF NOT EXISTS plan (
+    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
+    dataset TEXT NOT NULL,
+    output TEXT NOT NULL,
+    probe TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    UNIQUE (config_hash, dataset, output, probe, labels)
+);
+CREATE TABLE IF NOT EXISTS probes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
+    dataset TEXT NOT NULL,
+    output TEXT NOT NULL,
+    probe TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    val_top1_percent REAL,
+    test_top1_percent REAL,
+    chosen_json TEXT,
+    feature_dim INTEGER,
+    train_images INTEGER,
+    seconds REAL,
+    record_json TEXT NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (config_hash, dataset, output, probe, labels)
+);
+CREATE TABLE IF NOT EXISTS curves (
+    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
+    step INTEGER NOT NULL,
+    epoch REAL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    UNIQUE (config_hash, step, name)
+);
+"""
+
+
+def unreadable(path: Path, reason: str) -> PretextlabError:
+    return PretextlabError(
+        f"{path} is not a readable results store ({reason}); it was left as it is: move it aside "
+        "(or restore it from a backup) and run `pretextlab study FILE` again, which re-registers every "
+        "cell and reuses finished pretext runs from their run directories"
+    )
+
+
+def is_corruption(error: sqlite3.DatabaseError) -> bool:
+    """SQLite's words for a file that is not (or no longer) a database; lock timeouts are not."""
+    text = str(error).lower()
+    return any(words in text for words in ("malformed", "not a database", "file is encrypted", "disk i/o error"))
+
+
+def migrate_1_to_2(db: "Transaction") -> None:
+    """Format 1 -> 2, inside the opening transaction (all or nothing): probe accuracies were
+    fractions in val_top1 / test_top1; the pretext accuracy was already percent."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(runs)").fetchall()}
+    # The earliest format-1 stores predate runs.in_study (every cell then counted as in the study).
+    if "in_study" not in columns:
+        db.execute("ALTER TABLE runs ADD COLUMN in_study INTEGER NOT NULL DEFAULT 1")
+    db.execute("ALTER TABLE runs RENAME COLUMN pretext_val_accuracy TO pretext_val_accuracy_percent")
+    db.execute("ALTER TABLE probes RENAME COLUMN val_top1 TO val_top1_percent")
+    db.execute("ALTER TABLE probes RENAME COLUMN test_top1 TO test_top1_percent")
+    db.execute("UPDATE probes SET val_top1_percent = 100 * val_top1_percent, test_top1_percent = 100 * test_top1_percent")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('migrated_from', '1')")
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
+
+
+class Transaction:
+    """The connection inside one BEGIN IMMEDIATE block (executescript would commit it, so split)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self.connection.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        return self.connection.executemany(sql, rows)
+
+    def executescript_safe(self, script: str) -> None:
+        for statement in script.split(";"):
+            if statement.strip():
+                self.connection.execute(statement)
+
+
+class StoreFile:
+    """An open store file: checked, at the current format, with transactions and the meta table."""
+
+    def __init__(self, path: str | os.PathLike, create: bool = True) -> None:
+        self.path = Path(path)
+        existed = self.path.exists()
+        if not create and not existed:
+            raise PretextlabError(f"no results store at {self.path}: run `pretextlab study FILE` first")
+        if existed and self.path.is_dir():
+            raise PretextlabError(f"{self.path} is a directory, not a results store: pass the study directory or its {STORE_FILE}")
+        # A zero-byte file would silently become an empty store: it is more likely a store whose
+        # contents were lost (a failed copy, a full disk), so say so instead of hiding it.
+        if existed and self.path.stat().st_size == 0:
+            raise unreadable(self.path, "the file is empty (0 bytes)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: autocommit, transactions are explicit BEGIN IMMEDIATE blocks below,
+        # so a writer takes the lock before reading what it will change.
+        self.connection = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        self.connection.row_factory = sqlite3.Row
+        try:
+            self._open(existed)
+        except BaseException:
+            self.connection.close()
+            raise
+
+    def _open(self, existed: bool) -> None:
+        with self._translate_errors():
+            if existed:
+                # Before anything writes (even the WAL switch), check the file is a sound database.
+                problems = [row[0] for row in self.connection.execute("PRAGMA quick_check").fetchall()]
+                if problems != ["ok"]:
+                    raise unreadable(self.path, f"SQLite's integrity check says: {problems[0]}")
+                # Someone else's database or an unknown format is refused before the WAL switch,
+                # which would rewrite its header.
+                tables = {r[0] for r in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+                if tables:
+                    self._version(self.connection, tables)
+            self.connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise PretextlabError(f"{self.path} cannot use SQLite's WAL mode (got {mode!r}): put the study on a local or POSIX file system")
+            self.connection.execute("PRAGMA synchronous = NORMAL")
+            self.connection.execute("PRAGMA foreign_keys = ON")
+            with self.transaction() as db:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+                if not tables:
+                    db.executescript_safe(_SCHEMA)
+                    db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
+                    return
+                version = self._version(db, tables)
+                if version == 1:
+                    migrate_1_to_2(db)
+
+    def _version(self, db: "Transaction | sqlite3.Connection", tables: set[str]) -> int:
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if "meta" in tables else None
+        if row is None:
+            raise unreadable(self.path, "it has no pretextlab format version: it is some other SQLite database")
+        version = int(row[0]) if str(row[0]).isdigit() else None
+        if version not in READABLE_VERSIONS:
+            raise PretextlabError(
+                f"{self.path} is a results store of format {row[0]}, which pretextlab {__version__} cannot read "
+                f"(it reads formats {', '.join(map(str, READABLE_VERSIONS))}): report it with the pretextlab version "
+                "that wrote it, or start a new study directory (`pretextlab study FILE --out NEW_DIR`)"
+            )
+        return version
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> "StoreFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        """A store that turns out to be damaged mid-way gives the one-line error, not a traceback."""
+        try:
+            yield
+        except sqlite3.DatabaseError as error:
+            if is_corruption(error):
+                raise unreadable(self.path, f"SQLite says: {error}") from error
+            raise
+
+    @contextmanager
+    def transaction(self) -> Iterator["Transaction"]:
+        """BEGIN IMMEDIATE ... COMMIT, retried while another process holds the write lock."""
+        with self._translate_errors():
+            deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+            while True:
+                try:
+                    self.connection.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as error:
+                    if "locked" not in str(error) and "busy" not in str(error) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            try:
+                yield Transaction(self.connection)
+            except BaseException:
+                self.connection.execute("ROLLBACK")
+                raise
+            self.connection.execute("COMMIT")
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._translate_errors():
+            return [dict(row) for row in self.connection.execute(sql, params).fetchall()]
+
+    # -- meta ---------------------------------------------------------------------------------
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
