@@ -36,6 +36,7 @@ def pretrained(tmp_path_factory) -> Path:
     return _pretrain(tmp_path_factory.mktemp("suite") / "rot")
 
 
+@pytest.mark.slow
 def test_every_output_in_one_pass_with_the_study_pooling(pretrained):
     results = evaluate_run(pretrained, EvalConfig(outputs=("all",), **SMALL_EVAL), progress=False)
     _, network, task = load_trained(pretrained)

@@ -36,7 +36,9 @@ def _train_cli(out: Path, *extra: str) -> subprocess.Popen:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoint.pt", weights_only=True)["network"]
+    """The network's and the task head's weights (exact resume must restore both)."""
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    return {f"{part}.{name}": value for part in ("network", "task") for name, value in state[part].items()}
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -63,6 +65,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted):
     run = tmp_path / "killed"
     process = _train_cli(run, "--checkpoint-every", "3", "--log-every", "1")
@@ -84,6 +87,7 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     assert steps == list(range(1, total + 1))  # every step logged exactly once across the kill
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_the_run_resumes(tmp_path, uninterrupted):
     run = tmp_path / "preempted"
     process = _train_cli(run, "--log-every", "1")
@@ -145,6 +149,7 @@ class _PoisonedTrainer(Trainer):
         return super().train_step(images)
 
 
+@pytest.mark.slow
 def test_a_planted_nan_stops_cleanly_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
     run = tmp_path / "nan"
     trainer = _PoisonedTrainer(_tiny_config(), run, progress=False)
@@ -220,6 +225,7 @@ def _write_folder_dataset(root: Path) -> dict[str, int]:
     return {"bad_train_files": 3}
 
 
+@pytest.mark.slow
 def test_a_folder_of_odd_and_broken_images_trains_and_reports_what_it_skipped(tmp_path):
     data = tmp_path / "data"
     expected = _write_folder_dataset(data)

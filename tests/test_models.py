@@ -379,6 +379,7 @@ def test_revnet_transition_pools_and_pads_channels_with_zeros():
 # ---------------------------------------------------------------- the table
 
 
+@pytest.mark.slow
 def test_networks_table_lists_every_network_with_computed_parameter_counts():
     table = networks_table()
     for name in NETWORKS:

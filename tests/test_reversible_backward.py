@@ -492,6 +492,7 @@ def _ddp_worker(rank: int, world_size: int, rendezvous: str, out_dir: str) -> No
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_reduces_each_gradient_once_and_matches_ordinary_ddp(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

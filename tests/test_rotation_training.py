@@ -40,43 +40,6 @@ def test_every_image_appears_in_all_four_rotations():
     assert task(torch.randn(20, 16)).shape == (20, 4)
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashingTrainer(Trainer):
-    """Dies partway through an epoch, after a mid-epoch checkpoint, like a killed job."""
-
-    crash_at = 13
-
-    def train_step(self, images):
-        if self.step == self.crash_at:
-            raise _Crash()
-        return super().train_step(images)
-
-
-def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
-    whole = Trainer(_tiny(checkpoint_every=4), tmp_path / "whole", progress=False)
-    whole.fit()
-    crashed = _CrashingTrainer(_tiny(checkpoint_every=4), tmp_path / "resumed", progress=False)
-    with pytest.raises(_Crash):
-        crashed.fit()
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 12
-    resumed = Trainer(_tiny(checkpoint_every=4), tmp_path / "resumed", resume=True, progress=False)
-    assert resumed.step == 12
-    resumed.fit()
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
-    assert a["step"] == b["step"] == whole.total_steps
-    for name, tensor in a["network"].items():
-        assert torch.equal(tensor, b["network"][name]), name
-    for name, tensor in a["task"].items():
-        assert torch.equal(tensor, b["task"][name]), name
-    # The metrics log holds every step once, as if the run had never stopped.
-    steps = [m["step"] for m in read_metrics(tmp_path / "resumed") if "loss" in m]
-    assert steps == [m["step"] for m in read_metrics(tmp_path / "whole") if "loss" in m]
-
-
 def test_run_directory_guards(tmp_path):
     Trainer(_tiny(epochs=0.1), tmp_path / "run", progress=False).fit()
     with pytest.raises(PretextlabError, match="already holds a run: pass --resume"):
@@ -123,6 +86,7 @@ def test_rotation_learns_and_the_probe_reads_its_features(tmp_path):
     assert not network.training
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_clearly(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "pretextlab", "train", "--task", "colorization", "--out", str(tmp_path / "x")],

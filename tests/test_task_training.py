@@ -27,6 +27,7 @@ def _config(task: str, changes: dict) -> TrainConfig:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_task_trains_and_its_frozen_network_is_probed(task, tmp_path):
     changes, chance = TASKS[task]
