@@ -99,6 +99,9 @@ def test_a_format_1_store_is_upgraded_in_place_and_reports(tmp_path, capsys):
     assert probes[("a1b2c3d4e5f6", "pre_logits")]["test_top1_percent"] == pytest.approx(70.0, abs=1e-9)
     assert probes[("a1b2c3d4e5f6", "block3")]["test_top1_percent"] == pytest.approx(65.0, abs=1e-9)
     assert runs["a1b2c3d4e5f6"]["pretext_val_accuracy_percent"] == 91.5  # was already percent: unchanged
+    # Fractions become percent without binary noise: 0.5625 is 56.25 in the CSV, not 56.249999999999986.
+    assert main(["results", str(path), "--csv", "-"]) == 0
+    assert ",fm,block3,lbfgs,all,56.25,55.0,0.001," in capsys.readouterr().out
     assert runs["d1b2c3d4e5f6"]["status"] == "pending" and runs["d1b2c3d4e5f6"]["in_study"] == 1
 
     report = build_report(path, tmp_path / "report")

@@ -85,7 +85,7 @@ def percent_field(record: dict[str, Any], name: str, old_unit: float) -> float |
     if value is None:
         value = record.get(name)
         if value is not None:
-            value = float(value) * old_unit
+            value = round(float(value) * old_unit, 10)  # 0.5625 -> 56.25, without binary noise
     return None if value is None else float(value)
 
 

@@ -117,7 +117,8 @@ def migrate_1_to_2(db: "Transaction") -> None:
     db.execute("ALTER TABLE runs RENAME COLUMN pretext_val_accuracy TO pretext_val_accuracy_percent")
     db.execute("ALTER TABLE probes RENAME COLUMN val_top1 TO val_top1_percent")
     db.execute("ALTER TABLE probes RENAME COLUMN test_top1 TO test_top1_percent")
-    db.execute("UPDATE probes SET val_top1_percent = 100 * val_top1_percent, test_top1_percent = 100 * test_top1_percent")
+    # Rounded to 10 decimals so 0.5625 becomes 56.25, not 56.249999999999986 (accuracies are ratios of counts).
+    db.execute("UPDATE probes SET val_top1_percent = ROUND(100 * val_top1_percent, 10), test_top1_percent = ROUND(100 * test_top1_percent, 10)")
     db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('migrated_from', '1')")
     db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
