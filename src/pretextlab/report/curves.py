@@ -7,7 +7,7 @@ from typing import Any
 
 from pretextlab.report.data import TASK_TITLES, StudyData
 from pretextlab.report.document import MISSING, Cell
-from pretextlab.report.figures import FigureResult, _colors, _panels, _placeholder, _save
+from pretextlab.report.figures import FigureResult, _colors, _label_panel, _panels, _placeholder, _save
 from pretextlab.report.tables import data_table, percent_text
 
 # Keys a probe record may keep its per-epoch curve under, and the accuracy keys inside a point with
@@ -105,11 +105,7 @@ def figure_pretext_training(data: StudyData, path: Path) -> FigureResult:
                 ax.plot([e for e, _ in train], [v for _, v in train], color=color, alpha=0.8, label=label)
             if val:
                 ax.plot([e for e, _ in val], [v for _, v in val], "o", color=color, label=None if train else label)
-        ax.set_title(TASK_TITLES.get(task, task))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("pretext accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _label_panel(ax, TASK_TITLES.get(task, task), "epoch", "pretext accuracy (%)")
     figure.suptitle(title)
     checks = _save(figure, path)
     rows = []

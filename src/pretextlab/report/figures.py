@@ -59,6 +59,15 @@ def _placeholder(path: Path, title: str, xlabel: str, ylabel: str, reason: str) 
     return _save(figure, path)
 
 
+def _label_panel(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
+    """One panel's title, axis labels, grid and legend, the same on every per-task figure."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def _panels(count: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure, list[Any]]:
     figure = Figure(figsize=(max(width * count, 5.0), height), layout="constrained")
     axes = figure.subplots(1, count, squeeze=False)[0]
@@ -106,11 +115,7 @@ def figure_by_output(data: StudyData, dataset: str, probe: str, path: Path) -> F
                 ax.plot([outputs.index(o) for o, _, _ in pts], [v for _, v, _ in pts], "o-", color=colors[network],
                         label=f"{network} k={data.largest_width(network)}")
         ax.set_xticks(range(len(outputs)), outputs, rotation=30, ha="right")
-        ax.set_title(TASK_TITLES.get(task, task))
-        ax.set_xlabel("output")
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _label_panel(ax, TASK_TITLES.get(task, task), "output", "test top-1 (%)")
     figure.suptitle(title)
     checks = _save(figure, path)
     rows = [[Cell(task), Cell(network), Cell(o), Cell(percent_text(v), link=h)] for (task, network), pts in series.items() for o, v, h in pts]
@@ -140,11 +145,7 @@ def figure_by_width(data: StudyData, dataset: str, output: str, probe: str, path
         ax.set_xscale("log", base=2)
         ax.set_xticks(widths, [str(w) for w in widths])
         ax.minorticks_off()
-        ax.set_title(TASK_TITLES.get(task, task))
-        ax.set_xlabel("widening factor k")
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _label_panel(ax, TASK_TITLES.get(task, task), "widening factor k", "test top-1 (%)")
     figure.suptitle(title)
     checks = _save(figure, path)
     rows = [[Cell(t), Cell(n), Cell(str(w)), Cell(percent_text(v), link=h)] for (t, n), pts in series.items() for w, v, h in pts]
@@ -257,11 +258,7 @@ def figure_few_labels(data: StudyData, dataset: str, output: str, probe: str, pa
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(TASK_TITLES.get(task, task))
-        ax.set_xlabel("labelled training images (log)")
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _label_panel(ax, TASK_TITLES.get(task, task), "labelled training images (log)", "test top-1 (%)")
     figure.suptitle(title)
     checks = _save(figure, path)
     rows = [[Cell(data.run_label(h)), Cell(tag), Cell(str(n)), Cell(percent_text(v), link=h)] for h, pts in series.items() for n, v, tag in pts]
