@@ -162,3 +162,33 @@ def test_bad_input_is_refused_with_a_clear_message(pixels) -> None:
         LbfgsConfig(max_iter=0)
     with pytest.raises(PretextlabError, match="device"):
         lbfgs_probe(train, val, test, 10, LbfgsConfig(device="tpu"), progress=False)
+
+
+def test_one_standardisation_rule_a_column_constant_on_train_is_zeroed_for_every_probe():
+    """Both probes share evaluate/common.py's rule: a column constant on train is scaled by 0, so
+    whatever it holds in val/test (here 1e12) cannot move a prediction."""
+    from pretextlab.evaluate.common import standardisation
+    from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
+
+    rng = np.random.default_rng(0)
+    def blobs(n):
+        labels = rng.integers(0, 3, n)
+        return rng.normal(size=(n, 4)) + labels[:, None], labels
+
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = blobs(150), blobs(60), blobs(60)
+    mean, inv_std = standardisation(np.column_stack([train_x, np.full(150, 7.0)]), "train")
+    assert inv_std[-1] == 0.0 and mean[-1] == 7.0 and (inv_std[:-1] > 0).all()
+
+    def with_column(x, values):
+        return np.column_stack([x, values]).astype(np.float32)
+
+    # The same data, the extra column constant (7) everywhere or, in val/test only, wildly not.
+    calm = ((with_column(train_x, np.full(150, 7.0)), train_y), (with_column(val_x, np.full(60, 7.0)), val_y),
+            (with_column(test_x, np.full(60, 7.0)), test_y))
+    wild = (calm[0], (with_column(val_x, rng.normal(0, 1e12, 60)), val_y), (with_column(test_x, rng.normal(0, 1e12, 60)), test_y))
+    config = LbfgsConfig(l2_grid=(1e-2, 1e-4), device="cpu")
+    a, b = lbfgs_probe(*calm, 3, config, progress=False), lbfgs_probe(*wild, 3, config, progress=False)
+    assert a.val_top1_percent > 60 and (a.val_top1_percent, a.test_top1_percent) == (b.val_top1_percent, b.test_top1_percent)
+    sgd = SgdConfig.paper("linear", device="cpu", batch_size=30, base_lr=2.0).scaled(5)
+    c, d = sgd_probe(*calm, 3, sgd, progress=False), sgd_probe(*wild, 3, sgd, progress=False)
+    assert c.val_top1_percent > 60 and (c.curve, c.test_top1_percent) == (d.curve, d.test_top1_percent)

@@ -1,0 +1,1 @@
+"""Judging frozen representations: feature extraction and cache, the probes, and the run-level glue."""

@@ -1,15 +1,5 @@
 """Frozen features at named outputs: pooled to the study's budget, averaged over views, cached on disk.
 
-The study's pooling rule (PROTOCOL.md, "Evaluation of a frozen representation"): an output with
-more than 9000 values per image is max-pooled with kernel = stride = ceil(sqrt(h*w*c / 9000)),
-then flattened. This follows the released code's ``mode="max"`` branch of ``utils.adaptive_pool``,
-which uses ``tf.contrib.layers.max_pool2d`` with its default 'VALID' padding: windows that do not
-fit are dropped, i.e. ``ceil_mode=False`` here, so the result never exceeds the budget. The kernel
-is clamped to the smaller spatial side, as the released code clamps it to the map size, so a
-very wide 1x1-ish map still keeps one value per channel. (The released linear evaluation's
-*default* was ``adaptive_max``, TF's fractional max pooling, whose windows are pseudo-random;
-the deterministic rule above is the one the paper describes.)
-
 Cache layout, one folder per (preprocessing key, split)::
 
     cache_dir/<preprocessing_key>/<split>/<output>.npy   float32 (N, D), written in row order
@@ -24,48 +14,34 @@ network at all. The preprocessing key must change whenever the network, its weig
 the images change (``probe_run`` puts the checkpoint's step and content hash in it): the cache
 checks only the image count, labels and pooling budget.
 
-Nothing damaged is used: when an output is complete its file size and a CRC-32 per block of rows
-(of its features and of the labels) are recorded, and checked on every reuse; a missing,
-truncated, zero-byte, garbage or altered file is rebuilt with a message on stderr. The file's
-space is reserved up front (``posix_fallocate``), so a full disk fails at once with an error that
-names the path and the bytes needed, instead of a SIGBUS in the middle of writing a memmap. One
-lock per cache folder serialises processes sharing it: a second one waits, then reuses what the
-first made and adds only what is still missing, so neither overwrites the other's record.
+Nothing damaged is used, a full disk is a clear error, and processes sharing a cache take turns:
+see ``cache_files``. The pooling rule is ``pooling``'s.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
-import json
-import math
-import os
-import sys
 import time
-import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from pretextlab import atomic
 from pretextlab.data import BatchLoader, ImageSet
 from pretextlab.devices import resolve_device
+from pretextlab.evaluate.cache_files import (
+    CACHE_VERSION, LABELS_FILE, META_FILE, cache_lock, check_meta, create_store, damage, integrity, open_store, read_meta, say,
+)
+from pretextlab.evaluate.pooling import POOL_BUDGET, _check_budget, pool_size, pool_to_budget, pooled_dim
 from pretextlab.errors import PretextlabError
 
-POOL_BUDGET = 9000  # the study's cap on the number of values per image fed to a probe
-META_FILE = "meta.json"
-LABELS_FILE = "labels.npy"
-LOCK_FILE = ".lock"
-CACHE_VERSION = 2  # 2: per-output checksums; a version-1 cache is rebuilt
-CHECKSUM_BLOCK_BYTES = 1 << 24  # rows are checksummed in blocks of about 16 MiB
+__all__ = ["FeatureSet", "POOL_BUDGET", "extract_features", "pool_size", "pool_to_budget", "pooled_dim"]
+
 CHECKPOINT_SECONDS = 10.0  # how often progress is recorded during a long extraction
 
 Views = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
@@ -89,63 +65,6 @@ class FeatureSet:
         return len(self.labels)
 
 
-def _check_budget(budget: int) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise PretextlabError(f"the pooling budget must be a whole number of values >= 1 (the study uses 9000), got {budget!r}")
-    return int(budget)
-
-
-def pool_size(channels: int, height: int, width: int, budget: int = POOL_BUDGET) -> int:
-    """Kernel = stride of the max-pooling that brings a (C, H, W) map within ``budget``; 1 = no pooling.
-
-    ceil(sqrt(C*H*W / budget)) computed in integers (no float rounding at exact squares), then
-    clamped to the smaller spatial side so that the pooled map keeps at least one position.
-    """
-    budget = _check_budget(budget)
-    total = channels * height * width
-    if total <= budget:
-        return 1
-    # Smallest s with s*s >= ceil(total / budget), which is the smallest s with s*s*budget >= total.
-    needed = -(-total // budget)
-    size = math.isqrt(needed - 1) + 1
-    return max(1, min(size, height, width))
-
-
-def pooled_dim(shape: Sequence[int], budget: int = POOL_BUDGET) -> int:
-    """Flattened size of one example's output after ``pool_to_budget``, without running anything.
-
-    ``shape`` is the shape of ONE example, without the batch dimension: (C, H, W) or (D,).
-    """
-    dims = tuple(int(d) for d in shape)
-    if any(d < 1 for d in dims):
-        raise PretextlabError(f"every dimension of shape must be >= 1, got {dims}")
-    if len(dims) == 1:
-        return dims[0]
-    if len(dims) == 3:
-        channels, height, width = dims
-        size = pool_size(channels, height, width, budget)
-        return channels * (height // size) * (width // size)
-    raise PretextlabError(
-        f"pooled_dim takes the shape of one example: (C, H, W) for a feature map or (D,) for a vector, "
-        f"got {dims} (drop the batch dimension)"
-    )
-
-
-def pool_to_budget(x: torch.Tensor, budget: int = POOL_BUDGET) -> torch.Tensor:
-    """(B, C, H, W) -> (B, D) max-pooled to at most ``budget`` values per example (see module doc);
-    (B, D) passes through unchanged."""
-    if x.dim() == 2:
-        return x
-    if x.dim() != 4:
-        raise PretextlabError(
-            f"a named output must be a (B, D) vector or a (B, C, H, W) feature map to pool, got shape {tuple(x.shape)}"
-        )
-    size = pool_size(x.shape[1], x.shape[2], x.shape[3], budget)
-    if size > 1:
-        x = F.max_pool2d(x, kernel_size=size, stride=size, ceil_mode=False)
-    return x.flatten(1)
-
-
 def _check_name(value: str, what: str) -> str:
     if not isinstance(value, str) or not value or value in (".", "..") or any(c in value for c in "/\\\0"):
         raise PretextlabError(f"{what} must be a non-empty name usable as a folder name (no '/', '\\', '..'), got {value!r}")
@@ -154,138 +73,6 @@ def _check_name(value: str, what: str) -> str:
 
 def _labels_digest(labels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
-def _say(message: str) -> None:
-    # People read stderr; stdout is kept for the commands' JSON.
-    print(f"pretextlab: {message}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def _cache_lock(split_dir: Path) -> Iterator[None]:
-    """Hold the folder's lock: a second process on the same cache waits here (and says so)."""
-    with open(split_dir / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _say(f"waiting for another process extracting features into {split_dir}")
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _read_meta(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        _say(f"the feature cache record {path} is unreadable ({error}): rebuilding that cache")
-        return None
-    if not isinstance(meta, dict) or not isinstance(meta.get("outputs"), dict) or meta.get("version") != CACHE_VERSION:
-        _say(f"the feature cache record {path} is from another version or malformed: rebuilding that cache")
-        return None
-    return meta
-
-
-def _check_meta(meta: dict[str, Any], split_dir: Path, images: ImageSet, labels_sha: str, budget: int) -> None:
-    expected = {"version": CACHE_VERSION, "num_images": len(images), "labels_sha": labels_sha, "budget": budget}
-    found = {key: meta.get(key) for key in expected}
-    if found != expected:
-        differences = ", ".join(f"{k}: cached {found[k]!r} vs now {expected[k]!r}" for k in expected if found[k] != expected[k])
-        raise PretextlabError(
-            f"the feature cache in {split_dir} was made for other images or settings ({differences}): "
-            "use a different preprocessing key, or delete that folder to rebuild it"
-        )
-
-
-def _open_store(path: Path, shape: tuple[int, ...], dtype: type) -> np.memmap | None:
-    """An existing .npy of exactly this shape and dtype, opened for writing in place; else None."""
-    if not path.exists():
-        return None
-    try:
-        store = np.load(path, mmap_mode="r+")
-    except (OSError, ValueError, EOFError):
-        return None
-    return store if store.shape == shape and store.dtype == dtype else None
-
-
-def _create_store(path: Path, shape: tuple[int, ...], dtype: type) -> np.memmap:
-    """A new .npy memmap whose blocks are reserved now: a full disk is an error here, not a SIGBUS later."""
-    needed = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    try:
-        store = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-        with open(path, "r+b") as handle:
-            try:
-                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
-            except OSError as error:
-                if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a filesystem that cannot reserve
-                    raise
-    except OSError as error:
-        path.unlink(missing_ok=True)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = os.statvfs(path.parent)
-            raise PretextlabError(
-                f"no space left for the feature cache {path}: it needs {_size(needed)} ({needed} bytes), "
-                f"{_size(free.f_bavail * free.f_frsize)} are free: free some space (or lower --limit) and run it again"
-            ) from error
-        raise PretextlabError(f"cannot create the feature cache {path} ({error})") from error
-    return store
-
-
-def _size(count: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} bytes"
-
-
-def _block_rows(dim: int) -> int:
-    return max(1, CHECKSUM_BLOCK_BYTES // (4 * max(1, dim)))
-
-
-def _checksums(array: np.ndarray, rows: int, block: int) -> list[int]:
-    return [zlib.crc32(np.ascontiguousarray(array[start : min(start + block, rows)]).data) for start in range(0, rows, block)]
-
-
-def _integrity(split_dir: Path, output: str, rows: int, dim: int) -> dict[str, Any]:
-    """What a complete output's files must still be on reuse: sizes and per-block CRC-32s."""
-    path = split_dir / f"{output}.npy"
-    features = np.load(path, mmap_mode="r")
-    labels = np.load(split_dir / LABELS_FILE, mmap_mode="r")
-    block = _block_rows(dim)
-    return {
-        "bytes": path.stat().st_size,
-        "block_rows": block,
-        "crc32": _checksums(features, rows, block),
-        "labels_crc32": zlib.crc32(np.ascontiguousarray(labels[:rows]).data),
-    }
-
-
-def _damage(split_dir: Path, output: str, state: dict[str, Any], num_images: int) -> str | None:
-    """Why a complete output's cache cannot be reused (None: it is intact)."""
-    path = split_dir / f"{output}.npy"
-    record = state.get("integrity")
-    if not isinstance(record, dict):
-        return "no checksum was recorded"
-    if not path.exists():
-        return f"{path.name} is missing"
-    if path.stat().st_size != record.get("bytes"):
-        return f"{path.name} has {path.stat().st_size} bytes, {record.get('bytes')} were written"
-    rows, dim = int(state["rows_done"]), int(state["dim"])
-    features = _open_store(path, (num_images, dim), np.float32)
-    labels = _open_store(split_dir / LABELS_FILE, (num_images,), np.int64)
-    if features is None or labels is None:
-        return f"{path.name if features is None else LABELS_FILE} is unreadable or has the wrong shape"
-    block = int(record["block_rows"])
-    for index, (found, kept) in enumerate(zip(_checksums(features, rows, block), record["crc32"])):
-        if found != kept:
-            return f"rows {index * block}..{min((index + 1) * block, rows) - 1} of {path.name} changed after they were written"
-    if zlib.crc32(np.ascontiguousarray(labels[:rows]).data) != record.get("labels_crc32"):
-        return f"{LABELS_FILE} changed after it was written"
-    return None
 
 
 def _complete_sets(split_dir: Path, meta: dict[str, Any], outputs: Sequence[str], split: str) -> dict[str, FeatureSet]:
@@ -350,7 +137,7 @@ def extract_features(
         split_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PretextlabError(f"cannot create the feature cache folder {split_dir} ({error.strerror})") from error
-    with _cache_lock(split_dir):
+    with cache_lock(split_dir):
         return _extract_locked(
             network, views, images, outputs, split_dir, split, int(batch_size), device, progress, budget, workers
         )
@@ -363,20 +150,20 @@ def _extract_locked(
     meta_path = split_dir / META_FILE
     labels_sha = _labels_digest(images.labels)
     num_images = len(images)
-    meta = _read_meta(meta_path)
+    meta = read_meta(meta_path)
     if meta is None:
         meta = {
             "version": CACHE_VERSION, "num_images": num_images, "labels_sha": labels_sha, "budget": budget,
             "batch_size": batch_size, "outputs": {},
         }
     else:
-        _check_meta(meta, split_dir, images, labels_sha, budget)
+        check_meta(meta, split_dir, num_images, labels_sha, budget)
     for output in outputs:
         state = meta["outputs"].get(output)
         if state and state.get("complete"):
-            damage = _damage(split_dir, output, state, num_images)
-            if damage is not None:
-                _say(f"the cached {split} features of {output} in {split_dir} are damaged ({damage}): rebuilding them")
+            problem = damage(split_dir, output, state, num_images)
+            if problem is not None:
+                say(f"the cached {split} features of {output} in {split_dir} are damaged ({problem}): rebuilding them")
                 del meta["outputs"][output]
     pending = [o for o in outputs if not meta["outputs"].get(o, {}).get("complete", False)]
     if not pending:
@@ -386,22 +173,22 @@ def _extract_locked(
     stores: dict[str, np.memmap] = {}
     for output, state in progress_of.items():
         if state["batches_done"] > 0:
-            store = _open_store(split_dir / f"{output}.npy", (num_images, state["dim"]), np.float32)
+            store = open_store(split_dir / f"{output}.npy", (num_images, state["dim"]), np.float32)
             if store is None:
-                _say(f"{split_dir / (output + '.npy')} is missing or does not match its record: extracting {output} again")
+                say(f"{split_dir / (output + '.npy')} is missing or does not match its record: extracting {output} again")
                 progress_of[output] = {"batches_done": 0, "rows_done": 0, "dim": None, "complete": False}
             else:
                 stores[output] = store
     labels_path = split_dir / LABELS_FILE
     # Labels are shared by all outputs and rewritten identically on every pass, so an existing file
     # (holding the labels of outputs already complete) is updated in place, never truncated.
-    labels_store = _open_store(labels_path, (num_images,), np.int64)
+    labels_store = open_store(labels_path, (num_images,), np.int64)
     if labels_store is None:
         if any(p["batches_done"] > 0 for p in progress_of.values()):
-            _say(f"{labels_path} is missing or unreadable: extracting the {split} features again")
+            say(f"{labels_path} is missing or unreadable: extracting the {split} features again")
             progress_of = {o: {"batches_done": 0, "rows_done": 0, "dim": None, "complete": False} for o in pending}
             stores.clear()
-        labels_store = _create_store(labels_path, (num_images,), np.int64)
+        labels_store = create_store(labels_path, (num_images,), np.int64)
     if all(p["batches_done"] == 0 for p in progress_of.values()):
         meta["batch_size"] = batch_size
     batch_size = int(meta["batch_size"])
@@ -442,7 +229,7 @@ def _extract_locked(
                     state = progress_of[output]
                     if output not in stores:
                         state["dim"] = int(values.shape[1])
-                        stores[output] = _create_store(split_dir / f"{output}.npy", (num_images, state["dim"]), np.float32)
+                        stores[output] = create_store(split_dir / f"{output}.npy", (num_images, state["dim"]), np.float32)
                     if state["rows_done"] != row:
                         raise PretextlabError(
                             f"the cache of {output} in {split_dir} is out of step with the images (row {state['rows_done']} "
@@ -465,7 +252,7 @@ def _extract_locked(
         labels_store.flush()
         for output in pending:
             state = progress_of[output]
-            state["integrity"] = _integrity(split_dir, output, int(state["rows_done"]), int(state["dim"]))
+            state["integrity"] = integrity(split_dir, output, int(state["rows_done"]), int(state["dim"]))
             state["complete"] = True
     finally:
         bar.close()

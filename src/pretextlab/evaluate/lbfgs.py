@@ -21,11 +21,10 @@ every table and bar shows them, and named so (``val_top1_percent``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,13 +32,10 @@ from tqdm.auto import tqdm
 
 from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
-from pretextlab.evaluate.probe_inputs import checked_split
+from pretextlab.evaluate.common import ProbeResult, Split, Standardised, accuracy_percent, check_finite, checked_splits, split_moments
 
 DEFAULT_L2_GRID: tuple[float, ...] = tuple(10.0**k for k in range(1, -7, -1))  # 1e1 ... 1e-6, strongest first
-CHUNK_ROWS = 8192  # rows per chunk when standardising or scoring, to bound temporary memory
 EIGH_FLOAT64_MAX_DIM = 4096
-
-Split = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -71,20 +67,12 @@ class LbfgsConfig:
 
 
 @dataclass
-class ProbeResult:
-    """One probe's outcome; accuracies in percent (0-100)."""
+class LbfgsResult(ProbeResult):
+    """The L-BFGS probe's outcome: ``per_setting`` has one entry per L2 value tried (its
+    ``val_top1_percent``, iterations, convergence); ``settings`` the fit's own settings."""
 
-    probe: str
-    val_top1_percent: float
-    test_top1_percent: float
-    chosen: dict[str, float]
-    per_setting: list[dict[str, float]]
-    seconds: float
-    train_size: int
+    per_setting: list[dict[str, float]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -226,60 +214,8 @@ def fit_logistic_regression(
     return weight, bias.detach(), info
 
 
-def _column_moments(features: np.ndarray, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column mean and std in float64, by chunks (no float64 copy of the whole array); also the
-    check that every value is finite, since a NaN or inf makes the sums non-finite."""
-    total = np.zeros(features.shape[1])
-    squares = np.zeros(features.shape[1])
-    for start in range(0, len(features), CHUNK_ROWS):
-        chunk = np.asarray(features[start : start + CHUNK_ROWS], dtype=np.float64)
-        total += chunk.sum(0)
-        squares += np.square(chunk).sum(0)
-    if not (np.isfinite(total).all() and np.isfinite(squares).all()):
-        raise PretextlabError(f"{name} features contain NaN or infinite values: fix the feature extraction (or drop those rows)")
-    mean = total / len(features)
-    variance = np.maximum(squares / len(features) - mean**2, 0.0)
-    std = np.sqrt(variance)
-    # Constant columns carry no information: dividing by 1 keeps them at 0 instead of NaN.
-    std[std < 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
-    return torch.from_numpy(mean), torch.from_numpy(std)
-
-
-def _check_finite(features: np.ndarray, name: str) -> None:
-    for start in range(0, len(features), CHUNK_ROWS):
-        if not np.isfinite(features[start : start + CHUNK_ROWS]).all():
-            raise PretextlabError(f"{name} features contain NaN or infinite values: fix the feature extraction (or drop those rows)")
-
-
-class _Standardizer:
-    def __init__(self, mean: torch.Tensor | None, std: torch.Tensor | None, device: torch.device) -> None:
-        self.mean = None if mean is None else mean.to(device=device, dtype=torch.float32)
-        self.inv_std = None if std is None else (1.0 / std).to(device=device, dtype=torch.float32)
-        self.device = device
-
-    def chunk(self, features: np.ndarray, start: int) -> torch.Tensor:
-        # A copy, so the caller's array (often a read-only memmap) is never written to.
-        x = torch.from_numpy(np.array(features[start : start + CHUNK_ROWS], dtype=np.float32)).to(self.device)
-        if self.mean is not None:
-            x = x.sub_(self.mean).mul_(self.inv_std)
-        return x
-
-    def whole(self, features: np.ndarray) -> torch.Tensor:
-        """The standardised features as one float32 tensor on the device, built chunk by chunk."""
-        out = torch.empty(features.shape, dtype=torch.float32, device=self.device)
-        for start in range(0, len(features), CHUNK_ROWS):
-            out[start : start + CHUNK_ROWS] = self.chunk(features, start)
-        return out
-
-
-def _accuracy(features: np.ndarray, labels: np.ndarray, weight: torch.Tensor, bias: torch.Tensor, scaler: _Standardizer) -> float:
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(features), CHUNK_ROWS):
-            logits = torch.addmm(bias, scaler.chunk(features, start), weight.t())
-            predicted = logits.argmax(1).cpu().numpy()
-            correct += int((predicted == labels[start : start + CHUNK_ROWS]).sum())
-    return 100.0 * correct / len(labels)
+def _linear(weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: torch.addmm(bias, x, weight.t())
 
 
 def lbfgs_probe(
@@ -290,7 +226,7 @@ def lbfgs_probe(
     config: LbfgsConfig | None = None,
     progress: bool = True,
     label: str = "",
-) -> ProbeResult:
+) -> LbfgsResult:
     """Fit along ``config.l2_grid`` (strongest first, warm-started), choose L2 on ``val``, score ``test``.
 
     Each split is (features float (N, D), labels int (N,)); features may be memmaps. Accuracies in
@@ -298,32 +234,15 @@ def lbfgs_probe(
     """
     started = time.perf_counter()
     config = config or LbfgsConfig()
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise PretextlabError(f"num_classes must be a whole number >= 2, got {num_classes!r}")
-    train_x, train_y = checked_split(train, "train", num_classes)
-    val_x, val_y = checked_split(val, "val", num_classes)
-    test_x, test_y = checked_split(test, "test", num_classes)
-    dims = {name: x.shape[1] for name, x in (("train", train_x), ("val", val_x), ("test", test_x))}
-    if len(set(dims.values())) != 1:
-        raise PretextlabError(f"the splits have different feature sizes {dims}: they must come from the same output")
-    missing = np.flatnonzero(np.bincount(train_y, minlength=num_classes) == 0)
-    if len(missing):
-        raise PretextlabError(
-            f"class{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing[:10]))} "
-            f"{'have' if len(missing) > 1 else 'has'} no training example: give at least one labelled image per class "
-            f"(or lower num_classes)"
-        )
+    splits = checked_splits(train, val, test, num_classes)
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits["train"], splits["val"], splits["test"]
     device = resolve_device(config.device)
-    if config.standardize:
-        mean, std = _column_moments(train_x, "train")
-        scaler = _Standardizer(mean, std, device)
-    else:
-        _check_finite(train_x, "train")
-        scaler = _Standardizer(None, None, device)
-    _check_finite(val_x, "val")
-    _check_finite(test_x, "test")
-
-    x = scaler.whole(train_x)
+    moments = split_moments(train_x, "train", config.standardize)
+    check_finite(val_x, "val")
+    check_finite(test_x, "test")
+    x = Standardised(train_x, moments, device, resident=True).whole
+    assert x is not None
+    val_set, test_set = Standardised(val_x, moments, device), Standardised(test_x, moments, device)
     y = torch.tensor(train_y, dtype=torch.int64, device=device)
     whitening = Whitening.of(x) if config.precondition else None
     per_setting: list[dict[str, float]] = []
@@ -335,7 +254,7 @@ def lbfgs_probe(
             x, y, num_classes, l2, config.max_iter, config.tolerance, config.history_size, init=init, whitening=whitening
         )
         init = (weight, bias)
-        val_top1 = _accuracy(val_x, val_y, weight, bias, scaler)
+        val_top1 = accuracy_percent(_linear(weight, bias), val_set, val_y)
         per_setting.append(
             {
                 "l2": l2,
@@ -352,8 +271,8 @@ def lbfgs_probe(
             best = (l2, val_top1, weight.clone(), bias.clone())
     assert best is not None
     chosen_l2, val_top1, weight, bias = best
-    test_top1 = _accuracy(test_x, test_y, weight, bias, scaler)
-    return ProbeResult(
+    test_top1 = accuracy_percent(_linear(weight, bias), test_set, test_y)
+    return LbfgsResult(
         probe="lbfgs",
         val_top1_percent=val_top1,
         test_top1_percent=test_top1,

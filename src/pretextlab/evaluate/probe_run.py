@@ -5,8 +5,8 @@ stored as JSON in the run directory with its full recipe (run, output, probe, la
 split sizes, regularisation chosen) and the checkpoint it came from (step, SHA-256 of the file,
 whether training had finished), so every number can be traced back to what produced it.
 
-Nothing derived from one checkpoint is reused for another (docs/protocol.md, "Evaluation"): the
-feature cache key holds the checkpoint's step and content hash, so a run trained further gets its
+Nothing derived from one checkpoint is reused for another (the project's contract: every number
+traces back to the checkpoint it came from): the feature cache key holds the checkpoint's step and content hash, so a run trained further gets its
 features extracted again. A result's file name ends in a short hash of everything that changes
 the number (checkpoint, dataset and its split sizes, seed, labels, the probe's full recipe), so
 evaluations that differ in any of these are all kept side by side. Accuracies are in percent.

@@ -28,15 +28,14 @@ and a run resumed from its end-of-epoch checkpoint ends exactly as an uninterrup
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,13 +46,12 @@ from tqdm.auto import tqdm
 from pretextlab import atomic
 from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
-from pretextlab.evaluate.probe_inputs import checked_split
+from pretextlab.evaluate.common import ProbeResult, Split, Standardised, accuracy_percent, check_finite, checked_splits, split_moments
+from pretextlab.evaluate.sgd_config import LR_REFERENCE_BATCH, SgdConfig
 
-KINDS = ("linear", "mlp")
+__all__ = ["SgdConfig", "SgdResult", "sgd_probe"]
+
 PROBE_NAMES = {"linear": "sgd", "mlp": "mlp"}
-RESIDENCY = ("auto", "device", "stream")
-LR_REFERENCE_BATCH = 256  # base_lr is the learning rate of a batch of this size (scaled linearly)
-CHUNK_ROWS = 8192  # rows per chunk when standardising or scoring, to bound temporary memory
 # Share of free memory the resident features may take: the rest is left for the head, its
 # gradients and momentum, the batch activations and whatever else shares the device.
 DEVICE_MEMORY_SHARE = 0.7
@@ -61,135 +59,14 @@ HOST_MEMORY_SHARE = 0.5
 CHECKPOINT_FORMAT = 1
 FINGERPRINT_ROWS = 32  # rows sampled from each split to recognise the data a checkpoint belongs to
 
-Split = tuple[np.ndarray, np.ndarray]
 CurveCallback = Callable[[dict[str, float]], None]
 
 
-def _is_whole(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _tidy_epoch(value: float) -> int | float:
-    """Whole epochs stay ints (30, not 30.0); fractional ones (from ``scaled``) stay floats."""
-    value = float(value)
-    return int(value) if value.is_integer() else round(value, 9)
-
-
-@dataclass(frozen=True)
-class SgdConfig:
-    """How an SGD probe trains. The defaults are the study's 70-epoch linear probe (``paper("linear")``).
-
-    ``decay_epochs`` may be fractional (a decay then happens mid-epoch, at the step it falls on) and
-    may repeat a value (two decays at once). ``resident``: "auto" keeps the standardised train and
-    val features on the device when they fit, "device" insists, "stream" gathers every minibatch
-    from the given arrays.
-    """
-
-    kind: str = "linear"
-    epochs: int = 70
-    batch_size: int = 512
-    base_lr: float = 0.1
-    decay_epochs: tuple[float, ...] = (30, 50)
-    decay_factor: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    warmup_epochs: float = 0
-    hidden: int = 1000
-    dropout: float = 0.5
-    standardize: bool = True
-    device: str = "auto"
-    resident: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise PretextlabError(f"unknown probe kind {self.kind!r}: choose one of {', '.join(KINDS)}")
-        for name in ("epochs", "batch_size", "hidden"):
-            value = getattr(self, name)
-            if not _is_whole(value) or value < 1:
-                raise PretextlabError(f"{name} must be a whole number >= 1, got {value!r}")
-        if not _is_whole(self.seed):
-            raise PretextlabError(f"seed must be a whole number, got {self.seed!r}")
-        if not _is_number(self.base_lr) or self.base_lr <= 0:
-            raise PretextlabError(f"base_lr must be a number > 0 (the study uses 0.1 per 256 images), got {self.base_lr!r}")
-        try:
-            decays = tuple(self.decay_epochs)
-        except TypeError:
-            raise PretextlabError(f"decay_epochs must be a sequence of epochs, e.g. (30, 50), got {self.decay_epochs!r}") from None
-        if any(not _is_number(d) or not 0 <= d <= self.epochs for d in decays):
-            raise PretextlabError(f"decay_epochs must lie between 0 and epochs={self.epochs}, got {self.decay_epochs!r}")
-        if list(decays) != sorted(decays):
-            raise PretextlabError(f"decay_epochs must be in increasing order, e.g. (30, 50), got {self.decay_epochs!r}")
-        object.__setattr__(self, "decay_epochs", tuple(_tidy_epoch(d) for d in decays))
-        if not _is_number(self.decay_factor) or not 0 < self.decay_factor <= 1:
-            raise PretextlabError(f"decay_factor must be in (0, 1] (the study uses 0.1), got {self.decay_factor!r}")
-        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
-            raise PretextlabError(f"momentum must be in [0, 1) (the study uses 0.9), got {self.momentum!r}")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
-            raise PretextlabError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        if not _is_number(self.warmup_epochs) or not 0 <= self.warmup_epochs <= self.epochs:
-            raise PretextlabError(f"warmup_epochs must lie between 0 and epochs={self.epochs}, got {self.warmup_epochs!r}")
-        object.__setattr__(self, "warmup_epochs", _tidy_epoch(self.warmup_epochs))
-        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
-            raise PretextlabError(f"dropout must be in [0, 1) (the study's MLP uses 0.5), got {self.dropout!r}")
-        if not isinstance(self.standardize, bool):
-            raise PretextlabError(f"standardize must be True or False, got {self.standardize!r}")
-        if self.resident not in RESIDENCY:
-            raise PretextlabError(f"unknown resident mode {self.resident!r}: choose one of {', '.join(RESIDENCY)}")
-
-    @classmethod
-    def paper(cls, kind: str = "linear", **overrides: Any) -> "SgdConfig":
-        """The released evaluation script's schedule: batch 512, lr 0.1 x 512/256, x0.1 at 30 and 50 of 70 epochs."""
-        return cls(**{"kind": kind, "epochs": 70, "batch_size": 512, "decay_epochs": (30, 50), **overrides})
-
-    @classmethod
-    def paper_long(cls, kind: str = "linear", **overrides: Any) -> "SgdConfig":
-        """The schedule behind the reported SGD numbers: batch 2048, x0.1 at 480 and 500 of 520 epochs."""
-        return cls(**{"kind": kind, "epochs": 520, "batch_size": 2048, "decay_epochs": (480, 500), **overrides})
-
-    def scaled(self, epochs: int) -> "SgdConfig":
-        """The same schedule squeezed (or stretched) to ``epochs``: decays and warm-up keep their
-        fraction of the run (70 -> 7 epochs moves the decays from 30, 50 to 3, 5)."""
-        if not _is_whole(epochs) or epochs < 1:
-            raise PretextlabError(f"epochs must be a whole number >= 1, got {epochs!r}")
-        ratio = epochs / self.epochs
-        return dataclasses.replace(
-            self,
-            epochs=int(epochs),
-            decay_epochs=tuple(min(d * ratio, epochs) for d in self.decay_epochs),
-            warmup_epochs=min(self.warmup_epochs * ratio, epochs),
-        )
-
-    def peak_lr(self, batch_size: int) -> float:
-        """The learning rate after warm-up and before any decay: ``base_lr x batch_size / 256``."""
-        return self.base_lr * batch_size / LR_REFERENCE_BATCH
-
-    def learning_rate(self, step: int, steps_per_epoch: int, batch_size: int) -> float:
-        """The learning rate of the update numbered ``step`` (0-based, counted over the whole run).
-
-        Warm-up rises linearly so that its last step reaches the peak; a decay at epoch d applies
-        from step ``round(d x steps_per_epoch)`` on, i.e. after d full epochs.
-        """
-        peak = self.peak_lr(batch_size)
-        warmup_steps = round(self.warmup_epochs * steps_per_epoch)
-        if step < warmup_steps:
-            return peak * (step + 1) / warmup_steps
-        decays = sum(step >= round(d * steps_per_epoch) for d in self.decay_epochs)
-        return peak * self.decay_factor**decays
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "decay_epochs": list(self.decay_epochs)}
-
-
 @dataclass
-class SgdResult:
-    """One SGD probe's outcome, shaped like the L-BFGS probe's result.
+class SgdResult(ProbeResult):
+    """One SGD probe's outcome (accuracies in percent), shaped like the L-BFGS probe's result.
 
-    ``val_top1_percent`` / ``test_top1_percent``: the *final* model's (as the study reports), in percent.
+    ``val_top1_percent`` / ``test_top1_percent``: the *final* model's (as the study reports).
     ``chosen``: the schedule that produced them (final ``epoch``, peak ``lr``, ``batch_size``,
     ``weight_decay``) plus, for information, ``best_val_epoch`` / ``best_val_top1_percent`` from the curve.
     ``curve``: one ``{epoch, lr, train_loss, val_top1_percent}`` per epoch (1-based epochs; ``lr`` is the
@@ -197,16 +74,7 @@ class SgdResult:
     ``seconds`` adds up the time of every call that worked on this probe (resumes included).
     """
 
-    probe: str
-    val_top1_percent: float
-    test_top1_percent: float
-    chosen: dict[str, float]
-    curve: list[dict[str, float]]
-    seconds: float
-    train_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    curve: list[dict[str, float]] = field(default_factory=list)
 
 
 class _ProbeHead(nn.Module):
@@ -252,74 +120,6 @@ class _ProbeHead(nn.Module):
         return self.classifier(x)
 
 
-def _non_finite_error(name: str) -> PretextlabError:
-    return PretextlabError(f"{name} features contain NaN or infinite values: fix the feature extraction (or drop those rows)")
-
-
-def _check_finite(features: np.ndarray, name: str) -> None:
-    for start in range(0, len(features), CHUNK_ROWS):
-        if not np.isfinite(features[start : start + CHUNK_ROWS]).all():
-            raise _non_finite_error(name)
-
-
-def _standardisation(features: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Column mean and 1/std in float64, by chunks (no float64 copy of the whole matrix); a NaN or
-    inf anywhere makes the sums non-finite, so this is the finiteness check of the split too."""
-    total = np.zeros(features.shape[1])
-    squares = np.zeros(features.shape[1])
-    for start in range(0, len(features), CHUNK_ROWS):
-        chunk = np.asarray(features[start : start + CHUNK_ROWS], dtype=np.float64)
-        total += chunk.sum(0)
-        squares += np.square(chunk).sum(0)
-    if not (np.isfinite(total).all() and np.isfinite(squares).all()):
-        raise _non_finite_error(name)
-    mean = total / len(features)
-    std = np.sqrt(np.maximum(squares / len(features) - mean**2, 0.0))
-    # A column constant on train teaches nothing, and its weights never get a gradient, so they
-    # keep their random initial values: were it kept, any other value it takes in val or test
-    # would add noise through them. Scaling it by 0 removes it (and avoids dividing by 0).
-    constant = std < 1e-12 * np.maximum(1.0, np.abs(mean))
-    inv_std = np.where(constant, 0.0, 1.0 / np.where(constant, 1.0, std))
-    return mean, inv_std
-
-
-class _Standardised:
-    """One split as the probe reads it: standardised float32 rows on the device, either all held
-    there (resident) or gathered per request from the caller's array (which is never written to)."""
-
-    def __init__(self, features: np.ndarray, mean: torch.Tensor | None, inv_std: torch.Tensor | None, device: torch.device, resident: bool) -> None:
-        self.features = features
-        self.mean = mean
-        self.inv_std = inv_std
-        self.device = device
-        self.whole: torch.Tensor | None = None
-        if resident:
-            self.whole = torch.empty(features.shape, dtype=torch.float32, device=device)
-            for start in range(0, len(features), CHUNK_ROWS):
-                self.whole[start : start + CHUNK_ROWS] = self._load(features[start : start + CHUNK_ROWS])
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def _load(self, rows: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.array(rows, dtype=np.float32)).to(self.device)
-        if self.mean is not None:
-            x = x.sub_(self.mean).mul_(self.inv_std)
-        return x
-
-    def rows(self, order: torch.Tensor, order_on_device: torch.Tensor) -> torch.Tensor:
-        if self.whole is not None:
-            return self.whole.index_select(0, order_on_device)
-        return self._load(self.features[order.numpy()])
-
-    def chunks(self) -> Iterator[torch.Tensor]:
-        for start in range(0, len(self.features), CHUNK_ROWS):
-            if self.whole is not None:
-                yield self.whole[start : start + CHUNK_ROWS]
-            else:
-                yield self._load(self.features[start : start + CHUNK_ROWS])
-
-
 def _available_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -343,16 +143,9 @@ def _keep_resident(mode: str, needed_bytes: int, device: torch.device) -> bool:
     return fits
 
 
-def _accuracy(model: _ProbeHead, split: _Standardised, labels: torch.Tensor) -> float:
+def _accuracy(model: _ProbeHead, split: Standardised, labels: torch.Tensor) -> float:
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
-    start = 0
-    with torch.no_grad():
-        for chunk in split.chunks():
-            predicted = model(chunk).argmax(1)
-            correct += (predicted == labels[start : start + len(chunk)]).sum()
-            start += len(chunk)
-    return 100.0 * int(correct) / len(labels)
+    return accuracy_percent(model, split, labels)
 
 
 def _sample_digest(features: np.ndarray, labels: np.ndarray) -> str:
@@ -425,39 +218,17 @@ def sgd_probe(
     config = config or SgdConfig()
     if not isinstance(config, SgdConfig):
         raise PretextlabError(f"config must be an SgdConfig (e.g. SgdConfig.paper('linear')), got {type(config).__name__}")
-    if not _is_whole(num_classes) or num_classes < 2:
-        raise PretextlabError(f"num_classes must be a whole number >= 2, got {num_classes!r}")
-    splits = {
-        "train": checked_split(train, "train", num_classes),
-        "val": checked_split(val, "val", num_classes),
-        "test": checked_split(test, "test", num_classes),
-    }
-    dims = {name: x.shape[1] for name, (x, _) in splits.items()}
-    if len(set(dims.values())) != 1:
-        raise PretextlabError(f"the splits have different feature sizes {dims}: they must come from the same output")
+    splits = checked_splits(train, val, test, num_classes)
     train_x, train_y = splits["train"]
-    missing = np.flatnonzero(np.bincount(train_y, minlength=num_classes) == 0)
-    if len(missing):
-        raise PretextlabError(
-            f"class{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing[:10]))} "
-            f"{'have' if len(missing) > 1 else 'has'} no training example: give at least one labelled image per class "
-            f"(or lower num_classes)"
-        )
     device = resolve_device(config.device)
-    if config.standardize:
-        mean64, inv_std64 = _standardisation(train_x, "train")
-        mean = torch.from_numpy(mean64).to(device=device, dtype=torch.float32)
-        inv_std = torch.from_numpy(inv_std64).to(device=device, dtype=torch.float32)
-    else:
-        _check_finite(train_x, "train")
-        mean = inv_std = None
-    _check_finite(splits["val"][0], "val")
-    _check_finite(splits["test"][0], "test")
+    moments = split_moments(train_x, "train", config.standardize)
+    check_finite(splits["val"][0], "val")
+    check_finite(splits["test"][0], "test")
 
     n, dim = train_x.shape
     resident = _keep_resident(config.resident, 4 * dim * (n + len(splits["val"][0])), device)
-    train_set = _Standardised(train_x, mean, inv_std, device, resident)
-    val_set = _Standardised(splits["val"][0], mean, inv_std, device, resident)
+    train_set = Standardised(train_x, moments, device, resident)
+    val_set = Standardised(splits["val"][0], moments, device, resident)
     labels = {name: torch.from_numpy(y).to(device) for name, (_, y) in splits.items()}
 
     # The released code drops each epoch's remainder; a training set smaller than one batch is
@@ -544,7 +315,7 @@ def sgd_probe(
             curve_callback(dict(entry))
     bar.close()
 
-    test_set = _Standardised(splits["test"][0], mean, inv_std, device, resident=False)
+    test_set = Standardised(splits["test"][0], moments, device)
     test_top1 = _accuracy(model, test_set, labels["test"])
     best = max(curve, key=lambda e: e["val_top1_percent"])  # the first of equals: the earliest epoch
     return SgdResult(
