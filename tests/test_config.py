@@ -181,7 +181,7 @@ def test_right_values_are_canonicalised():
         ({"seed": -3}, "--seed must be >= 0"),
         ({"val_size": 0.0}, "--val-size must be > 0"),
         ({"embedding_dim": 0}, "--embedding-dim must be >= 1"),
-        ({"patch_size": 2}, "--patch-size must be >= 8"),
+        ({"patch_size": 2}, "--patch-size must be >= 4"),  # the patch tasks' own bound (tasks/patches.py)
     ],
 )
 def test_values_of_the_right_type_that_cannot_mean_anything_are_refused(changes, message):

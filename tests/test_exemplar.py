@@ -12,8 +12,7 @@ from PIL import Image, ImageDraw
 from pretextlab.data import augment
 from pretextlab.errors import PretextlabError
 from pretextlab.tasks import build_task
-from pretextlab.tasks.base import TaskOptions
-from pretextlab.tasks.exemplar import ExemplarTask
+from pretextlab.tasks.exemplar import ExemplarOptions, ExemplarTask
 from pretextlab.tasks.triplet import l2_normalize, nearest_neighbour_correct, triplet_semihard_loss
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -111,7 +110,7 @@ def _colour_images(directory: Path, count: int, side: int = 40) -> torch.Tensor:
 
 
 def test_copies_share_the_gray_decision_and_differ_from_each_other(tmp_path):
-    task = ExemplarTask(16, TaskOptions(image_size=24, copies=8, gray_probability=0.5))
+    task = ExemplarTask(16, ExemplarOptions(image_size=24, copies=8, gray_probability=0.5))
     images = _colour_images(tmp_path, 24)
     copies, gray = task.copies_of(images, torch.Generator().manual_seed(0))
     assert copies.shape == (24 * 8, 3, 24, 24)
@@ -133,7 +132,7 @@ def test_copies_share_the_gray_decision_and_differ_from_each_other(tmp_path):
 
 def test_prepare_targets_loss_and_views_on_fashion_mnist():
     images = _fashion_mnist(6)
-    task = build_task("exemplar", 20, TaskOptions(image_size=32, copies=4, embedding_dim=16))
+    task = build_task("exemplar", 20, ExemplarOptions(image_size=32, copies=4, embedding_dim=16))
     inputs, targets, _ = task.prepare(images, True, torch.Generator().manual_seed(1))
     assert inputs.shape == (24, 3, 32, 32) and torch.equal(targets, torch.arange(6).repeat_interleave(4))
     again, *_ = task.prepare(images, False, torch.Generator().manual_seed(1))
@@ -161,9 +160,9 @@ def test_prepare_targets_loss_and_views_on_fashion_mnist():
 
 def test_bad_options_are_refused():
     with pytest.raises(PretextlabError, match="at least 2 copies"):
-        ExemplarTask(8, TaskOptions(copies=1))
+        ExemplarTask(8, ExemplarOptions(copies=1))
     with pytest.raises(PretextlabError, match="batch, embedding, none"):
-        ExemplarTask(8, TaskOptions(exemplar_normalization="l1"))
+        ExemplarTask(8, ExemplarOptions(exemplar_normalization="l1"))
 
 
 def test_shapes_and_gradients_through_a_real_network():
@@ -171,7 +170,7 @@ def test_shapes_and_gradients_through_a_real_network():
 
     torch.manual_seed(0)
     network = build_network("resnet50v1", width=1, patch_mode=False, input_size=32)
-    task = build_task("exemplar", network.out_dim, TaskOptions(image_size=32, copies=4))
+    task = build_task("exemplar", network.out_dim, ExemplarOptions(image_size=32, copies=4))
     images = _fashion_mnist(5)
     inputs, targets, _ = task.prepare(images, True, torch.Generator().manual_seed(2))
     assert inputs.shape == (20, 3, 32, 32)

@@ -15,7 +15,6 @@ import torch
 from pretextlab.data import augment
 from pretextlab.errors import PretextlabError
 from pretextlab.tasks import build_task
-from pretextlab.tasks.base import TaskOptions
 from pretextlab.tasks.jigsaw import JigsawTask
 from pretextlab.tasks.patches import PatchClassifierHead, PatchGeometry, gather_patches, patch_corners
 from pretextlab.tasks.permutations import inverse_permutations
@@ -29,10 +28,11 @@ ANGLES = [2 * math.pi * c / 9 for c in range(9)]
 COLOURS = torch.tensor([[128 + 100 * math.cos(a + 2 * math.pi * k / 3) for k in range(3)] for a in ANGLES])
 
 
-def _options(cache_dir, **changes) -> TaskOptions:
+def _options(cache_dir, **changes) -> dict:
+    """Option values by name: a mapping, read by either patch task into its own options class."""
     base = dict(patch_size=PATCH, embedding_dim=9, head_hidden=81, gray_probability=0.0, cache_dir=str(cache_dir))
     base.update(changes)
-    return TaskOptions(**base)
+    return base
 
 
 def _cell_coded_images(batch: int) -> torch.Tensor:

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from pretextlab.errors import PretextlabError
-from pretextlab.tasks.base import TaskOptions
-from pretextlab.tasks.jigsaw import JigsawTask
+from pretextlab.tasks.jigsaw import JigsawOptions, JigsawTask
 from pretextlab.tasks.permutations import (
     generate_permutations,
     inverse_permutations,
@@ -104,10 +103,10 @@ def test_bad_requests_and_corrupt_cache_are_refused(tmp_path):
 
 def test_jigsaw_task_uses_the_cached_set_and_keeps_it_in_its_state(default_set):
     cache, chosen = default_set
-    options = TaskOptions(patch_size=16, embedding_dim=8, head_hidden=16, cache_dir=str(cache))
+    options = JigsawOptions(patch_size=16, embedding_dim=8, head_hidden=16, cache_dir=str(cache))
     task = JigsawTask(4, options)
     assert np.array_equal(task.permutations.numpy(), chosen.permutations)
     assert task.min_hamming_distance == chosen.min_distance
     assert "permutations" in task.state_dict()
     with pytest.raises(PretextlabError, match="permutations per batch"):
-        JigsawTask(4, TaskOptions(permutations_per_batch=101, cache_dir=str(cache)))
+        JigsawTask(4, JigsawOptions(permutations_per_batch=101, cache_dir=str(cache)))

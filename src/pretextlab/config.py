@@ -24,9 +24,6 @@ PAPER_EPOCHS = 35.0
 PAPER_WARMUP_EPOCHS = 5.0
 PAPER_DECAY_EPOCHS = (15.0, 25.0)
 
-# The study's batch sizes in images (PROTOCOL.md "Pretext tasks").
-PAPER_BATCH_SIZES = {"rotation": 64, "exemplar": 64, "jigsaw": 128, "relative_patch": 128}
-
 # Fields that do not change what a run computes: left out of the hash and of resume's comparison.
 # ``data_dir`` is not one of them: two image folders are two datasets (resolve makes it a real path).
 _RUNTIME_FIELDS = frozenset({"device", "workers", "checkpoint_every", "compile"})
@@ -36,9 +33,37 @@ _RUNTIME_FIELDS = frozenset({"device", "workers", "checkpoint_every", "compile"}
 _RETIRED_KEYS = frozenset({"extra"})
 
 
+def _built_in_task_options() -> type:
+    """A dataclass holding, as flat fields, the own options of every task that ships with pretextlab.
+
+    Each field is the one its task's options dataclass defines (type, default, help, choices), so
+    ``--copies`` or ``--patch-size`` exist once; an option shared by several tasks (``embedding_dim``)
+    is one inherited field. Flat, because config.json has always held these keys: old files load
+    with the same meaning and a run's hash does not change. A plug-in task's options take their
+    defaults (they are no flags).
+    """
+    from pretextlab.options import field_types
+    from pretextlab.tasks import BUILT_IN_TASKS, task_info
+    from pretextlab.tasks.base import own_fields
+
+    chosen: dict[str, dataclasses.Field] = {}
+    specs = []
+    for name in BUILT_IN_TASKS:
+        options = task_info(name).options
+        hints = field_types(options)
+        for f in own_fields(options):
+            if f.name in chosen:
+                if chosen[f.name] is not f:  # two definitions of one flag: make it one (a shared base class)
+                    raise TypeError(f"task option {f.name!r} is defined twice; define it once in a shared options class")
+                continue
+            chosen[f.name] = f
+            specs.append((f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata)))
+    return dataclasses.make_dataclass("BuiltInTaskOptions", specs)
+
+
 @dataclass
-class TrainConfig:
-    """Everything that defines a pretext training run."""
+class TrainConfig(_built_in_task_options()):
+    """Everything that defines a pretext training run (the tasks' own options come from its base)."""
 
     task: str = option("rotation", "pretext task: rotation, exemplar, jigsaw, relative_patch (or module:Class, see tasks)")
     network: str = option("resnet50v1", "resnet50v1, resnet50v2, revnet50 or vgg19bn")
@@ -64,29 +89,9 @@ class TrainConfig:
     weight_decay: float = option(1e-4, "L2 on convolution kernels only, as the study")
 
     crop_scale: tuple[float, float] = option((0.08, 1.0), "inception crop: the fraction of the image's area, min and max", metavar=("MIN", "MAX"))
-    color_jitter: float = option(0.4, "colour-jitter strength (rotation)")
     flip: bool = option(True, "random horizontal flips in training (--no-flip for digits, text)")
-    gray_probability: float = option(0.66, "probability of a gray image (exemplar, patch tasks)", metavar="P")
-    patch_size: int = option(64, "patch side for jigsaw/relative_patch (64 = the study)", metavar="PX")
-    copies: int = option(8, "exemplar copies per image")
-    permutations_per_batch: int = option(8, "jigsaw permutations drawn per batch, every image shown under each")
-    num_permutations: int = option(100, "size of the jigsaw permutation set")
-    embedding_dim: int = option(1000, "per-patch vector (jigsaw, relative_patch) and exemplar embedding size")
-    head_hidden: int = option(4096, "the patch tasks' FC layer width")
-    margin: float = option(0.5, "exemplar triplet-loss margin")
-    # Where the released code and the paper's text differ (tasks.base.TaskOptions explains each).
-    permutation_criterion: str = option(
-        "mean", "jigsaw set: mean (Noroozi & Favaro, the released set) or min (max-min) Hamming distance", choices=("mean", "min")
-    )
-    patch_eval_geometry: str = option(
-        "released", "how a patch-trained network is fed to probes: the released evaluation or the pretext geometry",
-        choices=("released", "pretext"),
-    )
-    exemplar_normalization: str = option(
-        "batch", "exemplar: l2-normalise each dimension over the batch (the released code), each embedding, or none",
-        choices=("batch", "embedding", "none"),
-    )
-    exemplar_color_distortion: bool = option(True, "exemplar: the released random brightness and saturation per copy")
+    # The tasks' own options (--copies, --margin, --patch-size, ...) are fields of the base class,
+    # made from each task's options dataclass (their one definition; see tasks/).
     reversible_backward: bool | None = option(None, "revnet50: recompute activations in the backward pass (saves memory; default: on)")
 
     seed: int = option(0, "random seed (data splits, initialisation, augmentation)")
@@ -126,12 +131,19 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def task_options(config: TrainConfig) -> Any:
+    """The options dataclass of the config's task, filled from the config's fields of the same names."""
+    from pretextlab.tasks import task_options as options_for
+
+    return options_for(config.task, config)
+
+
 def resolve(config: TrainConfig) -> TrainConfig:
     """Validate ``config`` and fill every derived default; returns a new, complete config."""
-    # Imported here so config stays importable without torch-heavy modules at module load.
+    # Imported here: the data and models packages are not needed to define a config.
     from pretextlab.data import DATASETS
     from pretextlab.models import NETWORKS, network_info
-    from pretextlab.tasks import TASKS
+    from pretextlab.tasks import BUILT_IN_TASKS, task_info, task_options
 
     # Types first (a Python caller's epochs="one" is as wrong as YAML's); lists become tuples, so
     # lists and tuples (from JSON, YAML or Python callers) give one form and one hash.
@@ -139,8 +151,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.data_dir is not None:
         # Two spellings of one folder are one dataset; two folders are two (the hash includes it).
         c.data_dir = os.path.realpath(os.path.expanduser(c.data_dir))
-    if c.task not in TASKS:
-        raise PretextlabError(f"unknown task {c.task!r}: choose one of {', '.join(TASKS)}")
+    info = task_info(c.task)  # a clear error listing the tasks if unknown; imports a module:Class task
     if c.network not in NETWORKS:
         raise PretextlabError(f"unknown network {c.network!r}: choose one of {', '.join(NETWORKS)}")
     if c.dataset not in DATASETS:
@@ -161,7 +172,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.workers < 0:
         raise PretextlabError(f"--workers must be >= 0, got {c.workers}")
     if c.batch_size is None:
-        c.batch_size = PAPER_BATCH_SIZES[c.task]
+        c.batch_size = info.default_batch_size
     if c.batch_size < 2:
         raise PretextlabError(f"batch size must be >= 2 (BatchNorm needs a batch), got {c.batch_size}")
     if not c.epochs > 0:
@@ -185,13 +196,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise PretextlabError(f"representation size must be >= 1, got {c.representation_size}")
     if c.limit is not None and c.limit < 2:
         raise PretextlabError(f"--limit must be >= 2 images, got {c.limit}")
-    if c.copies < 2:
-        raise PretextlabError(f"exemplar needs >= 2 copies per image (the triplet loss needs a positive), got {c.copies}")
-    if not 1 <= c.permutations_per_batch <= c.num_permutations:
-        raise PretextlabError(
-            f"--permutations-per-batch {c.permutations_per_batch} must be between 1 and --num-permutations {c.num_permutations}"
-        )
     check_choices(c)
+    # Each task's checks live with its options. Every built-in task's options are checked, as they
+    # are all recorded in the config (a wrong --margin is refused whatever the task), and the task's own.
+    for name in dict.fromkeys((*BUILT_IN_TASKS, c.task)):
+        task_options(name, c)
     _check_ranges(c)
     if c.reversible_backward and not network_info(c.network).supports_reversible_backward:
         raise PretextlabError(f"--reversible-backward is for networks of reversible units (revnet50), not {c.network}: drop the flag")
@@ -206,24 +215,18 @@ _LOWER_BOUNDS = (
     ("decay_factor", 0, False, "the factor of each decay"),
     ("momentum", 0, True, "SGD momentum"),
     ("weight_decay", 0, True, "the L2 factor"),
-    ("color_jitter", 0, True, "the jitter strength"),
-    ("gray_probability", 0, True, "a probability"),
-    ("patch_size", 8, True, "pixels"),
-    ("embedding_dim", 1, True, "dimensions"),
-    ("head_hidden", 1, True, "units"),
-    ("margin", 0, True, "the triplet-loss margin"),
     ("seed", 0, True, "the random seed"),
     ("val_batches", 1, True, "batches"),
     ("checkpoint_every", 1, True, "steps"),
     ("log_every", 1, True, "steps"),
 )
-_UPPER_BOUNDS = (("momentum", 1, False), ("gray_probability", 1, True))
+_UPPER_BOUNDS = (("momentum", 1, False),)
 
 
 def _check_ranges(c: TrainConfig) -> None:
     """Values of the right type but outside what the option can mean (NaN included)."""
     for name in ("epochs", "base_lr", "warmup_epochs", "decay_factor", "momentum", "weight_decay",
-                 "color_jitter", "gray_probability", "margin", "val_size", "crop_scale", "decay_epochs"):
+                 "val_size", "crop_scale", "decay_epochs"):
         value = getattr(c, name)
         values = value if isinstance(value, tuple) else (value,)
         if any(v is not None and not math.isfinite(v) for v in values):

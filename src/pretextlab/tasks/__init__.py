@@ -1,32 +1,26 @@
-"""The pretext tasks, by name: each is one small module with one class (see ``base.PretextTask``)."""
+"""The pretext tasks: each is one module with its class and options, registered by name (``registry``)."""
 
 from __future__ import annotations
 
-import importlib
+from pretextlab.tasks.base import EmbeddingOptions, Prepared, PretextTask, TaskOptions
+from pretextlab.tasks.registry import TASK_REGISTRY, register_task, task_class, task_info, task_name, task_options
 
-from pretextlab.errors import PretextlabError
-from pretextlab.tasks.base import Prepared, PretextTask, TaskOptions
+# Importing the built-in task modules registers them (the registry module imports none).
+from pretextlab.tasks import rotation, exemplar, jigsaw, relative_patch  # noqa: E402,F401  isort: skip
 
-# name -> "module:Class"; imported on demand so a task's module loads only when it is used.
-_TASK_CLASSES = {
-    "rotation": "pretextlab.tasks.rotation:RotationTask",
-    "exemplar": "pretextlab.tasks.exemplar:ExemplarTask",
-    "jigsaw": "pretextlab.tasks.jigsaw:JigsawTask",
-    "relative_patch": "pretextlab.tasks.relative_patch:RelativePatchTask",
-}
-TASKS: tuple[str, ...] = tuple(_TASK_CLASSES)
+# The tasks that ship with pretextlab, fixed before any plug-in can register: their options are
+# TrainConfig's flat fields (config.json's keys since the first release, so the run hash is stable).
+BUILT_IN_TASKS: tuple[str, ...] = TASK_REGISTRY.names()
+TASKS = TASK_REGISTRY  # `name in TASKS`, iteration and ", ".join(TASKS) as before, plug-ins included
 
 
-def task_class(name: str) -> type[PretextTask]:
-    if name not in _TASK_CLASSES:
-        raise PretextlabError(f"unknown pretext task {name!r}: choose one of {', '.join(TASKS)}")
-    module_name, class_name = _TASK_CLASSES[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+def build_task(spec: str, feature_dim: int, options: object = None) -> PretextTask:
+    """The task ``spec`` (a name or ``module:Class``) with its head reading ``feature_dim``-dimensional
+    pre_logits; ``options``: its options dataclass, a mapping or any object with fields of those names."""
+    return task_class(spec)(feature_dim, options)
 
 
-def build_task(name: str, feature_dim: int, options: TaskOptions | None = None) -> PretextTask:
-    """The task ``name`` with its head reading ``feature_dim``-dimensional pre_logits."""
-    return task_class(name)(feature_dim, options or TaskOptions())
-
-
-__all__ = ["TASKS", "Prepared", "PretextTask", "TaskOptions", "build_task", "task_class"]
+__all__ = [
+    "BUILT_IN_TASKS", "TASKS", "TASK_REGISTRY", "EmbeddingOptions", "Prepared", "PretextTask", "TaskOptions",
+    "build_task", "register_task", "task_class", "task_info", "task_name", "task_options",
+]

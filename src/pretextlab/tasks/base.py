@@ -9,11 +9,17 @@ tasks the 3x3 grid of patches whose features are averaged.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
+
+from pretextlab.errors import PretextlabError
+from pretextlab.options import check_choices, check_fields, check_instance, flag_name, option
 
 
 def full_precision(x: torch.Tensor) -> torch.Tensor:
@@ -32,55 +38,96 @@ class Prepared(NamedTuple):
 
 @dataclass(frozen=True)
 class TaskOptions:
-    """Options shared by the tasks; each task reads the ones it needs.
+    """What every task receives from the run, not options of its own: the base of each task's
+    options dataclass.
 
-    ``image_size`` is the side of the network input of the whole-image tasks (Rotation, Exemplar).
-    ``patch_size`` is the one size parameter of the patch tasks (Jigsaw, Relative Patch Location):
-    64 is the study's geometry (resize 292, crop 255, cells of 85, patches of 64) and every other
-    side is derived from it proportionally (``tasks.patches.PatchGeometry``).
-
-    Choices where the study's released code and the obvious reading differ:
-    ``permutation_criterion`` "mean" (Noroozi & Favaro's Algorithm 1, the released set) or "min"
-    (max-min Hamming distance); ``patch_eval_geometry`` "released" (resize 3.5p, centre crop 3p,
-    adjacent p-px patches, as the released evaluation) or "pretext" (the training geometry with
-    central crops); ``exemplar_normalization`` "batch" (the released ``l2_normalize(axis=0)``: each
-    embedding dimension is normalised over the batch), "embedding" (each embedding to unit length)
-    or "none"; ``exemplar_color_distortion`` the released inception preprocessing's random
-    brightness and saturation on each copy. ``cache_dir`` holds generated permutation sets
-    (default ``$PRETEXTLAB_CACHE`` or ``~/.cache/pretextlab``).
+    ``image_size`` is the side of the network input of the whole-image tasks (Rotation, Exemplar);
+    ``crop_scale`` and ``flip`` are the run's augmentation settings; ``seed`` the run's seed (Jigsaw
+    draws its permutation set from it); ``cache_dir`` holds generated permutation sets (default
+    ``$PRETEXTLAB_CACHE`` or ``~/.cache/pretextlab``). Their command-line definitions are
+    ``config.TrainConfig``'s; a task's own options are the fields its subclass adds with
+    ``options.option(...)``, and those alone become flags (see ``own_fields``).
     """
 
     image_size: int = 224
     crop_scale: tuple[float, float] = (0.08, 1.0)
-    color_jitter: float = 0.4
     flip: bool = True  # random horizontal flips (off for data whose meaning flips, e.g. digits, text)
-    gray_probability: float = 0.66
-    copies: int = 8
-    permutations_per_batch: int = 8
-    num_permutations: int = 100
-    embedding_dim: int = 1000
-    head_hidden: int = 4096
-    dropout: float = 0.5
-    margin: float = 0.5
-    patch_size: int = 64
     seed: int = 0
-    permutation_criterion: str = "mean"
-    patch_eval_geometry: str = "released"
-    exemplar_normalization: str = "batch"
-    exemplar_color_distortion: bool = True
     cache_dir: str | None = None
+
+    def check(self) -> None:
+        """Raise PretextlabError for values of the right type that the task cannot use; subclasses
+        extend it (calling ``super().check()``), so each task's checks live with its options."""
+        check_choices(self)
+
+
+def own_fields(options: type) -> tuple[dataclasses.Field, ...]:
+    """The fields a task's options class adds to ``TaskOptions``: the task's own options."""
+    shared = {f.name for f in dataclasses.fields(TaskOptions)}
+    return tuple(f for f in dataclasses.fields(options) if f.name not in shared)
+
+
+def at_least(options: Any, name: str, low: float, meaning: str) -> None:
+    """The option ``name`` of ``options`` is a finite number >= ``low`` (one error naming its flag)."""
+    value = getattr(options, name)
+    if not math.isfinite(value):
+        raise PretextlabError(f"{flag_name(name)} must be a finite number, got {value!r}")
+    if value < low:
+        raise PretextlabError(f"{flag_name(name)} must be >= {low} ({meaning}), got {value!r}")
+
+
+@dataclass(frozen=True)
+class EmbeddingOptions(TaskOptions):
+    """Options shared by the tasks that embed what the network sees and turn images gray (Exemplar,
+    Jigsaw, Relative Patch Location): defined once here, one flag each."""
+
+    gray_probability: float = option(0.66, "probability of a gray image (exemplar, patch tasks)", metavar="P")
+    embedding_dim: int = option(1000, "per-patch vector (jigsaw, relative_patch) and exemplar embedding size")
+
+    def check(self) -> None:
+        super().check()
+        at_least(self, "gray_probability", 0, "a probability")
+        if self.gray_probability > 1:
+            raise PretextlabError(f"--gray-probability must be <= 1 (a probability), got {self.gray_probability!r}")
+        at_least(self, "embedding_dim", 1, "dimensions")
+
+
+def options_of(options_class: type, given: Any = None) -> Any:
+    """An instance of ``options_class`` from ``given``: None (the defaults), an instance of it, or
+    a mapping / any dataclass instance whose fields of the same names are taken (e.g. the base
+    ``TaskOptions(image_size=32)``, or a whole TrainConfig); every value type-checked."""
+    if isinstance(given, options_class):
+        return check_instance(given)
+    names = {f.name for f in dataclasses.fields(options_class)}
+    if given is None:
+        values: dict[str, Any] = {}
+    elif isinstance(given, Mapping):
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise PretextlabError(
+                f"unknown option(s) {', '.join(unknown)} for {options_class.__name__}: valid are {', '.join(sorted(names))}"
+            )
+        values = dict(given)
+    else:
+        values = {name: getattr(given, name) for name in names if hasattr(given, name)}
+    values = {k: v for k, v in values.items() if v is not None or k == "cache_dir"}
+    return options_class(**check_fields(options_class, values, options_class.__name__))
 
 
 class PretextTask(nn.Module):
-    """Base class: subclasses set ``name`` and ``patch_mode`` and implement the five methods."""
+    """Base class: subclasses set ``patch_mode``, implement the five methods and register with
+    ``tasks.registry.register_task``, which sets ``name`` and ``options_class`` (one place each)."""
 
     name: ClassVar[str]
+    options_class: ClassVar[type] = TaskOptions
     patch_mode: ClassVar[bool] = False
 
-    def __init__(self, feature_dim: int, options: TaskOptions) -> None:
+    def __init__(self, feature_dim: int, options: Any = None) -> None:
         super().__init__()
         self.feature_dim = feature_dim
-        self.options = options
+        # The task's own options dataclass, checked where it is defined (its ``check``).
+        self.options = options_of(self.options_class, options)
+        self.options.check()
 
     def prepare(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> Prepared:
         """uint8 (B, 3, H, W) on the device -> (float network inputs, targets, context), on the device.

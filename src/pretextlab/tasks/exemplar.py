@@ -29,6 +29,7 @@ image is smaller), standardised, one view per image.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +38,9 @@ from torchvision.ops import roi_align
 
 from pretextlab.data import augment
 from pretextlab.errors import PretextlabError
-from pretextlab.tasks.base import Prepared, PretextTask, TaskOptions, full_precision
+from pretextlab.options import option
+from pretextlab.tasks.base import EmbeddingOptions, Prepared, PretextTask, at_least, full_precision
+from pretextlab.tasks.registry import register_task
 from pretextlab.tasks.triplet import l2_normalize, nearest_neighbour_correct, triplet_semihard_loss
 
 NORMALIZATIONS = ("batch", "embedding", "none")
@@ -75,22 +78,34 @@ def distort_color(x: torch.Tensor, generator: torch.Generator | None) -> torch.T
     return x.clamp(0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class ExemplarOptions(EmbeddingOptions):
+    """Exemplar's own options (besides the gray probability and embedding size it shares)."""
+
+    copies: int = option(8, "exemplar copies per image")
+    margin: float = option(0.5, "exemplar triplet-loss margin")
+    exemplar_normalization: str = option(
+        "batch", "exemplar: l2-normalise each dimension over the batch (the released code), each embedding, or none",
+        choices=NORMALIZATIONS,
+    )
+    exemplar_color_distortion: bool = option(True, "exemplar: the released random brightness and saturation per copy")
+
+    def check(self) -> None:
+        super().check()
+        if self.copies < 2:
+            raise PretextlabError(
+                f"exemplar needs at least 2 copies per image (the triplet loss needs a positive): --copies {self.copies}"
+            )
+        at_least(self, "margin", 0, "the triplet-loss margin")
+
+
+@register_task("exemplar", title="Exemplar", default_batch_size=64, options=ExemplarOptions)
 class ExemplarTask(PretextTask):
-    name = "exemplar"
     patch_mode = False
 
-    def __init__(self, feature_dim: int, options: TaskOptions) -> None:
+    def __init__(self, feature_dim: int, options: ExemplarOptions | None = None) -> None:
         super().__init__(feature_dim, options)
-        if options.copies < 2:
-            raise PretextlabError(f"Exemplar needs at least 2 copies per image (positives), got {options.copies}")
-        if options.exemplar_normalization not in NORMALIZATIONS:
-            raise PretextlabError(
-                f"unknown Exemplar normalisation {options.exemplar_normalization!r}: "
-                f"choose one of {', '.join(NORMALIZATIONS)}"
-            )
-        if not 0.0 <= options.gray_probability <= 1.0:
-            raise PretextlabError(f"gray probability must be in [0, 1], got {options.gray_probability}")
-        self.embedding = nn.Linear(feature_dim, options.embedding_dim)
+        self.embedding = nn.Linear(feature_dim, self.options.embedding_dim)
 
     def copies_of(
         self, images: torch.Tensor, generator: torch.Generator | None = None

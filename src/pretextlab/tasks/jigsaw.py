@@ -20,27 +20,49 @@ Outputs and targets are image-major: row ``b*M + m`` is image b under the batch'
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pretextlab.errors import PretextlabError
-from pretextlab.tasks.base import Prepared, TaskOptions
-from pretextlab.tasks.patches import GRID_CELLS, PatchTask
+from pretextlab.options import option
+from pretextlab.tasks.base import Prepared, at_least, options_of
+from pretextlab.tasks.patches import GRID_CELLS, PatchOptions, PatchTask
 from pretextlab.tasks.permutations import permutation_set
+from pretextlab.tasks.registry import register_task
 
 
-class JigsawTask(PatchTask):
-    name = "jigsaw"
+@dataclass(frozen=True)
+class JigsawOptions(PatchOptions):
+    """Jigsaw's own options (besides the patch tasks' shared ones).
 
-    def __init__(self, feature_dim: int, options: TaskOptions) -> None:
-        count = options.num_permutations
-        if not 1 <= options.permutations_per_batch <= count:
+    ``permutation_criterion``: "mean" (Noroozi & Favaro's Algorithm 1, the released set) or "min"
+    (max-min Hamming distance), where the released code and the obvious reading differ.
+    """
+
+    permutations_per_batch: int = option(8, "jigsaw permutations drawn per batch, every image shown under each")
+    num_permutations: int = option(100, "size of the jigsaw permutation set")
+    permutation_criterion: str = option(
+        "mean", "jigsaw set: mean (Noroozi & Favaro, the released set) or min (max-min) Hamming distance", choices=("mean", "min")
+    )
+
+    def check(self) -> None:
+        super().check()
+        at_least(self, "num_permutations", 1, "permutations")
+        if not 1 <= self.permutations_per_batch <= self.num_permutations:
             raise PretextlabError(
-                f"permutations per batch must be between 1 and the number of permutations ({count}), "
-                f"got {options.permutations_per_batch}"
+                f"permutations per batch (--permutations-per-batch {self.permutations_per_batch}) must be between 1 "
+                f"and the number of permutations (--num-permutations {self.num_permutations})"
             )
-        super().__init__(feature_dim, options, slots=GRID_CELLS, classes=count)
+
+
+@register_task("jigsaw", title="Jigsaw", default_batch_size=128, options=JigsawOptions)
+class JigsawTask(PatchTask):
+    def __init__(self, feature_dim: int, options: JigsawOptions | None = None) -> None:
+        options = options_of(JigsawOptions, options)  # the classifier's size is read before the base checks it
+        super().__init__(feature_dim, options, slots=GRID_CELLS, classes=options.num_permutations)
+        options, count = self.options, options.num_permutations
         chosen = permutation_set(count, options.seed, options.permutation_criterion, options.cache_dir)
         self.min_hamming_distance = chosen.min_distance
         # Saved with the weights: a checkpoint keeps the exact set its classifier was trained on.

@@ -34,7 +34,8 @@ from torch import nn
 
 from pretextlab.data import augment
 from pretextlab.errors import PretextlabError
-from pretextlab.tasks.base import PretextTask, TaskOptions, full_precision
+from pretextlab.options import option
+from pretextlab.tasks.base import EmbeddingOptions, PretextTask, at_least, full_precision
 
 GRID_SIDE = 3
 GRID_CELLS = GRID_SIDE * GRID_SIDE
@@ -45,6 +46,30 @@ STUDY_RESIZE = 292
 RELEASED_EVAL_RESIZE_RATIO = 3.5  # the released evaluation: resize_small 224 for 64-px patches
 MIN_PATCH_SIZE = 4
 PATCH_EVAL_GEOMETRIES = ("released", "pretext")
+DROPOUT = 0.5  # the released ``fully_connected`` head's dropout rate (docs/protocol.md, patch tasks)
+
+
+@dataclass(frozen=True)
+class PatchOptions(EmbeddingOptions):
+    """The options Jigsaw and Relative Patch Location share (besides gray probability, embedding size).
+
+    ``patch_size`` is the one size parameter: 64 is the study's geometry (resize 292, crop 255, cells
+    of 85, patches of 64) and every other side is derived from it proportionally (``PatchGeometry``).
+    ``patch_eval_geometry`` "released" (resize 3.5p, centre crop 3p, adjacent p-px patches, as the
+    released evaluation) or "pretext" (the training geometry with central crops).
+    """
+
+    patch_size: int = option(64, "patch side for jigsaw/relative_patch (64 = the study)", metavar="PX")
+    head_hidden: int = option(4096, "the patch tasks' FC layer width")
+    patch_eval_geometry: str = option(
+        "released", "how a patch-trained network is fed to probes: the released evaluation or the pretext geometry",
+        choices=PATCH_EVAL_GEOMETRIES,
+    )
+
+    def check(self) -> None:
+        super().check()
+        at_least(self, "patch_size", MIN_PATCH_SIZE, "pixels; the study uses 64, 16 suits 32-px images")
+        at_least(self, "head_hidden", 1, "units")
 
 
 def round_half_up(value: float) -> int:
@@ -230,16 +255,17 @@ class PatchTask(PretextTask):
 
     patch_mode = True
 
-    def __init__(self, feature_dim: int, options: TaskOptions, slots: int, classes: int) -> None:
+    options_class = PatchOptions
+
+    def __init__(self, feature_dim: int, options: PatchOptions | None, slots: int, classes: int) -> None:
         super().__init__(feature_dim, options)
+        options = self.options
         self.slots, self.classes = slots, classes
         self.geometry = PatchGeometry.pretext(options.patch_size)
         self.eval_geometry = PatchGeometry.evaluation(options.patch_size, options.patch_eval_geometry)
-        if not 0.0 <= options.gray_probability <= 1.0:
-            raise PretextlabError(f"gray probability must be in [0, 1], got {options.gray_probability}")
         # The released networks end in a 1000-way "logits" layer: the per-patch embedding.
         self.embedding = nn.Linear(feature_dim, options.embedding_dim)
-        self.head = PatchClassifierHead(slots, options.embedding_dim, options.head_hidden, classes, options.dropout)
+        self.head = PatchClassifierHead(slots, options.embedding_dim, options.head_hidden, classes, DROPOUT)
 
     def patches(
         self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None

@@ -22,18 +22,18 @@ from typing import Any
 
 import torch
 
-from pretextlab.tasks.base import Prepared, TaskOptions
-from pretextlab.tasks.patches import CENTRE_CELL, GRID_CELLS, PatchTask
+from pretextlab.tasks.base import Prepared
+from pretextlab.tasks.patches import CENTRE_CELL, GRID_CELLS, PatchOptions, PatchTask
+from pretextlab.tasks.registry import register_task
 
 NEIGHBOURS = tuple(cell for cell in range(GRID_CELLS) if cell != CENTRE_CELL)
 # (row, column) offset of each neighbour from the centre, in target order.
 NEIGHBOUR_OFFSETS = tuple((cell // 3 - 1, cell % 3 - 1) for cell in NEIGHBOURS)
 
 
+@register_task("relative_patch", title="Relative Patch Location", default_batch_size=128, options=PatchOptions)
 class RelativePatchTask(PatchTask):
-    name = "relative_patch"
-
-    def __init__(self, feature_dim: int, options: TaskOptions) -> None:
+    def __init__(self, feature_dim: int, options: PatchOptions | None = None) -> None:
         super().__init__(feature_dim, options, slots=2, classes=len(NEIGHBOURS))
         pairs = torch.tensor([[cell, CENTRE_CELL] for cell in NEIGHBOURS], dtype=torch.long)
         self.register_buffer("pairs", pairs, persistent=False)

@@ -14,9 +14,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretextlab.data import augment
-from pretextlab.tasks.base import Prepared, PretextTask, TaskOptions, full_precision
+from dataclasses import dataclass
+
+from pretextlab.options import option
+from pretextlab.tasks.base import Prepared, PretextTask, TaskOptions, at_least, full_precision
+from pretextlab.tasks.registry import register_task
 
 NUM_ROTATIONS = 4
+
+
+@dataclass(frozen=True)
+class RotationOptions(TaskOptions):
+    """Rotation's own option (besides the run's image size, crop scale and flips)."""
+
+    color_jitter: float = option(0.4, "colour-jitter strength (rotation)")
+
+    def check(self) -> None:
+        super().check()
+        at_least(self, "color_jitter", 0, "the jitter strength")
 
 
 def rotate_all(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,11 +44,11 @@ def rotate_all(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rotated, labels
 
 
+@register_task("rotation", title="Rotation", default_batch_size=64, options=RotationOptions)
 class RotationTask(PretextTask):
-    name = "rotation"
     patch_mode = False
 
-    def __init__(self, feature_dim: int, options: TaskOptions) -> None:
+    def __init__(self, feature_dim: int, options: RotationOptions | None = None) -> None:
         super().__init__(feature_dim, options)
         self.classifier = nn.Linear(feature_dim, NUM_ROTATIONS)
 
