@@ -84,6 +84,12 @@ def test_report_marks_best_cells_links_every_number_and_draws_every_figure(tmp_p
     # Rotation is the first column, as in the paper, whatever order the store holds.
     assert "| network | k | Rotation | Exemplar |" in markdown
 
+    # The findings section, after each dataset's main table (its rules: tests/test_findings.py).
+    assert markdown.index("### Main table") < markdown.index("### Findings") < markdown.index("### Accuracy by output")
+    assert ("- **Wider networks and larger representations are better**: holds — wider is better in 3 of 3 task x network "
+            "pairs, by +8.7 points on average (largest minus smallest k)") in markdown
+    assert "- **With skip connections quality does not fall off toward pre-logits, unlike VGG**: not testable" in markdown
+
     # Every link points at a run anchor that exists; every finished run is linked from some number.
     targets = set(re.findall(r"\(#(run-[0-9a-z]+)\)", markdown))
     anchors = set(re.findall(r'<a id="(run-[0-9a-z]+)"></a>', markdown))
@@ -106,6 +112,7 @@ def test_report_marks_best_cells_links_every_number_and_draws_every_figure(tmp_p
 
     page = report.html.read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("<img ") == 8
+    assert page.count("<li><b>") == 5 and "<b>Pretext accuracy is a weak predictor of downstream accuracy</b>: holds in part" in page
     assert f'<b><a href="#run-{h("rotation", "revnet50(-)", 2, None)}">75.0</a></b>' in page
     assert f'<u><a href="#run-{h("rotation", "resnet50v1", 2, None)}">70.0</a></u>' in page
     assert '<td class="missing">' in page and f'id="run-{h("exemplar", "revnet50(-)", 2, None)}"' in page

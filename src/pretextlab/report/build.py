@@ -22,6 +22,7 @@ from pretextlab.report.figures import (
     figure_pretext_vs_downstream,
     figure_width_by_size,
 )
+from pretextlab.report.findings import findings, findings_list
 from pretextlab.report.render import markdown_blocks, render_html, render_markdown
 from pretextlab.report.tables import main_table, runs_table
 from pretextlab.study.store import ResultsStore
@@ -95,6 +96,13 @@ def build_report(
             "Bold: best network for the task (column); underlined: best task for the network (row)."
         )))
         blocks.append(Block("table", table=table))
+        blocks.append(Block("heading", text="Findings", level=3))
+        blocks.append(Block("paragraph", text=(
+            "The paper's five findings (docs/protocol.md, Findings), each tested on this study's cells: "
+            f"{main_probe} test top-1 at {main_output} unless said, in points. \"Holds in part\" means some comparisons "
+            "agree and some do not; \"not testable\" names the cells the grid lacks."
+        )))
+        blocks.append(findings_list(findings(data, dataset, main_output, main_probe)))
         sections: list[tuple[str, str, Callable[[Path], FigureResult]]] = [
             ("by_output", "Accuracy by output", lambda p: figure_by_output(data, dataset, main_probe, p)),
             ("by_width", "Accuracy by widening factor", lambda p: figure_by_width(data, dataset, main_output, main_probe, p)),

@@ -24,12 +24,13 @@ class Table:
 
 @dataclass
 class Block:
-    kind: str  # heading, paragraph, table, image, details, anchor_list
+    kind: str  # heading, paragraph, table, image, details, anchor, code, list
     text: str = ""
     level: int = 2
     table: Table | None = None
     path: str = ""
     children: list["Block"] = field(default_factory=list)
+    items: list[list[Cell]] = field(default_factory=list)  # a list's entries, each a run of inline cells (links, bold)
 
 
 def anchor(config_hash: str) -> str:

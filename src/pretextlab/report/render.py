@@ -20,7 +20,7 @@ def _md_cell(cell: Cell) -> str:
     return text
 
 
-def _html_cell(cell: Cell) -> str:
+def _html_inline(cell: Cell) -> str:
     text = html.escape(cell.text)
     if cell.link:
         text = f'<a href="#{anchor(cell.link)}">{text}</a>'
@@ -28,6 +28,11 @@ def _html_cell(cell: Cell) -> str:
         text = f"<b>{text}</b>"
     if cell.underline:
         text = f"<u>{text}</u>"
+    return text
+
+
+def _html_cell(cell: Cell) -> str:
+    text = _html_inline(cell)
     return f'<td class="missing">{text}</td>' if cell.missing else f"<td>{text}</td>"
 
 
@@ -53,6 +58,8 @@ def render_markdown(blocks: Sequence[Block]) -> str:
             out.append("</details>\n")
         elif block.kind == "anchor":
             out.append(f'<a id="{block.text}"></a>\n')
+        elif block.kind == "list":
+            out.append("\n".join("- " + "".join(_md_cell(c) for c in item) for item in block.items) + "\n")
     return "\n".join(out)
 
 
@@ -92,6 +99,8 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
                 out.append(f'<a id="{html.escape(block.text)}"></a>')
             elif block.kind == "code":
                 out.append(f"<pre>{html.escape(block.text)}</pre>")
+            elif block.kind == "list":
+                out.append("<ul>\n" + "\n".join("<li>" + "".join(_html_inline(c) for c in item) + "</li>" for item in block.items) + "\n</ul>")
         return out
 
     return (
