@@ -8,6 +8,8 @@ status, directory and full config).
 Contents, per downstream dataset:
 - the main table: networks x tasks at each network's largest width (the study's Table 2); the best
   cell of each column in bold, the best of each row underlined;
+- the findings: each of the paper's five findings tested on the study's cells (holds, holds in
+  part, does not hold, or not testable and why), with counts, a margin and the breaking cells linked;
 - accuracy by output (block1 .. pre_logits) per network and task;
 - accuracy by widening factor per network and task;
 - pretext accuracy against downstream accuracy, marker size = width;
@@ -17,7 +19,7 @@ and, for the whole study, the pretext training curves.
 
 Accuracies are percent everywhere: in the store (``*_percent`` columns), the tables and the figures.
 
-Modules: ``data`` (what is read from the store), ``document`` (the document model), ``tables``,
+Modules: ``data`` (what is read from the store), ``document`` (the document model), ``findings``, ``tables``,
 ``figures`` and ``curves`` (PNG figures, each with the table of its numbers), ``render`` (Markdown
 and HTML from the one document model), ``build`` (the report).
 """
