@@ -1,30 +1,67 @@
-"""The demo end to end at test size: train, probe three representations, write the table and the plot."""
+"""The demo end to end at test size: train, probe two outputs of the pretrained network, the same
+outputs at random init and raw pixels on the same images, write the table, the JSON and the plot.
+
+What this does not check, and why: the demo's claim (a pretrained layer beats the same layer at
+random init) needs the demo's budget. Shrunk to ~40 s of CPU it does not hold robustly (measured,
+RevNet50 (-) k=1, L-BFGS on 1,000 labels, 2,000 test images; test top-1 pretrained vs random init):
+2,000 images x 2 epochs (pretext 57.5%): block2 79.35 vs 78.75, block3 75.95 vs 77.65, pre_logits
+69.05 vs 76.05; 4,000 x 3 epochs (pretext 80.8%, 67 s of training): block2 79.60 vs 78.75, block3
+77.25 vs 77.65, pre_logits 75.05 vs 76.05. The README's table (the full demo) is where the claim
+is measured; this test checks that the comparison is fair (same images, labels, probe, sizes) and
+that what the demo writes is what it measured. That Rotation training learns is
+test_rotation_training.py's to check.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 from PIL import Image
 
 from pretextlab.demo import DemoConfig, run_demo
 
+SAME_FOR_A_FAIR_COMPARISON = ("train_images", "val_images", "test_images", "labels", "probe_config")
 
-def test_demo_writes_its_table_curve_and_results(tmp_path):
+
+@pytest.mark.slow
+def test_demo_compares_like_with_like_and_writes_what_it_measured(tmp_path):
     config = DemoConfig(
         out=str(tmp_path / "demo"), device="cpu", probe_labels_per_class=30, val_size=200, test_limit=300,
         outputs=("block3", "pre_logits"), training=dict(width=1, limit=400, epochs=0.5, batch_size=32),
     )
     report = run_demo(config, progress=False)
     results = report["results"]
+    pretrained, random_init, pixels = results["pretrained"], results["random_init"], results["pixels"]
     assert set(results) == {"pretrained", "random_init", "pixels"}
-    assert set(results["pretrained"]) == set(results["random_init"]) == {"block3", "pre_logits"}
-    for record in [*results["pretrained"].values(), *results["random_init"].values(), results["pixels"]]:
-        assert record["train_images"] == 300 and record["test_images"] == 300
+    assert set(pretrained) == set(random_init) == {"block3", "pre_logits"}
+    for output in config.outputs:
+        # The baseline is the same network: same output, same size, probed on the same images.
+        assert pretrained[output]["feature_dim"] == random_init[output]["feature_dim"]
+        for key in SAME_FOR_A_FAIR_COMPARISON:
+            assert pretrained[output][key] == random_init[output][key] == pixels[key], (output, key)
+    assert pixels["train_images"] == 300 and pixels["test_images"] == 300 and pixels["feature_dim"] == 32 * 32
+    for record in [*pretrained.values(), *random_init.values(), pixels]:
         assert 20 < record["test_top1_percent"] <= 100  # ten classes: chance is 10%
-    assert results["pixels"]["feature_dim"] == 32 * 32
-    saved = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+
+    out = tmp_path / "demo"
+    saved = json.loads((out / "demo_results.json").read_text())
     assert saved["task"] == "rotation" and saved["train_config"]["limit"] == 400
-    table = (tmp_path / "demo" / "demo_results.md").read_text()
-    assert table.count("| rotation-pretrained") == 2 and "| raw pixels |" in table
-    with Image.open(tmp_path / "demo" / "training_curve.png") as image:
+    assert saved["results"] == json.loads(json.dumps(results))  # the file holds what was returned
+    # Every row of the table shows the numbers of the result it names.
+    table = (out / "demo_results.md").read_text()
+    expected_rows = {
+        **{f"rotation-pretrained revnet50 (-) k=1, {o}": pretrained[o] for o in config.outputs},
+        **{f"same network at random init, {o}": random_init[o] for o in config.outputs},
+        "raw pixels": pixels,
+    }
+    rows = {m[0]: m[1:] for m in re.findall(r"^\| ([^|]+?) \| (\d+) \| [^|]+ \| ([\d.]+) \| ([\d.]+) \|$", table, re.M)}
+    assert set(rows) == set(expected_rows)
+    for name, record in expected_rows.items():
+        dims, val, test = rows[name]
+        assert int(dims) == record["feature_dim"], name
+        assert (val, test) == (f"{record['val_top1_percent']:.2f}", f"{record['test_top1_percent']:.2f}"), name
+    assert f"{saved['pretext_val_accuracy']:.2f}%" in table
+    with Image.open(out / "training_curve.png") as image:
         assert image.size[0] > 400
