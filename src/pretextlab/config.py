@@ -65,7 +65,8 @@ def _built_in_task_options() -> type:
 class TrainConfig(_built_in_task_options()):
     """Everything that defines a pretext training run (the tasks' own options come from its base)."""
 
-    task: str = option("rotation", "pretext task: rotation, exemplar, jigsaw, relative_patch (or module:Class, see tasks)")
+    task: str = option("rotation", "pretext task: rotation, exemplar, jigsaw, relative_patch, or module:Class for one "
+                       "registered outside pretextlab (the module is imported; its folder must be on PYTHONPATH)")
     network: str = option("resnet50v1", "resnet50v1, resnet50v2, revnet50 or vgg19bn")
     width: int | None = option(None, "widening factor k (default: the network's, 4; 8 for vgg19bn)", metavar="K")
     final_relu: bool = option(True, 'the ReLU before pooling; --no-final-relu is the "(-)" variant (v2, RevNet)')
