@@ -19,7 +19,7 @@ from typing import Any
 from pretextlab.errors import PretextlabError
 from pretextlab.options import check_choices, check_fields, check_instance, option
 
-# The study's schedule (PROTOCOL.md "Training"): 35 epochs, warm-up over 5, x0.1 at 15 and 25.
+# The study's schedule (docs/protocol.md#training-schedule): 35 epochs, warm-up over 5, x0.1 at 15 and 25.
 PAPER_EPOCHS = 35.0
 PAPER_WARMUP_EPOCHS = 5.0
 PAPER_DECAY_EPOCHS = (15.0, 25.0)
