@@ -94,6 +94,7 @@ def _write_folder_dataset(root: Path, per_class: int) -> None:
                 Image.fromarray(pixels).convert("RGB").save(folder / f"{i}.png")
 
 
+@pytest.mark.slow  # a CLI subprocess: ~10 s
 def test_a_downstream_folder_dataset_independent_of_the_pretext_dataset(pretrained, tmp_path):
     data = tmp_path / "places"
     _write_folder_dataset(data, per_class=40)
