@@ -32,6 +32,13 @@ _RUNTIME_FIELDS = frozenset({"device", "workers", "checkpoint_every", "compile"}
 # ``extra`` was never read. They are dropped on load.
 _RETIRED_KEYS = frozenset({"extra"})
 
+# Options added after runs were recorded, with the value that reproduces what a config.json
+# without the key was trained with (issue 16: the released crops, BatchNorm and init became the
+# folder default). A saved config missing the key loads with this value (``from_saved``), resume
+# compares a missing key as this value, and the hash leaves the key out at this value, so old runs
+# keep their meaning and their hash.
+LEGACY_VALUES: dict[str, Any] = {"crop_source": "center-square", "bn_init": "pytorch"}
+
 
 def _built_in_task_options() -> type:
     """A dataclass holding, as flat fields, the own options of every task that ships with pretextlab.
@@ -76,6 +83,11 @@ class TrainConfig(_built_in_task_options()):
     data_dir: str | None = option(None, "where the dataset lives (part of the recipe: another folder is another dataset)", metavar="DIR")
     image_size: int | None = option(None, "network input side (default: 224 for folder, 32 for fashion-mnist)", metavar="PX")
     decode_size: int | None = option(None, "side the loader decodes to (default: 8/7 of --image-size for folder)", metavar="PX")
+    crop_source: str | None = option(
+        None, "training crops: full-image (the released recipe: a random box of the whole image, cut while decoding) or "
+        "center-square (crops of the decoded centre square); default: full-image for folder, center-square for fashion-mnist",
+        choices=("full-image", "center-square"),
+    )
     limit: int | None = option(None, "use a class-balanced subset of N training images", metavar="N")
     test_limit: int | None = option(None, "use a class-balanced subset of N test images", metavar="N")
     val_size: float | None = option(None, "held-out validation images: a count (>= 1) or a fraction (< 1)", metavar="N")
@@ -102,6 +114,11 @@ class TrainConfig(_built_in_task_options()):
                             choices=("auto", "fp32", "bf16", "fp64"))
     channels_last: bool | None = option(None, "channels-last memory format (default: on for CUDA)")
     sync_bn: bool = option(False, "BatchNorm statistics over the global batch (multi-process; the study: per device)")
+    bn_init: str | None = option(
+        None, "BatchNorm and init: released (TF defaults: BN momentum 0.01, eps 1e-3, glorot-uniform convs; patch head BN "
+        "momentum 0.003) or pytorch (BN momentum 0.1, eps 1e-5, kaiming-normal convs); default: released for folder, "
+        "pytorch for fashion-mnist", choices=("released", "pytorch"),
+    )
     compile: bool = option(False, "torch.compile the network (GPU speed; same results)")
     val_batches: int | None = option(None, "cap on the validation batches scored per epoch", metavar="N")
     checkpoint_every: int | None = option(None, "also checkpoint every N steps inside an epoch", metavar="N")
@@ -126,9 +143,21 @@ class TrainConfig(_built_in_task_options()):
             )
         return cls(**check_fields(cls, data, where))
 
+    @classmethod
+    def from_saved(cls, data: Any, where: str = "") -> "TrainConfig":
+        """A config from a run's config.json ``config``: keys it lacks because they did not exist
+        when it was written take the value that run was trained with (``LEGACY_VALUES``)."""
+        if isinstance(data, dict):
+            data = {**data, **{k: v for k, v in LEGACY_VALUES.items() if data.get(k) is None}}
+        return cls.from_dict(data, where)
+
     def config_hash(self) -> str:
-        """A short hash of what the run computes (runtime-only fields excluded)."""
-        payload = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
+        """A short hash of what the run computes (runtime-only fields excluded; an option at its
+        legacy value is left out, so runs recorded before it existed keep their hash)."""
+        payload = {
+            k: v for k, v in self.to_dict().items()
+            if k not in _RUNTIME_FIELDS and not (k in LEGACY_VALUES and v in (None, LEGACY_VALUES[k]))
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -163,6 +192,18 @@ def resolve(config: TrainConfig) -> TrainConfig:
         c.image_size = 224 if c.dataset == "folder" else 32
     if c.decode_size is None:
         c.decode_size = round(c.image_size * 8 / 7) if c.dataset == "folder" else c.image_size
+    if c.crop_source is None:
+        # The released recipe cuts training crops from the whole file (data/crops.py); in-memory
+        # sets (Fashion-MNIST) keep their whole small image as the "centre square".
+        c.crop_source = "full-image" if c.dataset == "folder" else "center-square"
+    if c.crop_source == "full-image" and c.dataset != "folder":
+        raise PretextlabError(
+            f"--crop-source full-image cuts crops while decoding image files (--dataset folder); {c.dataset} is held in "
+            "memory: use --crop-source center-square"
+        )
+    if c.bn_init is None:
+        # TF's defaults for folder datasets (the paper's scale); PyTorch's keep the Fashion-MNIST demo's numbers.
+        c.bn_init = "released" if c.dataset == "folder" else "pytorch"
     if c.image_size < 16 or c.decode_size < c.image_size // 2:
         raise PretextlabError(
             f"image size {c.image_size} (decoded at {c.decode_size}) is too small: use --image-size >= 16"
@@ -252,4 +293,6 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two saved configs, ignoring runtime-only fields."""
     keys = sorted((set(old) | set(new)) - _RUNTIME_FIELDS - _RETIRED_KEYS)
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - tuples vs lists
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if norm(old.get(k)) != norm(new.get(k))]
+    # A key a config.json lacks (written before the option existed) means its legacy value.
+    value = lambda c, k: LEGACY_VALUES[k] if k in LEGACY_VALUES and c.get(k) is None else c.get(k)  # noqa: E731
+    return [f"{k}: {value(old, k)!r} -> {value(new, k)!r}" for k in keys if norm(value(old, k)) != norm(value(new, k))]

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from pretextlab.data import fashion_mnist, folder
+from pretextlab.data.crops import CROP_SOURCES, DecodePlan
 from pretextlab.data.imageset import ImageSet, TensorImageSet
 from pretextlab.data.loader import Batch, BatchLoader, batches_per_epoch, epoch_order
 from pretextlab.data.splits import DatasetSplits, SplitIndices, few_label_subset, split_indices
@@ -23,7 +24,9 @@ from pretextlab.errors import PretextlabError
 DATASETS = ("fashion-mnist", "folder")
 
 __all__ = [
+    "CROP_SOURCES",
     "DATASETS",
+    "DecodePlan",
     "Batch",
     "BatchLoader",
     "DatasetSplits",

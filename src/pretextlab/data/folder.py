@@ -10,16 +10,19 @@ it and counts it, and training goes on.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from pretextlab.data.crops import CropBox, CropRequest, DecodePlan, crop_rng, sample_crop_box
 from pretextlab.data.imageset import ImageSet, as_indices
 from pretextlab.errors import PretextlabError
 
@@ -182,6 +185,45 @@ def decode_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def _drafted(image: Image.Image, box: CropBox, size: int) -> tuple[float, float, float, float]:
+    """Ask a JPEG to decode at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps ``box`` at
+    least ``size`` pixels on each side; returns the box in the decoded image's pixels."""
+    full_w, full_h = image.size
+    # draft keeps the decoded image >= the requested size, so the box, scaled alike, stays >= size.
+    image.draft("RGB", (math.ceil(full_w * size / box.width), math.ceil(full_h * size / box.height)))
+    scale_x, scale_y = image.size[0] / full_w, image.size[1] / full_h
+    return (box.left * scale_x, box.top * scale_y, (box.left + box.width) * scale_x, (box.top + box.height) * scale_y)
+
+
+def decode_box(path: str | os.PathLike, box_of: Callable[[int, int], CropBox], size: int, draft: bool = True) -> torch.Tensor:
+    """Decode the box ``box_of(height, width)`` of the full-resolution image, resized to uint8
+    (3, size, size) (aspect not kept). The box is chosen from the file's header before decoding, so
+    a JPEG decodes only at the scale the box needs (``draft=False``: always at full size). Raises on
+    bad files."""
+    with Image.open(path) as image:
+        width, height = image.size
+        box = box_of(height, width)
+        if draft:
+            region = _drafted(image, box, size)
+        else:
+            region = (box.left, box.top, box.left + box.width, box.top + box.height)
+        image = _to_rgb(image)
+        array = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=region), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_planned(path: str | os.PathLike, plan: DecodePlan, seed: int, request: CropRequest) -> torch.Tensor:
+    """The views ``plan`` asks for of one file: (3, S, S) for ``squash``, (copies, 3, S, S) for
+    ``inception`` (each copy's box from ``crops.crop_rng``, so it depends on nothing but the request)."""
+    if plan.mode == "squash":
+        return decode_box(path, lambda h, w: CropBox(0, 0, h, w), plan.size)
+    views = []
+    for copy in range(plan.copies):
+        rng = crop_rng(seed, request.epoch, request.batch, request.rank, request.position, copy)
+        views.append(decode_box(path, lambda h, w: sample_crop_box(rng, h, w, plan.crop), plan.size))
+    return torch.stack(views)
+
+
 class FolderImageSet(ImageSet):
     """Image files decoded on access (in DataLoader worker processes when ``workers`` > 0)."""
 
@@ -211,3 +253,23 @@ class FolderImageSet(ImageSet):
     def subset(self, indices: Sequence[int] | np.ndarray) -> "FolderImageSet":
         chosen = as_indices(indices, len(self), "subset indices")
         return FolderImageSet(self.root, self.relative_paths[chosen], self.labels[chosen], self.class_names, self.image_size)
+
+
+class PlannedFolderImages(Dataset):
+    """``images`` decoded as ``plan`` says, one ``CropRequest`` per item (the loader's batch
+    sampler yields them); an unreadable file gives ``None``, as ``FolderImageSet`` does."""
+
+    def __init__(self, images: FolderImageSet, plan: DecodePlan, seed: int) -> None:
+        self.images, self.plan, self.seed = images, plan, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, request: CropRequest) -> tuple[torch.Tensor, int] | None:
+        path = self.images.path(request.index)
+        try:
+            views = decode_planned(path, self.plan, self.seed, request)
+        except Exception as error:  # Pillow raises many types for bad files; none may stop training
+            logger.warning("skipped unreadable image %s (%s: %s)", path, type(error).__name__, error)
+            return None
+        return views, int(self.images.labels[request.index])

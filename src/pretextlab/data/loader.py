@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from pretextlab.data.crops import CropRequest, DecodePlan
+from pretextlab.data.folder import FolderImageSet, PlannedFolderImages
 from pretextlab.data.imageset import ImageSet, TensorImageSet
 from pretextlab.errors import PretextlabError
 
@@ -42,22 +44,30 @@ class Batch:
     images: torch.Tensor  # uint8 (B, 3, S, S)
     labels: torch.Tensor  # int64 (B,)
     skipped: int = 0  # images dropped from this batch as unreadable
+    # Rows of ``images`` per label: 1, or a DecodePlan's copies (Exemplar's crops cut at decode
+    # time, copy j of image i at row copies * i + j).
+    copies: int = 1
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def pin_memory(self) -> "Batch":
         """Page-locked copies, for asynchronous host-to-GPU copies (DataLoader calls this)."""
-        return Batch(self.images.contiguous().pin_memory(), self.labels.pin_memory(), self.skipped)
+        return Batch(self.images.contiguous().pin_memory(), self.labels.pin_memory(), self.skipped, self.copies)
 
 
-def collate_decoded(items: list[tuple[torch.Tensor, int] | None], image_size: int) -> Batch:
-    """Stack the decoded images of a batch, dropping (and counting) the unreadable ones."""
+def collate_decoded(items: list[tuple[torch.Tensor, int] | None], image_size: int, copies: int = 1) -> Batch:
+    """Stack the decoded images of a batch, dropping (and counting) the unreadable ones; items of
+    ``copies`` > 1 views, (copies, 3, S, S) each, become ``copies`` consecutive rows."""
     good = [item for item in items if item is not None]
     skipped = len(items) - len(good)
     if not good:
-        return Batch(torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), skipped)
-    return Batch(torch.stack([image for image, _ in good]), torch.tensor([label for _, label in good], dtype=torch.int64), skipped)
+        empty = torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
+        return Batch(empty, torch.zeros(0, dtype=torch.int64), skipped, copies)
+    images = torch.stack([image for image, _ in good])
+    if images.ndim == 5:  # (B, copies, 3, S, S) from an inception DecodePlan
+        images = images.flatten(0, 1)
+    return Batch(images, torch.tensor([label for _, label in good], dtype=torch.int64), skipped, copies)
 
 
 def _check_sharding(batch_size: int, rank: int, world_size: int) -> None:
@@ -127,7 +137,13 @@ class BatchLoader:
         pin_memory: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        plan: DecodePlan | None = None,
     ) -> None:
+        if plan is not None and not isinstance(images, FolderImageSet):
+            raise PretextlabError(
+                "crops cut while decoding (--crop-source full-image) need image files (--dataset folder); "
+                "in-memory datasets such as fashion-mnist use --crop-source center-square"
+            )
         if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
             raise PretextlabError(f"--workers must be a whole number of decoding processes >= 0, got {workers!r}")
         self.images = images
@@ -138,6 +154,7 @@ class BatchLoader:
             len(images), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch,
             drop_last=drop_last, rank=rank, world_size=world_size,
         )
+        self.plan, self.seed, self.epoch, self.rank, self.start_batch = plan, int(seed), int(epoch), int(rank), int(start_batch)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -149,12 +166,26 @@ class BatchLoader:
             return self._in_memory()
         return self._decoded()
 
+    def _requests(self) -> list[list[CropRequest]]:
+        """Each batch's images as crop requests: the batch number counts from the epoch's start, so
+        a loader resumed at ``start_batch`` asks for the same crops as the uninterrupted one."""
+        return [
+            [CropRequest(int(index), self.epoch, self.start_batch + number, self.rank, position) for position, index in enumerate(batch)]
+            for number, batch in enumerate(self.batches)
+        ]
+
     def _decoded(self) -> Iterator[Batch]:
+        if self.plan is None:
+            dataset, sampler, size, copies = self.images, self.batches, self.images.image_size, 1
+        else:
+            assert isinstance(self.images, FolderImageSet)
+            dataset, sampler = PlannedFolderImages(self.images, self.plan, self.seed), self._requests()
+            size, copies = self.plan.size, self.plan.copies if self.plan.mode == "inception" else 1
         loader = DataLoader(
-            self.images,
-            batch_sampler=self.batches,
+            dataset,
+            batch_sampler=sampler,
             num_workers=self.workers,
-            collate_fn=functools.partial(collate_decoded, image_size=self.images.image_size),
+            collate_fn=functools.partial(collate_decoded, image_size=size, copies=copies),
             pin_memory=self.pin_memory,
             # Workers only decode; more than a few batches in flight only costs memory.
             prefetch_factor=4 if self.workers else None,

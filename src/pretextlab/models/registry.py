@@ -24,6 +24,14 @@ from pretextlab.registry import NetworkInfo, Registry
 
 NETWORK_REGISTRY: Registry[Callable[..., "Network"]] = Registry("network", NetworkInfo)
 
+BN_INITS = ("released", "pytorch")
+# TensorFlow's defaults, which the released code keeps wherever it sets nothing (released code,
+# models/resnet.py:44-45 and models/vggnet.py:32 call tf.layers.batch_normalization without
+# momentum or epsilon: decay 0.99, epsilon 1e-3; models/vggnet.py:30 and resnet.py's convs pass no
+# kernel_initializer: glorot-uniform). PyTorch's momentum is 1 - TF's decay.
+RELEASED_BN_MOMENTUM = 0.01
+RELEASED_BN_EPS = 1e-3
+
 
 def register_network(name: str, **metadata: Any) -> Callable[[Callable[..., "Network"]], Callable[..., "Network"]]:
     """Decorator for a network constructor ``f(width, **options) -> Network``; ``metadata`` are the
@@ -109,6 +117,19 @@ class Network(nn.Module):
         if self.representation is not None:
             nn.init.normal_(self.representation.weight, std=self.representation.in_features**-0.5)
 
+    def use_bn_init(self, scheme: str) -> None:
+        """``released``: every BatchNorm at TF's defaults (momentum 0.01, eps 1e-3) and every conv
+        kernel re-drawn glorot-uniform; ``pytorch``: as built (momentum 0.1, eps 1e-5, kaiming-normal)."""
+        if scheme not in BN_INITS:
+            raise PretextlabError(f"unknown BatchNorm/init scheme {scheme!r} (--bn-init): choose one of {', '.join(BN_INITS)}")
+        if scheme == "pytorch":
+            return
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum, module.eps = RELEASED_BN_MOMENTUM, RELEASED_BN_EPS
+
     def _check_input(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -144,6 +165,7 @@ def build_network(
     input_size: int | None = None,
     reversible_backward: bool | None = None,
     reversible_check: bool = False,
+    bn_init: str | None = None,
 ) -> Network:
     """The registered network ``name`` at widening factor ``width`` (default: its declared one, 4, VGG 8).
 
@@ -156,6 +178,8 @@ def build_network(
     recomputing activations instead of storing them (models/reversible.py): same gradients,
     activation memory independent of depth. ``reversible_check`` (revnet50 only) measures that
     recomputation's error in every backward and warns past a tolerance (costs the saved memory).
+    ``bn_init`` "released" (TF's BatchNorm momentum/eps, glorot-uniform convs; ``Network.use_bn_init``)
+    or "pytorch" (None: PyTorch's defaults, kaiming-normal convs, as runs recorded before the option).
     """
     constructor = NETWORK_REGISTRY.get(name)
     info = network_info(name)
@@ -163,6 +187,8 @@ def build_network(
         width, "width", "the widening factor k is a whole number (the study uses 4, 8, 12, 16)"
     )
     check_final_relu(name, final_relu)
+    if bn_init is not None and bn_init not in BN_INITS:
+        raise PretextlabError(f"unknown BatchNorm/init scheme {bn_init!r} (--bn-init): choose one of {', '.join(BN_INITS)}")
     reversible_options: dict[str, bool] = {}
     for option, value in (("reversible_backward", reversible_backward), ("reversible_check", reversible_check)):
         if value is not None and not isinstance(value, bool):
@@ -182,7 +208,7 @@ def build_network(
         )
     if input_size is not None:
         input_size = _positive_int(input_size, "input_size", "give the side of the square network input in pixels")
-    return constructor(
+    network = constructor(
         width=width,
         final_relu=bool(final_relu),
         patch_mode=bool(patch_mode),
@@ -190,6 +216,8 @@ def build_network(
         input_size=input_size,
         **reversible_options,
     )
+    network.use_bn_init("pytorch" if bn_init is None else bn_init)
+    return network
 
 
 def parameter_count(name: str, width: int | None = None, **options: object) -> int:

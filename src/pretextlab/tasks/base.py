@@ -28,6 +28,16 @@ def full_precision(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def check_decoded_size(images: torch.Tensor, size: int) -> None:
+    """Images the loader already cropped (``crop_source`` "full-image") are ``size`` pixels square:
+    anything else means the loader was not given the task's ``decode_plan``."""
+    if images.ndim != 4 or tuple(images.shape[-2:]) != (size, size):
+        raise PretextlabError(
+            f"training images cropped while decoding (crop_source full-image) must be {size}x{size}, got shape "
+            f"{tuple(images.shape)}: give the loader the task's decode_plan, or use --crop-source center-square"
+        )
+
+
 class Prepared(NamedTuple):
     """A batch as a task prepared it: the network's inputs, the targets, and what ``forward`` needs."""
 
@@ -54,6 +64,11 @@ class TaskOptions:
     flip: bool = True  # random horizontal flips (off for data whose meaning flips, e.g. digits, text)
     seed: int = 0
     cache_dir: str | None = None
+    # Issue 16 (data/crops.py): "full-image" = the loader already cut the training crops while
+    # decoding (``decode_plan``), so the task must not crop training images again; and "released"
+    # = TF's BatchNorm defaults in the task's head too. Both default to what runs did before them.
+    crop_source: str = "center-square"
+    bn_init: str = "pytorch"
 
     def check(self) -> None:
         """Raise PretextlabError for values of the right type that the task cannot use; subclasses
@@ -158,3 +173,9 @@ class PretextTask(nn.Module):
         The features of the V views of an image are pooled separately and then averaged.
         """
         raise NotImplementedError
+
+    def decode_plan(self, train: bool) -> Any:
+        """How the loader decodes this task's image files for ``prepare(train=train)`` (a
+        ``data.DecodePlan``), or None for the decoded centre square (issue 16, data/crops.py).
+        Only with ``crop_source == "full-image"``; the base task needs nothing special."""
+        return None

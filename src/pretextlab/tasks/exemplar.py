@@ -39,7 +39,8 @@ from torchvision.ops import roi_align
 from pretextlab.data import augment
 from pretextlab.errors import PretextlabError
 from pretextlab.options import option
-from pretextlab.tasks.base import EmbeddingOptions, Prepared, PretextTask, at_least, full_precision
+from pretextlab.data.crops import DecodePlan
+from pretextlab.tasks.base import EmbeddingOptions, Prepared, PretextTask, at_least, check_decoded_size, full_precision
 from pretextlab.tasks.registry import register_task
 from pretextlab.tasks.triplet import l2_normalize, nearest_neighbour_correct, triplet_semihard_loss
 
@@ -108,15 +109,24 @@ class ExemplarTask(PretextTask):
         self.embedding = nn.Linear(feature_dim, self.options.embedding_dim)
 
     def copies_of(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+        self, images: torch.Tensor, generator: torch.Generator | None = None, cropped: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) -> (standardised copies (B*copies, 3, S, S), gray decision per image (B,))."""
+        """uint8 (B, 3, H, W) -> (standardised copies (B*copies, 3, S, S), gray decision per image (B,)).
+
+        ``cropped``: the loader already cut the copies (``decode_plan``, issue 16): ``images`` is
+        (B*copies, 3, S, S), copy j of image i at row copies*i + j, and only gray, flips and colour remain.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise PretextlabError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         options = self.options
         x = augment.to_unit(images)
-        x, gray = augment.random_grayscale(x, options.gray_probability, generator)
-        x = crops_per_image(x, options.copies, options.image_size, tuple(options.crop_scale), generator)
+        if cropped:
+            check_decoded_size(images, options.image_size)
+            # Gray is per pixel, so one draw shared by an image's copies equals gray before cropping.
+            x, gray = augment.random_grayscale(x, options.gray_probability, generator, group=options.copies)
+        else:
+            x, gray = augment.random_grayscale(x, options.gray_probability, generator)
+            x = crops_per_image(x, options.copies, options.image_size, tuple(options.crop_scale), generator)
         if self.options.flip:
             x = augment.random_flip(x, generator)
         if options.exemplar_color_distortion:
@@ -124,9 +134,18 @@ class ExemplarTask(PretextTask):
         return augment.standardize(x), gray
 
     def prepare(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> Prepared:
-        copies, _ = self.copies_of(images, generator)
-        targets = torch.arange(images.shape[0], device=images.device).repeat_interleave(self.options.copies)
+        cropped = train and self.options.crop_source == "full-image"
+        copies, _ = self.copies_of(images, generator, cropped=cropped)
+        count = copies.shape[0] // self.options.copies
+        targets = torch.arange(count, device=images.device).repeat_interleave(self.options.copies)
         return Prepared(copies, targets)
+
+    def decode_plan(self, train: bool) -> DecodePlan | None:
+        # Issue 16: the released crop_inception_preprocess_patches, ``copies`` slim inception crops
+        # of the whole file per image, cut by the loader (evaluation keeps the centre square).
+        if train and self.options.crop_source == "full-image":
+            return DecodePlan("inception", self.options.image_size, copies=self.options.copies)
+        return None
 
     def forward(self, pre_logits: torch.Tensor, context: Any = None) -> torch.Tensor:
         return self.embedding(pre_logits)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pretextlab.data import augment
+from pretextlab.data.crops import DecodePlan
 from pretextlab.errors import PretextlabError
 from pretextlab.options import option
 from pretextlab.tasks.base import EmbeddingOptions, PretextTask, at_least, full_precision
@@ -47,6 +48,7 @@ RELEASED_EVAL_RESIZE_RATIO = 3.5  # the released evaluation: resize_small 224 fo
 MIN_PATCH_SIZE = 4
 PATCH_EVAL_GEOMETRIES = ("released", "pretext")
 DROPOUT = 0.5  # the released ``fully_connected`` head's dropout rate (docs/protocol.md, patch tasks)
+RELEASED_HEAD_BN_MOMENTUM = 1.0 - 0.997  # released code, self_supervision/patch_utils.py:195-196
 
 
 @dataclass(frozen=True)
@@ -195,13 +197,17 @@ class PatchClassifierHead(nn.Module):
     """The released ``fully_connected``: FC 4096 -> BN -> ReLU -> dropout -> classifier, reading the
     concatenation of ``slots`` per-patch embeddings (AlexNet's fc7-fc8)."""
 
-    def __init__(self, slots: int, embedding_dim: int, hidden: int, classes: int, dropout: float) -> None:
+    def __init__(
+        self, slots: int, embedding_dim: int, hidden: int, classes: int, dropout: float, bn_init: str = "pytorch"
+    ) -> None:
         super().__init__()
         self.slots, self.embedding_dim = slots, embedding_dim
         self.fc = nn.Linear(slots * embedding_dim, hidden)
-        # BatchNorm with PyTorch's default momentum rather than TF's 0.997: short runs (tests,
-        # Fashion-MNIST) would otherwise evaluate with running statistics that barely moved.
-        self.bn = nn.BatchNorm1d(hidden, eps=1e-5)
+        # bn_init "released": the released decay 0.997, eps 1e-5 (released code,
+        # self_supervision/patch_utils.py:195-196), PyTorch momentum 1 - 0.997. "pytorch" (the
+        # default before issue 16): momentum 0.1, so short runs (tests, Fashion-MNIST) do not
+        # evaluate with running statistics that barely moved.
+        self.bn = nn.BatchNorm1d(hidden, eps=1e-5, momentum=RELEASED_HEAD_BN_MOMENTUM if bn_init == "released" else 0.1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden, classes)
         # The released initialisation: truncated normal (std 0.005), bias 0.1 on the first layer.
@@ -265,7 +271,7 @@ class PatchTask(PretextTask):
         self.eval_geometry = PatchGeometry.evaluation(options.patch_size, options.patch_eval_geometry)
         # The released networks end in a 1000-way "logits" layer: the per-patch embedding.
         self.embedding = nn.Linear(feature_dim, options.embedding_dim)
-        self.head = PatchClassifierHead(slots, options.embedding_dim, options.head_hidden, classes, DROPOUT)
+        self.head = PatchClassifierHead(slots, options.embedding_dim, options.head_hidden, classes, DROPOUT, options.bn_init)
 
     def patches(
         self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
@@ -302,3 +308,11 @@ class PatchTask(PretextTask):
     def eval_views(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
         views, _ = image_patches(images, self.eval_geometry, train=False)
         return views, GRID_CELLS
+
+    def decode_plan(self, train: bool) -> DecodePlan | None:
+        # Issue 16: the whole file resized to 292x292, aspect not kept (released code,
+        # config/jigsaw/imagenet.sh:32-34), in training and for the pretext validation; the 255
+        # crop and the patches are cut on the device (patch_corners).
+        if self.options.crop_source == "full-image":
+            return DecodePlan("squash", self.geometry.resize)
+        return None

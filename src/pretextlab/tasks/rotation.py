@@ -17,7 +17,8 @@ from pretextlab.data import augment
 from dataclasses import dataclass
 
 from pretextlab.options import option
-from pretextlab.tasks.base import Prepared, PretextTask, TaskOptions, at_least, full_precision
+from pretextlab.data.crops import DecodePlan
+from pretextlab.tasks.base import Prepared, PretextTask, TaskOptions, at_least, check_decoded_size, full_precision
 from pretextlab.tasks.registry import register_task
 
 NUM_ROTATIONS = 4
@@ -55,8 +56,12 @@ class RotationTask(PretextTask):
     def _view(self, images: torch.Tensor, train: bool, generator: torch.Generator | None) -> torch.Tensor:
         x = augment.to_unit(images)
         size = self.options.image_size
-        if train:
+        if train and self.options.crop_source == "full-image":
+            # The loader cut the released inception crop from the whole file (decode_plan).
+            check_decoded_size(images, size)
+        elif train:
             x = augment.random_resized_crop(x, size, scale=self.options.crop_scale, generator=generator)
+        if train:
             if self.options.flip:
                 x = augment.random_flip(x, generator)
             x = augment.color_jitter(x, self.options.color_jitter, generator)
@@ -80,3 +85,9 @@ class RotationTask(PretextTask):
 
     def eval_views(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
         return self._view(images, train=False, generator=None), 1
+
+    def decode_plan(self, train: bool) -> DecodePlan | None:
+        # Issue 16: one slim inception crop per image, cut by the loader from the whole file.
+        if train and self.options.crop_source == "full-image":
+            return DecodePlan("inception", self.options.image_size)
+        return None
