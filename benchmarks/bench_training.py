@@ -31,7 +31,7 @@ import torch
 
 from pretextlab import atomic
 from pretextlab.config import TrainConfig
-from pretextlab.train import Trainer
+from pretextlab.training import Trainer
 
 RESULTS = Path(__file__).parent / "results" / "training.json"
 

@@ -6,7 +6,7 @@ import pytest
 
 from pretextlab.config import TrainConfig, config_differences, resolve
 from pretextlab.errors import PretextlabError
-from pretextlab.train import learning_rate
+from pretextlab.training import learning_rate
 
 
 def test_paper_schedule_warmup_and_decays():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pretextlab.config import TrainConfig
-from pretextlab.train import Trainer, read_metrics
+from pretextlab.training import Trainer, read_metrics
 
 WORKER = Path(__file__).parent / "workers" / "ddp_train.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -19,7 +19,7 @@ from pretextlab.config import TrainConfig
 from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
 from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run, scoring_warnings
 from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
-from pretextlab.train import Trainer, read_metrics
+from pretextlab.training import Trainer, read_metrics
 
 TRAIN = dict(
     task="rotation", network="resnet50v1", width=1, image_size=32, limit=320, val_size=32, test_limit=32,

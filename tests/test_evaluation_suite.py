@@ -16,7 +16,7 @@ from PIL import Image
 from pretextlab.config import TrainConfig
 from pretextlab.evaluate.features import pooled_dim
 from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run
-from pretextlab.train import Trainer, load_trained
+from pretextlab.training import Trainer, load_trained
 
 SMALL_EVAL = dict(limit=600, test_limit=300, val_size=150, device="cpu", l2_grid=(1e-1, 1e-2, 1e-3))
 

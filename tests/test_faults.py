@@ -18,7 +18,7 @@ from PIL import Image
 from pretextlab import atomic
 from pretextlab.config import TrainConfig
 from pretextlab.errors import PretextlabError
-from pretextlab.train import Trainer, read_metrics
+from pretextlab.training import Trainer, read_metrics
 
 TINY = [
     "--task", "rotation", "--network", "resnet50v1", "--width", "1", "--limit", "320", "--val-size", "32",

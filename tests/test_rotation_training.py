@@ -12,7 +12,7 @@ from pretextlab.config import TrainConfig
 from pretextlab.errors import PretextlabError
 from pretextlab.tasks import TaskOptions, build_task
 from pretextlab.tasks.rotation import rotate_all
-from pretextlab.train import Trainer, load_trained, read_metrics
+from pretextlab.training import Trainer, load_trained, read_metrics
 
 
 def _tiny(**changes) -> TrainConfig:

@@ -11,7 +11,7 @@ import torch
 
 from pretextlab.config import TrainConfig
 from pretextlab.errors import PretextlabError
-from pretextlab.train import (
+from pretextlab.training import (
     CheckpointIdentity,
     Trainer,
     checkpoint_identity,
@@ -129,7 +129,7 @@ def test_a_torn_metrics_tail_and_orphan_temporary_files_do_not_stop_a_resume(tmp
 
 
 def test_learning_rate_at_the_edges_of_the_schedule():
-    from pretextlab.train import learning_rate
+    from pretextlab.training import learning_rate
 
     config = TrainConfig(base_lr=0.1, batch_size=128, warmup_epochs=0.5, decay_epochs=(2.0, 3.0), decay_factor=0.1, epochs=4)
     peak1, peak2 = 0.1 * 128 / 256, 0.1 * 256 / 256
@@ -183,3 +183,26 @@ def test_an_atomic_write_syncs_the_file_and_then_its_directory(tmp_path, monkeyp
     atomic.write_json(tmp_path / "x.json", {"a": 1})
     assert synced == ["file", "dir"]  # the data first, then the rename's directory entry
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+
+
+def test_config_json_records_its_format_version_and_a_newer_one_is_refused(tmp_path, finished_run, capsys):
+    from pretextlab.cli import main
+    from pretextlab.training import RUN_FORMAT_VERSION, load_config
+
+    saved = json.loads((finished_run / "config.json").read_text())
+    assert saved["format_version"] == RUN_FORMAT_VERSION and saved["world_size"] == 1
+    # A run written before versions existed (config.json of only config + hash) still loads and resumes.
+    old = _copy_run(finished_run, tmp_path / "unversioned")
+    (old / "config.json").write_text(json.dumps({"config": saved["config"], "hash": saved["hash"]}))
+    (old / "checkpoint.pt").write_bytes((finished_run / "checkpoint.prev.pt").read_bytes())
+    for name in ("checkpoint.json", "checkpoint.prev.pt", "checkpoint.prev.json", "summary.json"):
+        (old / name).unlink()
+    assert load_config(old) == load_config(finished_run)
+    assert Trainer(_tiny(), old, resume=True, progress=False).fit()["steps"] == 8
+    # A run from a newer pretextlab is refused with one line, for training and for evaluation.
+    newer = _copy_run(finished_run, tmp_path / "newer")
+    (newer / "config.json").write_text(json.dumps({**saved, "format_version": RUN_FORMAT_VERSION + 1}))
+    with pytest.raises(PretextlabError, match=r"run format version 2, newer than this pretextlab reads \(1\): upgrade"):
+        Trainer(_tiny(), newer, resume=True, progress=False)
+    assert main(["evaluate", "--run", str(newer), "--device", "cpu"]) == 2
+    assert "newer than this pretextlab reads" in capsys.readouterr().err

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretextlab import train as train_module
+from pretextlab.training import run_dir as run_dir_module
 from pretextlab.cli import main
 from pretextlab.config import TrainConfig
 from pretextlab.errors import PretextlabError
-from pretextlab.train import Trainer, checkpoint_identity, read_metrics
+from pretextlab.training import Trainer, checkpoint_identity, read_metrics
 
 TINY = [
     "train", "--task", "rotation", "--network", "resnet50v1", "--width", "1", "--limit", "96", "--val-size", "32",
@@ -145,7 +145,7 @@ def test_a_full_disk_while_logging_metrics_takes_back_the_partial_line(tmp_path,
         real_write(fd, bytes(data)[:5])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train_module.os, "write", disk_full_after_some_bytes)
+    monkeypatch.setattr(run_dir_module.os, "write", disk_full_after_some_bytes)
     with pytest.raises(PretextlabError, match=r"metrics.jsonl at step 4: No space left on device \(ENOSPC\)"):
         trainer._log({"step": 4, "loss": 1.0})
     monkeypatch.undo()

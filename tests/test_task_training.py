@@ -8,7 +8,7 @@ import pytest
 
 from pretextlab.config import TrainConfig
 from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run
-from pretextlab.train import Trainer, read_metrics
+from pretextlab.training import Trainer, read_metrics
 
 # Test-sized settings: small patches/images, width 1; everything else is the task's study recipe.
 TASKS = {

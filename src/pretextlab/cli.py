@@ -33,7 +33,7 @@ def _cmd_networks(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pretextlab.train import train
+    from pretextlab.training import train
 
     summary = train(_train_config(args), args.out, resume=args.resume, progress=not args.no_progress, force=args.force)
     # stdout is the summary as JSON and nothing else, once per job: torchrun's rank 0 alone prints it.
@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from pretextlab.train import Preempted
+    from pretextlab.training import Preempted
 
     try:
         return args.func(args)

@@ -21,7 +21,7 @@ from pretextlab.config import TrainConfig, resolve
 from pretextlab.data import augment, load_dataset
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.probe_run import EvalConfig, PixelNetwork, evaluate_run, probe_representation
-from pretextlab.train import Trainer, build_model, read_metrics
+from pretextlab.training import Trainer, build_model, read_metrics
 
 # Per task, settings that fit 2 CPU cores in a few minutes; everything else is the study's recipe.
 DEMO_TRAINING: dict[str, dict[str, Any]] = {

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from pretextlab.config import TrainConfig
-from pretextlab.train import Trainer
+from pretextlab.training import Trainer
 
 config = TrainConfig.from_dict(json.loads(sys.argv[1]))
 run_dir, dump_dir = Path(sys.argv[2]), Path(sys.argv[3])

@@ -252,7 +252,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True,
     finished) and where it was stored (``result_file``); probing an unfinished run is allowed (a
     curve over training needs it) but said on ``log``.
     """
-    from pretextlab.train import load_trained_identity
+    from pretextlab.training import load_trained_identity
 
     run_dir = Path(run_dir)
     device = resolve_device(config.device)

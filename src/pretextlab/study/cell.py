@@ -43,7 +43,7 @@ class _Heartbeat:
 
 
 def _finished_summary(cell: Cell) -> dict[str, Any] | None:
-    from pretextlab.train import SUMMARY_FILE
+    from pretextlab.training import SUMMARY_FILE
 
     path = cell.run_dir / SUMMARY_FILE
     if not path.exists():
@@ -53,7 +53,7 @@ def _finished_summary(cell: Cell) -> dict[str, Any] | None:
 
 
 def _train_cell(cell: Cell, store: ResultsStore, attempt: int, progress: bool) -> None:
-    from pretextlab.train import Trainer, read_metrics
+    from pretextlab.training import Trainer, read_metrics
 
     summary = _finished_summary(cell)
     seconds = None
@@ -115,7 +115,7 @@ def run_cell(study: Study, cell: Cell, progress: bool = True) -> str:
     cell's own work marks it failed (the message is kept in the store) and is re-raised; an
     interruption (Ctrl-C, SIGTERM) marks it interrupted, so the next run resumes it.
     """
-    from pretextlab.train import Preempted
+    from pretextlab.training import Preempted
 
     owner = worker_id()
     with ResultsStore(study.store_path) as store:

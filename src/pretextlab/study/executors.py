@@ -40,7 +40,7 @@ def _make_executor(study: Study, kind: str) -> Any:
 
 def run_inline(study: Study, cells: list[Cell], progress: bool) -> tuple[dict[str, str], dict[str, str]]:
     """Each cell in turn, here; returns (config hash -> finished / skipped / failed, config hash -> error)."""
-    from pretextlab.train import Preempted
+    from pretextlab.training import Preempted
 
     ran: dict[str, str] = {}
     errors: dict[str, str] = {}
