@@ -7,7 +7,6 @@ from pretextlab.training.model import (
     load_trained_identity,
     optimizer_for,
     resolve_device,
-    task_options,
 )
 from pretextlab.training.run_dir import (
     CHECKPOINT_FILE,
@@ -30,5 +29,5 @@ __all__ = [
     "CHECKPOINT_FILE", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE", "PREVIOUS_CHECKPOINT_FILE", "RUN_FORMAT_VERSION",
     "SUMMARY_FILE", "CheckpointIdentity", "Preempted", "PretextModel", "RunFiles", "Trainer", "build_model",
     "checkpoint_identity", "learning_rate", "load_config", "load_trained", "load_trained_identity", "optimizer_for",
-    "read_metrics", "resolve_device", "step_seed", "task_options", "train",
+    "read_metrics", "resolve_device", "step_seed", "train",
 ]
