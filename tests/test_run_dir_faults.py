@@ -67,6 +67,17 @@ def test_an_unusable_out_is_refused_before_anything_is_created(tmp_path, capsys)
     assert not (tmp_path / "new").exists()
 
 
+def test_kernel_filesystems_are_refused_but_dev_shm_is_a_place_for_runs():
+    from pretextlab.training.run_dir import check_out_dir
+
+    for path in ("/proc/1/run", "/sys/run", "/dev/run"):
+        with pytest.raises(PretextlabError, match="not a place for files"):
+            check_out_dir(Path(path))
+    if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK):
+        check_out_dir(Path("/dev/shm/pretextlab-run"))  # a tmpfs: allowed (nothing is created)
+        assert not Path("/dev/shm/pretextlab-run").exists()
+
+
 def test_a_read_only_filesystem_is_named(tmp_path, capsys):
     with _tmpfs(tmp_path / "ro", "ro,size=1m") as readonly:
         assert "read-only filesystem" in _error(capsys, *TINY, "--out", str(readonly / "run"))

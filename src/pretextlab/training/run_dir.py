@@ -146,13 +146,15 @@ def check_resumable(files: RunFiles, new: dict[str, Any], resume: bool, force: b
 
 
 _KERNEL_FILESYSTEMS = ("/proc", "/sys", "/dev")
+_FILE_SYSTEMS_UNDER_DEV = ("/dev/shm",)  # a tmpfs: a fine place for a scratch run
 
 
 def check_out_dir(root: Path) -> None:
     """Refuse a --out that cannot hold a run, before anything is created."""
     resolved = Path(os.path.abspath(root))
     for kernel in _KERNEL_FILESYSTEMS:
-        if resolved == Path(kernel) or Path(kernel) in resolved.parents:
+        allowed = any(resolved == Path(ok) or Path(ok) in resolved.parents for ok in _FILE_SYSTEMS_UNDER_DEV)
+        if not allowed and (resolved == Path(kernel) or Path(kernel) in resolved.parents):
             raise PretextlabError(f"--out {root} is under {kernel}, which is not a place for files: choose a directory on a disk")
     if resolved.exists() and not resolved.is_dir():
         raise PretextlabError(f"--out {root} is a file, not a directory: choose a new --out")
