@@ -1,10 +1,12 @@
 """The Jigsaw permutation set: valid, maximal-distance by the greedy rule, reproducible, cached."""
 
 import itertools
+import struct
 
 import numpy as np
 import pytest
 
+from pretextlab.config import TrainConfig, resolve
 from pretextlab.errors import PretextlabError
 from pretextlab.tasks.jigsaw import JigsawOptions, JigsawTask
 from pretextlab.tasks.permutations import (
@@ -12,6 +14,8 @@ from pretextlab.tasks.permutations import (
     inverse_permutations,
     minimum_hamming_distance,
     permutation_set,
+    read_permutation_file,
+    write_permutation_file,
 )
 
 
@@ -110,3 +114,65 @@ def test_jigsaw_task_uses_the_cached_set_and_keeps_it_in_its_state(default_set):
     assert "permutations" in task.state_dict()
     with pytest.raises(PretextlabError, match="permutations per batch"):
         JigsawTask(4, JigsawOptions(permutations_per_batch=101, cache_dir=str(cache)))
+
+
+def _released_bin(path, rows, header=None) -> None:
+    """A file in the released format, written by hand from patch_utils.load_permutations' reader:
+    '<ll' (count, length), then count*length '<l' values numbering the cells 1..9."""
+    rows = np.asarray(rows)
+    count, length = header if header is not None else rows.shape
+    path.write_bytes(struct.pack("<ll", count, length) + b"".join(struct.pack("<l", int(v) + 1) for v in rows.ravel()))
+
+
+def test_jigsaw_reads_the_published_set_from_a_file_in_the_released_format(default_set, tmp_path):
+    cache, chosen = default_set
+    # A set the generator would never give (reversed order, different seed), so the file is what is used.
+    published = permutation_set(100, seed=7, cache_dir=cache).permutations[::-1].copy()
+    path = tmp_path / "permutations_100_max.bin"
+    _released_bin(path, published)
+    assert path.stat().st_size == 8 + 100 * 9 * 4
+    assert np.array_equal(read_permutation_file(path), published)
+    task = JigsawTask(4, JigsawOptions(patch_size=16, embedding_dim=8, head_hidden=16, cache_dir=str(cache), permutations=str(path)))
+    assert np.array_equal(task.permutations.numpy(), published)
+    assert task.min_hamming_distance == _pairwise_min_distance_by_loops(published)
+    # The writer round-trips byte for byte with the hand-made file.
+    write_permutation_file(tmp_path / "again.bin", published)
+    assert (tmp_path / "again.bin").read_bytes() == path.read_bytes()
+
+
+def test_a_wrong_permutation_file_gets_one_clear_error_naming_it(default_set, tmp_path):
+    cache, chosen = default_set
+    rows = chosen.permutations[:10]
+    cases = {}
+    _released_bin(tmp_path / "short.bin", rows[:0], header=(10, 9))
+    cases["short.bin"] = "8 bytes, but a header of 10 permutations of 9 means 368 bytes"
+    _released_bin(tmp_path / "eight.bin", rows[:, :8], header=(10, 8))
+    cases["eight.bin"] = "10 permutations of 8 cells"
+    (tmp_path / "tiny.bin").write_bytes(b"\x01\x00")
+    cases["tiny.bin"] = "too short"
+    _released_bin(tmp_path / "zero_based.bin", rows - 1)  # cells 0..8 written as stored here: not the released numbering
+    cases["zero_based.bin"] = "cells 1..9"
+    _released_bin(tmp_path / "repeated.bin", np.concatenate([rows[:9], rows[:1]]))
+    cases["repeated.bin"] = "distinct ordering"
+    cases["missing.bin"] = "cannot read it"
+    for name, message in cases.items():
+        with pytest.raises(PretextlabError, match=message) as error:
+            read_permutation_file(tmp_path / name)
+        assert f"--permutations {tmp_path / name}" in str(error.value) and "permutations_100_max.bin" in str(error.value)
+    _released_bin(tmp_path / "ten.bin", rows)
+    with pytest.raises(PretextlabError, match="holds 10 permutations but --num-permutations is 100: set --num-permutations 10"):
+        JigsawOptions(permutations=str(tmp_path / "ten.bin")).check()
+    task = JigsawTask(4, JigsawOptions(patch_size=16, embedding_dim=8, head_hidden=16, num_permutations=10,
+                                       permutations=str(tmp_path / "ten.bin")))
+    assert np.array_equal(task.permutations.numpy(), rows)
+
+
+def test_the_permutation_file_is_recorded_as_a_real_path_and_refused_before_training(tmp_path, monkeypatch, default_set):
+    _, chosen = default_set
+    _released_bin(tmp_path / "set.bin", chosen.permutations)
+    monkeypatch.chdir(tmp_path)
+    config = resolve(TrainConfig(task="jigsaw", patch_size=16, permutations="set.bin"))
+    assert config.permutations == str(tmp_path.resolve() / "set.bin")
+    assert resolve(TrainConfig(task="jigsaw", patch_size=16)).permutations is None
+    with pytest.raises(PretextlabError, match="--permutations .*nothing.bin: cannot read it"):
+        resolve(TrainConfig(task="jigsaw", patch_size=16, permutations="nothing.bin"))

@@ -37,7 +37,10 @@ _RETIRED_KEYS = frozenset({"extra"})
 # folder default). A saved config missing the key loads with this value (``from_saved``), resume
 # compares a missing key as this value, and the hash leaves the key out at this value, so old runs
 # keep their meaning and their hash.
-LEGACY_VALUES: dict[str, Any] = {"crop_source": "center-square", "bn_init": "pytorch"}
+LEGACY_VALUES: dict[str, Any] = {
+    "crop_source": "center-square", "bn_init": "pytorch",
+    "permutations": None,  # Jigsaw's generated set (--permutations FILE reads the published one)
+}
 
 
 def _built_in_task_options() -> type:
@@ -181,6 +184,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.data_dir is not None:
         # Two spellings of one folder are one dataset; two folders are two (the hash includes it).
         c.data_dir = os.path.realpath(os.path.expanduser(c.data_dir))
+    if c.permutations is not None:
+        # Like data_dir: the file is part of the recipe, and resume or evaluate may run elsewhere.
+        c.permutations = os.path.realpath(os.path.expanduser(c.permutations))
     info = task_info(c.task)  # a clear error listing the tasks if unknown; imports a module:Class task
     if c.network not in NETWORKS:
         raise PretextlabError(f"unknown network {c.network!r}: choose one of {', '.join(NETWORKS)}")

@@ -4,7 +4,8 @@ Every image is cut into its 3x3 grid of patches (see ``patches``); each patch go
 shared network to pre_logits and a linear layer to a 1000-d embedding; for a permutation p the 9
 embeddings are concatenated in permuted order (slot k holds patch p[k]) -> FC 4096 -> BN -> ReLU ->
 dropout 0.5 -> a classifier over the permutation set (100 maximal-Hamming-distance permutations,
-``permutations``). The target is the index of the permutation in the set.
+``permutations``), or the published set read from ``--permutations FILE`` (the released binary
+format). The target is the index of the permutation in the set.
 
 Which permutations a batch is scored on (the released code's "method 2"): in training,
 ``permutations_per_batch`` (8) distinct indices are drawn without replacement once per batch and
@@ -23,13 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from pretextlab.errors import PretextlabError
 from pretextlab.options import option
 from pretextlab.tasks.base import Prepared, at_least, options_of
 from pretextlab.tasks.patches import GRID_CELLS, PatchOptions, PatchTask
-from pretextlab.tasks.permutations import permutation_set
+from pretextlab.tasks.permutations import minimum_hamming_distance, permutation_set, read_permutation_file
 from pretextlab.tasks.registry import register_task
 
 
@@ -46,6 +48,10 @@ class JigsawOptions(PatchOptions):
     permutation_criterion: str = option(
         "mean", "jigsaw set: mean (Noroozi & Favaro, the released set) or min (max-min) Hamming distance", choices=("mean", "min")
     )
+    permutations: str | None = option(
+        None, "jigsaw: read the permutation set from FILE in the released binary format (the study's "
+        "permutations_100_max.bin) instead of generating it; its count must equal --num-permutations", metavar="FILE",
+    )
 
     def check(self) -> None:
         super().check()
@@ -55,6 +61,18 @@ class JigsawOptions(PatchOptions):
                 f"permutations per batch (--permutations-per-batch {self.permutations_per_batch}) must be between 1 "
                 f"and the number of permutations (--num-permutations {self.num_permutations})"
             )
+        if self.permutations is not None:
+            self.permutation_file()  # a wrong file is refused when the run is configured, not mid-training
+
+    def permutation_file(self) -> np.ndarray:
+        """The permutations of the ``--permutations`` file, checked against ``--num-permutations``."""
+        rows = read_permutation_file(self.permutations)
+        if len(rows) != self.num_permutations:
+            raise PretextlabError(
+                f"--permutations {self.permutations} holds {len(rows)} permutations but --num-permutations is "
+                f"{self.num_permutations}: set --num-permutations {len(rows)} (the classifier has one class per permutation)"
+            )
+        return rows
 
 
 @register_task("jigsaw", title="Jigsaw", default_batch_size=128, options=JigsawOptions)
@@ -63,10 +81,14 @@ class JigsawTask(PatchTask):
         options = options_of(JigsawOptions, options)  # the classifier's size is read before the base checks it
         super().__init__(feature_dim, options, slots=GRID_CELLS, classes=options.num_permutations)
         options, count = self.options, options.num_permutations
-        chosen = permutation_set(count, options.seed, options.permutation_criterion, options.cache_dir)
-        self.min_hamming_distance = chosen.min_distance
+        if options.permutations is not None:
+            # The published set, as the released code loads it (self_supervision/patch_utils.py:218-234).
+            rows = options.permutation_file()
+        else:
+            rows = permutation_set(count, options.seed, options.permutation_criterion, options.cache_dir).permutations
+        self.min_hamming_distance = minimum_hamming_distance(rows)
         # Saved with the weights: a checkpoint keeps the exact set its classifier was trained on.
-        self.register_buffer("permutations", torch.as_tensor(chosen.permutations, dtype=torch.long))
+        self.register_buffer("permutations", torch.as_tensor(rows, dtype=torch.long))
 
     def draw_permutations(self, train: bool, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """The indices a batch is scored on: ``permutations_per_batch`` distinct ones in training, all otherwise."""

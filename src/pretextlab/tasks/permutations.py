@@ -10,6 +10,10 @@ the chosen set. "Farthest" has two readings, both offered:
 - ``"min"``: the largest *minimum* Hamming distance to the chosen permutations (a max-min set);
   it guarantees a larger minimum pairwise distance, so no two classes are near-identical.
 
+The published set itself is read (and written, for tests and conversions) by
+``read_permutation_file`` / ``write_permutation_file``, in the released code's binary format; Jigsaw
+uses it when given ``--permutations FILE``.
+
 Ties (there are many: distances are small integers) are broken by the seeded RNG, so a (count,
 seed, criterion) triple always gives the same set. The greedy step is vectorised over all 362,880
 permutations, so a set of 100 takes well under a second; sets are cached on disk anyway
@@ -25,12 +29,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pretextlab.atomic import save_numpy
+from pretextlab.atomic import save_numpy, write_bytes
 from pretextlab.errors import PretextlabError
 
 GRID_CELLS = 9
@@ -136,6 +141,54 @@ def permutation_set(
 def _are_permutations(rows: np.ndarray) -> bool:
     reference = np.arange(rows.shape[1])
     return bool((np.sort(rows, axis=1) == reference).all()) and len(np.unique(rows, axis=0)) == len(rows)
+
+
+# The released set's file format (released code, self_supervision/patch_utils.py:218-234): two
+# little-endian int32 (number of permutations, their length), then that many rows of int32 values,
+# each row a permutation of the grid cells numbered 1..9 ("The bin file used index [1,9]").
+_BIN_HEADER = struct.Struct("<ii")
+_BIN_VALUE = np.dtype("<i4")
+
+
+def read_permutation_file(path: str | os.PathLike) -> np.ndarray:
+    """The (count, 9) int64 permutations (cells 0..8) of a file in the released binary format,
+    e.g. the study's ``permutations_100_max.bin``; a clear error for anything else."""
+    path = Path(path)
+    fix = "give the released permutations_100_max.bin or a file in its format (docs/protocol.md, Jigsaw)"
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise PretextlabError(f"--permutations {path}: cannot read it ({error.strerror or error}); {fix}") from error
+    if len(data) < _BIN_HEADER.size:
+        raise PretextlabError(f"--permutations {path}: {len(data)} bytes is too short for the 8-byte header; {fix}")
+    count, length = _BIN_HEADER.unpack_from(data)
+    if length != GRID_CELLS or count < 2:
+        raise PretextlabError(
+            f"--permutations {path}: the header says {count} permutations of {length} cells; Jigsaw needs at least 2 "
+            f"permutations of the {GRID_CELLS} grid cells (is this a file in the released format?); {fix}"
+        )
+    expected = _BIN_HEADER.size + count * length * _BIN_VALUE.itemsize
+    if len(data) != expected:
+        raise PretextlabError(
+            f"--permutations {path}: {len(data)} bytes, but a header of {count} permutations of {length} means "
+            f"{expected} bytes (truncated or not this format); {fix}"
+        )
+    rows = np.frombuffer(data, dtype=_BIN_VALUE, offset=_BIN_HEADER.size).reshape(count, length).astype(np.int64) - 1
+    if not _are_permutations(rows):
+        raise PretextlabError(
+            f"--permutations {path}: every row must be a distinct ordering of the cells 1..{GRID_CELLS} "
+            f"(the released numbering); {fix}"
+        )
+    return rows
+
+
+def write_permutation_file(path: str | os.PathLike, permutations: np.ndarray) -> Path:
+    """Write ``permutations`` (rows of cells 0..8) in the released binary format, atomically."""
+    rows = np.asarray(permutations)
+    if rows.ndim != 2 or rows.shape[1] != GRID_CELLS or not _are_permutations(rows):
+        raise PretextlabError(f"cannot write {path}: expected distinct permutations of 0..{GRID_CELLS - 1}, got shape {rows.shape}")
+    payload = _BIN_HEADER.pack(*rows.shape) + (rows + 1).astype(_BIN_VALUE).tobytes()
+    return write_bytes(path, lambda handle: handle.write(payload))
 
 
 def inverse_permutations(permutations: np.ndarray) -> np.ndarray:
