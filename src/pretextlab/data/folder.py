@@ -185,43 +185,56 @@ def decode_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def _drafted(image: Image.Image, box: CropBox, size: int) -> tuple[float, float, float, float]:
-    """Ask a JPEG to decode at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps ``box`` at
-    least ``size`` pixels on each side; returns the box in the decoded image's pixels."""
+def _drafted(image: Image.Image, boxes: Sequence[CropBox], size: int) -> list[tuple[float, float, float, float]]:
+    """Ask a JPEG to decode at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps every box at
+    least ``size`` pixels on each side; returns the boxes in the decoded image's pixels."""
     full_w, full_h = image.size
-    # draft keeps the decoded image >= the requested size, so the box, scaled alike, stays >= size.
-    image.draft("RGB", (math.ceil(full_w * size / box.width), math.ceil(full_h * size / box.height)))
-    scale_x, scale_y = image.size[0] / full_w, image.size[1] / full_h
-    return (box.left * scale_x, box.top * scale_y, (box.left + box.width) * scale_x, (box.top + box.height) * scale_y)
+    # draft keeps the decoded image >= the requested size, so each box, scaled alike, stays >= size.
+    need_w = max(math.ceil(full_w * size / box.width) for box in boxes)
+    need_h = max(math.ceil(full_h * size / box.height) for box in boxes)
+    image.draft("RGB", (need_w, need_h))
+    sx, sy = image.size[0] / full_w, image.size[1] / full_h
+    return [(b.left * sx, b.top * sy, (b.left + b.width) * sx, (b.top + b.height) * sy) for b in boxes]
+
+
+def decode_boxes(
+    path: str | os.PathLike, boxes_of: Callable[[int, int], Sequence[CropBox]], size: int, draft: bool = True
+) -> torch.Tensor:
+    """Decode the file once and cut the boxes ``boxes_of(height, width)`` (in full-resolution
+    pixels), each resized to ``size`` x ``size`` (aspect not kept): uint8 (len(boxes), 3, size, size).
+    The boxes are chosen from the file's header before decoding, so a JPEG decodes only at the
+    scale its boxes need (``draft=False``: always at full size). Raises on bad files."""
+    with Image.open(path) as image:
+        width, height = image.size
+        boxes = list(boxes_of(height, width))
+        if draft:
+            regions = _drafted(image, boxes, size)
+        else:
+            regions = [(b.left, b.top, b.left + b.width, b.top + b.height) for b in boxes]
+        image = _to_rgb(image)
+        views = np.stack([np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=r), dtype=np.uint8) for r in regions])
+    return torch.from_numpy(views).permute(0, 3, 1, 2).contiguous()
 
 
 def decode_box(path: str | os.PathLike, box_of: Callable[[int, int], CropBox], size: int, draft: bool = True) -> torch.Tensor:
-    """Decode the box ``box_of(height, width)`` of the full-resolution image, resized to uint8
-    (3, size, size) (aspect not kept). The box is chosen from the file's header before decoding, so
-    a JPEG decodes only at the scale the box needs (``draft=False``: always at full size). Raises on
-    bad files."""
-    with Image.open(path) as image:
-        width, height = image.size
-        box = box_of(height, width)
-        if draft:
-            region = _drafted(image, box, size)
-        else:
-            region = (box.left, box.top, box.left + box.width, box.top + box.height)
-        image = _to_rgb(image)
-        array = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=region), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    """``decode_boxes`` for one box: uint8 (3, size, size)."""
+    return decode_boxes(path, lambda h, w: [box_of(h, w)], size, draft)[0]
 
 
 def decode_planned(path: str | os.PathLike, plan: DecodePlan, seed: int, request: CropRequest) -> torch.Tensor:
-    """The views ``plan`` asks for of one file: (3, S, S) for ``squash``, (copies, 3, S, S) for
-    ``inception`` (each copy's box from ``crops.crop_rng``, so it depends on nothing but the request)."""
+    """The views ``plan`` asks for of one file, decoded once: (3, S, S) for ``squash``, (copies, 3,
+    S, S) for ``inception`` (each copy's box from ``crops.crop_rng``, so it depends on nothing but
+    the request)."""
     if plan.mode == "squash":
         return decode_box(path, lambda h, w: CropBox(0, 0, h, w), plan.size)
-    views = []
-    for copy in range(plan.copies):
-        rng = crop_rng(seed, request.epoch, request.batch, request.rank, request.position, copy)
-        views.append(decode_box(path, lambda h, w: sample_crop_box(rng, h, w, plan.crop), plan.size))
-    return torch.stack(views)
+
+    def boxes(height: int, width: int) -> list[CropBox]:
+        return [
+            sample_crop_box(crop_rng(seed, request.epoch, request.batch, request.rank, request.position, copy), height, width, plan.crop)
+            for copy in range(plan.copies)
+        ]
+
+    return decode_boxes(path, boxes, plan.size)
 
 
 class FolderImageSet(ImageSet):
