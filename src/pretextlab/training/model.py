@@ -10,23 +10,11 @@ import torch
 from torch import nn
 
 from pretextlab.config import TrainConfig, task_options
-from pretextlab.errors import PretextlabError
+from pretextlab.devices import resolve_device  # shared with evaluation; re-exported by training
 from pretextlab.models import build_network, network_info
 from pretextlab.tasks import PretextTask, build_task, task_class
 from pretextlab.training.distributed import DistributedContext, convert_sync_batchnorm
 from pretextlab.training.run_dir import CheckpointIdentity, load_checkpoint, load_config
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise PretextlabError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PretextlabError(f"device {name!r} asked for but CUDA is not available here: use --device cpu")
-    return device
 
 
 def build_model(config: TrainConfig) -> tuple[nn.Module, PretextTask]:
