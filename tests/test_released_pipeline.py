@@ -259,3 +259,43 @@ def test_the_run_config_builds_the_released_bn_in_the_network_and_the_patch_head
     assert legacy_task.head.bn.momentum == 0.1
     with pytest.raises(PretextlabError, match="--bn-init"):
         build_network("resnet50v1", width=1, bn_init="tf")
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_folder_run_interrupted_mid_epoch_resumes_with_the_same_crops_and_weights(tmp_path):
+    """Trainer-level: the crops cut while decoding depend on (seed, epoch, batch, rank, position)
+    only, so a run stopped after a mid-epoch checkpoint and resumed ends with the weights of the
+    uninterrupted run, bit for bit (float64, one thread)."""
+    from pretextlab.training import Trainer
+
+    rng = np.random.default_rng(1)
+    root = _class_folder(tmp_path / "data", {f"{i}.jpg": rng.integers(0, 256, (60, 80, 3), dtype=np.uint8) for i in range(6)})
+    config = TrainConfig(
+        task="rotation", network="resnet50v1", width=1, dataset="folder", data_dir=str(root), image_size=16,
+        val_size=2, batch_size=2, epochs=2, workers=0, device="cpu", precision="fp64", val_batches=1, checkpoint_every=2,
+    )
+
+    class Crashing(Trainer):
+        def train_step(self, images):
+            if self.step == 7:  # after the checkpoint at step 6, in the second epoch
+                raise _Crash
+            return super().train_step(images)
+
+    whole = Trainer(config, tmp_path / "whole", progress=False)
+    whole.fit()
+    with pytest.raises(_Crash):
+        Crashing(config, tmp_path / "cut", progress=False).fit()
+    resumed = Trainer(config, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.step == 6
+    resumed.fit()
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    for part in ("network", "task"):
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), f"{part}.{name}"
+    saved = json.loads((tmp_path / "cut" / "config.json").read_text())["config"]
+    assert (saved["crop_source"], saved["bn_init"]) == ("full-image", "released")
