@@ -155,7 +155,7 @@ def test_prepare_targets_loss_and_views_on_fashion_mnist():
     assert task.correct(outputs[targets * 4], targets) == (24, 24)
     views, count = task.eval_views(images)
     assert count == 1 and views.shape == (6, 3, 32, 32)
-    assert torch.allclose(views, augment.standardize(augment.to_unit(images)), atol=1e-6)
+    assert torch.equal(views, augment.to_signed(augment.to_unit(images)))
 
 
 def test_bad_options_are_refused():
@@ -184,3 +184,63 @@ def test_shapes_and_gradients_through_a_real_network():
     assert all(p.grad is not None for p in network.parameters() if p.requires_grad)
     views, count = task.eval_views(images)
     assert count == 1 and network.eval()(views)["pre_logits"].shape == (5, network.out_dim)
+
+
+def test_the_loss_runs_per_group_of_the_released_per_core_rows():
+    """Issue 16 item 5: 64 images x 8 copies = 512 rows give the mean of their eight 64-row groups'
+    losses, each normalised along its own batch axis with its own negatives (float64, exact)."""
+    generator = torch.Generator().manual_seed(0)
+    outputs = torch.randn(512, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = torch.arange(64).repeat_interleave(8)
+    task = ExemplarTask(4, ExemplarOptions())
+    assert (task.options.copies, task.options.exemplar_group_images) == (8, 8)  # the released default
+    whole = ExemplarTask(4, ExemplarOptions(exemplar_group_images=0))  # what runs did before the option
+    loss = task.loss(outputs, targets)
+    groups = [whole.loss(outputs[g * 64 : (g + 1) * 64], targets[g * 64 : (g + 1) * 64]) for g in range(8)]
+    assert abs(loss.item() - sum(g.item() for g in groups) / 8) < 1e-12
+    # The scope matters: the whole batch's normalisation and negatives give another loss.
+    assert abs(whole.loss(outputs, targets).item() - loss.item()) > 1e-3
+    (grad,) = torch.autograd.grad(loss, outputs)
+    (expected,) = torch.autograd.grad(torch.stack(groups).mean(), outputs)
+    assert torch.allclose(grad, expected, rtol=0, atol=1e-15)
+    # Retrieval is scored among the embeddings a group's loss compares.
+    right = sum(whole.correct(outputs[g * 64 : (g + 1) * 64].detach(), targets[g * 64 : (g + 1) * 64])[0] for g in range(8))
+    assert task.correct(outputs.detach(), targets) == (right, 512)
+    # A batch that does not divide: the last group holds the remaining images, still whole images.
+    odd = ExemplarTask(4, ExemplarOptions(copies=4, exemplar_group_images=3))
+    rows = [len(o) for o, _ in odd.groups(outputs[:40], torch.arange(10).repeat_interleave(4))]
+    assert rows == [12, 12, 12, 4]
+    with pytest.raises(PretextlabError, match="--exemplar-group-images must be >= 0"):
+        ExemplarOptions(exemplar_group_images=-1).check()
+
+
+def test_frozen_features_read_images_in_minus_one_to_one_or_standardised_by_option():
+    """Issue 16 item 6: the released evaluation feeds [-1, 1]; "standardized" keeps the old input."""
+    images = _fashion_mnist(4)
+    signed, _ = ExemplarTask(4, ExemplarOptions(image_size=32)).eval_views(images)
+    assert torch.equal(signed, images.float() / 255.0 * 2.0 - 1.0)
+    assert signed.min().item() == -1.0 and signed.max().item() <= 1.0
+    standardized, _ = ExemplarTask(4, ExemplarOptions(image_size=32, exemplar_eval_input="standardized")).eval_views(images)
+    assert torch.allclose(standardized, augment.standardize(augment.to_unit(images)), atol=1e-6)
+    with pytest.raises(PretextlabError, match="choose one of signed, standardized"):
+        ExemplarOptions(exemplar_eval_input="raw").check()
+
+
+def test_old_config_json_keeps_the_whole_batch_loss_and_standardised_features():
+    from pretextlab.config import TrainConfig, config_differences, resolve, task_options
+
+    new_keys = ("exemplar_group_images", "exemplar_eval_input")
+    # A config.json written before the two options existed: today's record without their keys.
+    old = {k: v for k, v in resolve(TrainConfig(task="exemplar", copies=4)).to_dict().items() if k not in new_keys}
+    options = task_options(resolve(TrainConfig.from_saved(old)))
+    assert (options.exemplar_group_images, options.exemplar_eval_input) == (0, "standardized")
+    new = resolve(TrainConfig(task="exemplar", copies=4))
+    assert (new.exemplar_group_images, new.exemplar_eval_input) == (8, "signed")
+    # Resuming the old Exemplar run with today's defaults names the change; a Rotation run (which
+    # reads neither option) keeps its hash and resumes with no difference.
+    assert config_differences(old, new.to_dict()) == [
+        "exemplar_eval_input: 'standardized' -> 'signed'", "exemplar_group_images: 0 -> 8"]
+    rotation_new = resolve(TrainConfig(task="rotation", copies=4))
+    rotation_old = {k: v for k, v in rotation_new.to_dict().items() if k not in new_keys}
+    assert config_differences(rotation_old, rotation_new.to_dict()) == []
+    assert rotation_new.config_hash() == resolve(TrainConfig.from_saved(rotation_old)).config_hash()

@@ -40,7 +40,22 @@ _RETIRED_KEYS = frozenset({"extra"})
 LEGACY_VALUES: dict[str, Any] = {
     "crop_source": "center-square", "bn_init": "pytorch",
     "permutations": None,  # Jigsaw's generated set (--permutations FILE reads the published one)
+    "exemplar_group_images": 0,  # Exemplar's triplet loss over the whole per-device batch
+    "exemplar_eval_input": "standardized",  # Exemplar's frozen features read standardised images
 }
+
+
+def _unread_new_options(task: Any) -> frozenset[str]:
+    """The ``LEGACY_VALUES`` options that ``task`` never reads (another task's own option): left out
+    of its hash and of resume's comparison, so a new default of Exemplar's options does not re-key
+    or block the runs of Rotation (each config records every built-in task's options)."""
+    from pretextlab.tasks import task_info
+
+    try:
+        read = {f.name for f in dataclasses.fields(task_info(task).options)}
+    except (PretextlabError, TypeError):
+        return frozenset()
+    return frozenset(k for k in LEGACY_VALUES if k not in read)
 
 
 def _built_in_task_options() -> type:
@@ -156,10 +171,12 @@ class TrainConfig(_built_in_task_options()):
 
     def config_hash(self) -> str:
         """A short hash of what the run computes (runtime-only fields excluded; an option at its
-        legacy value is left out, so runs recorded before it existed keep their hash)."""
+        legacy value is left out, so runs recorded before it existed keep their hash, and so is a new
+        option the run's task never reads, see ``_unread_new_options``)."""
+        unread = _unread_new_options(self.task)
         payload = {
             k: v for k, v in self.to_dict().items()
-            if k not in _RUNTIME_FIELDS and not (k in LEGACY_VALUES and v in (None, LEGACY_VALUES[k]))
+            if k not in _RUNTIME_FIELDS and k not in unread and not (k in LEGACY_VALUES and v in (None, LEGACY_VALUES[k]))
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -297,7 +314,8 @@ def _flag(name: str) -> str:
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two saved configs, ignoring runtime-only fields."""
-    keys = sorted((set(old) | set(new)) - _RUNTIME_FIELDS - _RETIRED_KEYS)
+    unread = _unread_new_options(old.get("task")) & _unread_new_options(new.get("task"))
+    keys = sorted((set(old) | set(new)) - _RUNTIME_FIELDS - _RETIRED_KEYS - unread)
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - tuples vs lists
     # A key a config.json lacks (written before the option existed) means its legacy value.
     value = lambda c, k: LEGACY_VALUES[k] if k in LEGACY_VALUES and c.get(k) is None else c.get(k)  # noqa: E731

@@ -23,8 +23,15 @@ other embedding (same normalisation, squared Euclidean distance) is a sibling.
 fixed validation set): the study's evaluation preprocessing makes 8 identical central crops, which
 would make the retrieval accuracy trivially 100%.
 
+Loss scope (``exemplar_group_images``): the released loss runs on each TPU core's 8 images x 8
+copies, so by default the batch is cut into groups of 8 images, each normalised and scored on its
+own, and the groups' losses are averaged, whatever batch a device holds; 0 is one group (the whole
+per-device batch, what runs before this option did).
+
 Frozen-feature views: the central ``image_size`` crop of the decoded image (resized only if the
-image is smaller), standardised, one view per image.
+image is smaller), one view per image, in [-1, 1] as the released evaluation
+(``exemplar_eval_input`` "signed"), or standardised per image ("standardized", what runs before
+this option did).
 """
 
 from __future__ import annotations
@@ -45,6 +52,11 @@ from pretextlab.tasks.registry import register_task
 from pretextlab.tasks.triplet import l2_normalize, nearest_neighbour_correct, triplet_semihard_loss
 
 NORMALIZATIONS = ("batch", "embedding", "none")
+EVAL_INPUTS = ("signed", "standardized")
+# The released global batch of 64 images (config/exemplar/imagenet.sh:24) is split by the TPU
+# estimator over 8 cores (train_and_eval.py:158,244-252), and the loss (self_supervision/exemplar.py:
+# 133-136) runs on each core's 8 images x 8 copies; docs/protocol.md, Exemplar.
+RELEASED_GROUP_IMAGES = 8
 BRIGHTNESS_DELTA = 32.0 / 255.0
 SATURATION_RANGE = (0.5, 1.5)
 ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
@@ -90,6 +102,14 @@ class ExemplarOptions(EmbeddingOptions):
         choices=NORMALIZATIONS,
     )
     exemplar_color_distortion: bool = option(True, "exemplar: the released random brightness and saturation per copy")
+    exemplar_group_images: int = option(
+        RELEASED_GROUP_IMAGES, "exemplar: images per triplet-loss group, each group normalised and scored on its own as "
+        "the released code's per-TPU-core batch (64 images over 8 cores); 0: the whole per-device batch", metavar="N",
+    )
+    exemplar_eval_input: str = option(
+        "signed", "exemplar: frozen-feature input, signed (values in [-1, 1], the released evaluation) or standardized "
+        "(per image, as in pretext training)", choices=EVAL_INPUTS,
+    )
 
     def check(self) -> None:
         super().check()
@@ -98,6 +118,7 @@ class ExemplarOptions(EmbeddingOptions):
                 f"exemplar needs at least 2 copies per image (the triplet loss needs a positive): --copies {self.copies}"
             )
         at_least(self, "margin", 0, "the triplet-loss margin")
+        at_least(self, "exemplar_group_images", 0, "images per loss group; 0 = the whole batch")
 
 
 @register_task("exemplar", title="Exemplar", default_batch_size=64, options=ExemplarOptions)
@@ -159,14 +180,34 @@ class ExemplarTask(PretextTask):
             return l2_normalize(outputs, dim=1)
         return outputs
 
+    def groups(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The batch's loss groups: consecutive ``exemplar_group_images`` images (all their copies,
+        rows being image-major), the last one smaller when the batch does not divide; one group
+        holding everything with 0."""
+        rows = self.options.exemplar_group_images * self.options.copies
+        if rows == 0 or rows >= len(outputs):
+            return [(outputs, targets)]
+        return list(zip(outputs.split(rows), targets.split(rows)))
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return triplet_semihard_loss(self.normalized(outputs), targets, self.options.margin)
+        # Each group normalised along its own batch axis and given its own negatives, and the
+        # groups' losses averaged, as the released per-core losses are (released code,
+        # self_supervision/exemplar.py:134-136 on each core).
+        losses = [triplet_semihard_loss(self.normalized(o), t, self.options.margin) for o, t in self.groups(outputs, targets)]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
-        return nearest_neighbour_correct(self.normalized(outputs), targets)
+        # Retrieval among the embeddings the loss compares: within each group.
+        counts = [nearest_neighbour_correct(self.normalized(o), t) for o, t in self.groups(outputs, targets)]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def eval_views(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
         x = augment.to_unit(images)
         size = self.options.image_size
         x = augment.resize(augment.center_crop(x, min(size, *x.shape[-2:])), size)
+        if self.options.exemplar_eval_input == "signed":
+            # The released evaluation feeds every model values in [-1, 1] (released code,
+            # config/evaluation/rotation_or_exemplar.sh:31, preprocess.py:165-173), although
+            # Exemplar trained on standardised copies.
+            return augment.to_signed(x), 1
         return augment.standardize(x), 1
