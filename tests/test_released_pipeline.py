@@ -171,10 +171,14 @@ def test_tasks_take_the_loaders_crops_and_say_what_to_decode():
                                  num_permutations=10, permutations_per_batch=2))
     rotation = build_task("rotation", 16, task_options("rotation", config))
     assert rotation.decode_plan(True) == DecodePlan("inception", 32) and rotation.decode_plan(False) is None
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    # Gray images in 60..180: whichever colour augmentation runs (brightness, contrast, saturation,
+    # hue) maps each pixel by one increasing function, unclipped; a crop would move pixels.
+    images = torch.randint(60, 181, (2, 1, 32, 32), dtype=torch.uint8).expand(-1, 3, -1, -1).contiguous()
     prepared = rotation.prepare(images, True, torch.Generator().manual_seed(0))
-    # No second crop: without flips and jitter the input is the loader's image, in [-1, 1].
-    assert torch.equal(prepared.inputs[:2], images.float() / 255.0 * 2 - 1)
+    assert prepared.inputs.shape == (8, 3, 32, 32)
+    for image, view in zip(images, prepared.inputs[:2]):
+        order = torch.argsort(image[0].flatten().double(), stable=True)
+        assert (view[0].flatten()[order].diff() >= -1e-6).all()  # no second crop: pixels stay in place
     with pytest.raises(PretextlabError, match="32x32"):
         rotation.prepare(torch.zeros(2, 3, 37, 37, dtype=torch.uint8), True)
     exemplar = build_task("exemplar", 16, task_options("exemplar", dataclasses.replace(config, task="exemplar")))
@@ -200,7 +204,8 @@ def test_folder_runs_default_to_the_released_recipe_and_fashion_mnist_keeps_its_
 
 
 def test_a_config_json_written_before_the_options_loads_resumes_and_hashes_as_it_was_trained():
-    new = resolve(TrainConfig(dataset="folder", data_dir="/nonexistent", crop_source="center-square", bn_init="pytorch"))
+    new = resolve(TrainConfig(dataset="folder", data_dir="/nonexistent", crop_source="center-square", bn_init="pytorch",
+                              rotation_augmentation="jitter"))
     old = {k: v for k, v in new.to_dict().items() if k not in LEGACY_VALUES}
     loaded = TrainConfig.from_saved(json.loads(json.dumps(old)))
     assert (loaded.crop_source, loaded.bn_init) == ("center-square", "pytorch")
@@ -210,6 +215,7 @@ def test_a_config_json_written_before_the_options_loads_resumes_and_hashes_as_it
     released = resolve(TrainConfig(dataset="folder", data_dir="/nonexistent"))
     assert config_differences(old, released.to_dict()) == [
         "bn_init: 'pytorch' -> 'released'", "crop_source: 'center-square' -> 'full-image'",
+        "rotation_augmentation: 'jitter' -> 'released'",
     ]
 
 
