@@ -53,7 +53,7 @@ def test_every_task_option_has_one_definition_which_is_also_the_flat_flag():
     assert set(seen) == {"color_jitter", "gray_probability", "embedding_dim", "copies", "margin", "exemplar_normalization",
                          "exemplar_color_distortion", "patch_size", "head_hidden", "patch_eval_geometry",
                          "permutations_per_batch", "num_permutations", "permutation_criterion", "permutations",
-                         "exemplar_group_images", "exemplar_eval_input"}
+                         "exemplar_group_images", "exemplar_eval_input", "rotation_augmentation"}
     # What every task gets from the run is defined by TrainConfig, never as a task option.
     assert not {f.name for f in dataclasses.fields(TaskOptions)} & set(seen)
 

@@ -42,6 +42,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "permutations": None,  # Jigsaw's generated set (--permutations FILE reads the published one)
     "exemplar_group_images": 0,  # Exemplar's triplet loss over the whole per-device batch
     "exemplar_eval_input": "standardized",  # Exemplar's frozen features read standardised images
+    "rotation_augmentation": "jitter",  # Rotation's torchvision-style colour jitter
 }
 
 
@@ -227,6 +228,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.bn_init is None:
         # TF's defaults for folder datasets (the paper's scale); PyTorch's keep the Fashion-MNIST demo's numbers.
         c.bn_init = "released" if c.dataset == "folder" else "pytorch"
+    if c.rotation_augmentation is None:
+        # slim's fast-mode colours for folder datasets (issue 16 item 2); the jitter keeps the demo's numbers.
+        c.rotation_augmentation = "released" if c.dataset == "folder" else "jitter"
     if c.image_size < 16 or c.decode_size < c.image_size // 2:
         raise PretextlabError(
             f"image size {c.image_size} (decoded at {c.decode_size}) is too small: use --image-size >= 16"

@@ -197,6 +197,31 @@ def color_jitter(
     return x
 
 
+# slim's fast-mode colour distortion (inception_preprocessing.distort_color, fast_mode=True):
+# random_brightness(max_delta=32/255) and random_saturation(0.5, 1.5).
+BRIGHTNESS_DELTA = 32.0 / 255.0
+SATURATION_RANGE = (0.5, 1.5)
+
+
+def distort_color(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """slim's fast-mode ``distort_color`` per image, as ``preprocess_for_train(fast_mode=True)`` runs it
+    (``num_distort_cases = 1``: ordering 0 only): brightness + U(-32/255, 32/255), then saturation
+    x U(0.5, 1.5), clipped to [0, 1] once at the end (slim clips after both ops, not between).
+
+    Saturation is a blend with the gray image (torchvision's semantics) where TF scales S in HSV;
+    the two agree on gray images and on the factor's range. Used by Rotation (``released``
+    augmentation) and Exemplar (docs/protocol.md, training preprocessing).
+    """
+    batch, device = x.shape[0], x.device
+    delta = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * BRIGHTNESS_DELTA
+    low, high = SATURATION_RANGE
+    factor = torch.rand(batch, generator=generator, device=device) * (high - low) + low
+    x = x + delta.view(-1, 1, 1, 1)
+    gray = grayscale(x)
+    x = gray + (x - gray) * factor.view(-1, 1, 1, 1)
+    return x.clamp(0.0, 1.0)
+
+
 def standardize(x: torch.Tensor) -> torch.Tensor:
     """Per-image standardisation with TensorFlow's ``per_image_standardization`` semantics.
 

@@ -57,8 +57,6 @@ EVAL_INPUTS = ("signed", "standardized")
 # estimator over 8 cores (train_and_eval.py:158,244-252), and the loss (self_supervision/exemplar.py:
 # 133-136) runs on each core's 8 images x 8 copies; docs/protocol.md, Exemplar.
 RELEASED_GROUP_IMAGES = 8
-BRIGHTNESS_DELTA = 32.0 / 255.0
-SATURATION_RANGE = (0.5, 1.5)
 ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 
 
@@ -77,18 +75,6 @@ def crops_per_image(
     source = torch.arange(batch, device=images.device).repeat_interleave(copies)
     rois = torch.cat([source[:, None].to(images.dtype), boxes.to(images.dtype)], dim=1)
     return roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-
-
-def distort_color(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """slim's fast-mode ``distort_color`` (ordering 0), per image: brightness, then saturation."""
-    batch, device = x.shape[0], x.device
-    delta = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * BRIGHTNESS_DELTA
-    low, high = SATURATION_RANGE
-    factor = torch.rand(batch, generator=generator, device=device) * (high - low) + low
-    x = x + delta.view(-1, 1, 1, 1)
-    gray = augment.grayscale(x)
-    x = gray + (x - gray) * factor.view(-1, 1, 1, 1)
-    return x.clamp(0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -151,7 +137,7 @@ class ExemplarTask(PretextTask):
         if self.options.flip:
             x = augment.random_flip(x, generator)
         if options.exemplar_color_distortion:
-            x = distort_color(x, generator)
+            x = augment.distort_color(x, generator)
         return augment.standardize(x), gray
 
     def prepare(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> Prepared:

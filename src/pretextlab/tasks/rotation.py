@@ -2,7 +2,10 @@
 
 Every image of a batch of B appears in all four rotations (0, 90, 180, 270 degrees) in the same
 batch of 4B; a 4-way linear head on pre_logits; softmax cross-entropy. Training input: inception
-crop, horizontal flip, colour jitter, values in [-1, 1].
+crop, horizontal flip, colours, values in [-1, 1]. Colours (``rotation_augmentation``): "released",
+slim's fast-mode brightness and saturation (``augment.distort_color``), the default for folder
+datasets; "jitter", torchvision-style jitter of ``color_jitter`` strength, the Fashion-MNIST default
+and what every run before the option used (a config.json without the key loads as "jitter").
 """
 
 from __future__ import annotations
@@ -16,23 +19,36 @@ from torch import nn
 from pretextlab.data import augment
 from dataclasses import dataclass
 
+from pretextlab.errors import PretextlabError
+
 from pretextlab.options import option
 from pretextlab.data.crops import DecodePlan
 from pretextlab.tasks.base import Prepared, PretextTask, TaskOptions, at_least, check_decoded_size, full_precision
 from pretextlab.tasks.registry import register_task
 
 NUM_ROTATIONS = 4
+ROTATION_AUGMENTATIONS = ("released", "jitter")
 
 
 @dataclass(frozen=True)
 class RotationOptions(TaskOptions):
     """Rotation's own option (besides the run's image size, crop scale and flips)."""
 
-    color_jitter: float = option(0.4, "colour-jitter strength (rotation)")
+    color_jitter: float = option(0.4, "colour-jitter strength (rotation, --rotation-augmentation jitter)")
+    # None until config.resolve chooses by dataset; a task built without a run config reads None as "released".
+    rotation_augmentation: str | None = option(
+        None, "rotation training colours: released (flip, brightness +-32/255, saturation x0.5-1.5: slim's fast mode) "
+        "or jitter (--color-jitter's brightness, contrast, saturation and hue); default: released for folder, "
+        "jitter for fashion-mnist", metavar="{released,jitter}",
+    )
 
     def check(self) -> None:
         super().check()
         at_least(self, "color_jitter", 0, "the jitter strength")
+        if self.rotation_augmentation not in (None, *ROTATION_AUGMENTATIONS):
+            raise PretextlabError(
+                f"--rotation-augmentation {self.rotation_augmentation!r}: choose one of {', '.join(ROTATION_AUGMENTATIONS)}"
+            )
 
 
 def rotate_all(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +80,13 @@ class RotationTask(PretextTask):
         if train:
             if self.options.flip:
                 x = augment.random_flip(x, generator)
-            x = augment.color_jitter(x, self.options.color_jitter, generator)
+            if (self.options.rotation_augmentation or "released") == "released":
+                # The released rotation config's inception_preprocess (config/rotation/imagenet.sh:31,
+                # preprocess.py:36-42) is slim's preprocess_for_train in fast mode: after the flip,
+                # brightness then saturation, clipped, then [-1, 1] below.
+                x = augment.distort_color(x, generator)
+            else:
+                x = augment.color_jitter(x, self.options.color_jitter, generator)
         else:
             # Evaluation sees the central crop of the decoded image (decoded at 256 for a 224
             # input: the usual resize-256-centre-crop-224 protocol), resized only if too small.
