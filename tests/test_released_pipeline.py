@@ -205,7 +205,7 @@ def test_folder_runs_default_to_the_released_recipe_and_fashion_mnist_keeps_its_
 
 def test_a_config_json_written_before_the_options_loads_resumes_and_hashes_as_it_was_trained():
     new = resolve(TrainConfig(dataset="folder", data_dir="/nonexistent", crop_source="center-square", bn_init="pytorch",
-                              rotation_augmentation="jitter"))
+                              rotation_augmentation="jitter", weight_decay_scope="conv-kernels"))
     old = {k: v for k, v in new.to_dict().items() if k not in LEGACY_VALUES}
     loaded = TrainConfig.from_saved(json.loads(json.dumps(old)))
     assert (loaded.crop_source, loaded.bn_init) == ("center-square", "pytorch")
@@ -215,7 +215,7 @@ def test_a_config_json_written_before_the_options_loads_resumes_and_hashes_as_it
     released = resolve(TrainConfig(dataset="folder", data_dir="/nonexistent"))
     assert config_differences(old, released.to_dict()) == [
         "bn_init: 'pytorch' -> 'released'", "crop_source: 'center-square' -> 'full-image'",
-        "rotation_augmentation: 'jitter' -> 'released'",
+        "rotation_augmentation: 'jitter' -> 'released'", "weight_decay_scope: 'conv-kernels' -> 'released'",
     ]
 
 

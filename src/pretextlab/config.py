@@ -43,6 +43,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "exemplar_group_images": 0,  # Exemplar's triplet loss over the whole per-device batch
     "exemplar_eval_input": "standardized",  # Exemplar's frozen features read standardised images
     "rotation_augmentation": "jitter",  # Rotation's torchvision-style colour jitter
+    "weight_decay_scope": "conv-kernels",  # L2 on the network's conv kernels only: no head decayed, RevNet stem decayed
 }
 
 
@@ -50,13 +51,15 @@ def _unread_new_options(task: Any) -> frozenset[str]:
     """The ``LEGACY_VALUES`` options that ``task`` never reads (another task's own option): left out
     of its hash and of resume's comparison, so a new default of Exemplar's options does not re-key
     or block the runs of Rotation (each config records every built-in task's options)."""
-    from pretextlab.tasks import task_info
+    from pretextlab.tasks import BUILT_IN_TASKS, task_info
 
     try:
         read = {f.name for f in dataclasses.fields(task_info(task).options)}
     except (PretextlabError, TypeError):
         return frozenset()
-    return frozenset(k for k in LEGACY_VALUES if k not in read)
+    # Only task options can go unread: a run-wide option (weight_decay_scope) is read by every task.
+    owned = {f.name for name in BUILT_IN_TASKS for f in dataclasses.fields(task_info(name).options)}
+    return frozenset(k for k in LEGACY_VALUES if k in owned and k not in read)
 
 
 def _built_in_task_options() -> type:
@@ -118,7 +121,13 @@ class TrainConfig(_built_in_task_options()):
     decay_epochs: tuple[float, ...] | None = option(None, "epochs of the step decays (default: the study's 15/35 and 25/35 of the run)", metavar="E")
     decay_factor: float = option(0.1, "learning-rate factor at each decay")
     momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(1e-4, "L2 on convolution kernels only, as the study")
+    weight_decay: float = option(1e-4, "L2 factor on the kernels --weight-decay-scope names (the study: 1e-4)")
+    weight_decay_scope: str | None = option(
+        None, "which tensors weight decay reaches: released (every conv/linear kernel, the task's logits or embedding "
+        "included, at --weight-decay; the patch tasks' two-layer head at 5e-4; not the RevNet stem) or conv-kernels "
+        "(the network's conv kernels only); default: released for folder, conv-kernels for fashion-mnist",
+        choices=("released", "conv-kernels"),
+    )
 
     crop_scale: tuple[float, float] = option((0.08, 1.0), "inception crop: the fraction of the image's area, min and max", metavar=("MIN", "MAX"))
     flip: bool = option(True, "random horizontal flips in training (--no-flip for digits, text)")
@@ -231,6 +240,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.rotation_augmentation is None:
         # slim's fast-mode colours for folder datasets (issue 16 item 2); the jitter keeps the demo's numbers.
         c.rotation_augmentation = "released" if c.dataset == "folder" else "jitter"
+    if c.weight_decay_scope is None:
+        # The released decay scope for folder datasets (issue 16 item 3); conv kernels keep the demo's numbers.
+        c.weight_decay_scope = "released" if c.dataset == "folder" else "conv-kernels"
     if c.image_size < 16 or c.decode_size < c.image_size // 2:
         raise PretextlabError(
             f"image size {c.image_size} (decoded at {c.decode_size}) is too small: use --image-size >= 16"
