@@ -64,6 +64,7 @@ def _eval_config(args: argparse.Namespace):
         sgd_epochs=args.sgd_epochs,
         sgd_batch_size=args.sgd_batch_size,
         sgd_base_lr=args.sgd_base_lr,
+        sgd_preset=args.sgd_preset,
     )
 
 
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lbfgs (full-batch logistic regression, L2 picked on val), sgd (linear) or mlp")
     p.add_argument("--sgd-schedule", default="paper", choices=("paper", "paper_long"),
                    help="sgd/mlp: the study's 70-epoch (batch 512) or 520-epoch (batch 2048) schedule")
+    p.add_argument("--sgd-preset", default=None, choices=("paper", "precomputed"),
+                   help="sgd/mlp: paper (the released recipe: features recomputed from random crops every epoch, raw, "
+                   "whole training split, scored on the test split) or precomputed (cached central-crop features, "
+                   "standardised, train minus the held-out split; fast); default: paper for folder, precomputed otherwise")
     p.add_argument("--sgd-epochs", type=int, default=None, help="sgd/mlp: shorten the schedule to N epochs (same proportions)")
     p.add_argument("--sgd-batch-size", type=int, default=None, help="sgd/mlp: images per step (default: the schedule's, 512 or 2048)")
     p.add_argument("--sgd-base-lr", type=float, default=None, help="sgd/mlp: learning rate at a batch of 256")

@@ -10,11 +10,19 @@ traces back to the checkpoint it came from): the feature cache key holds the che
 features extracted again. A result's file name ends in a short hash of everything that changes
 the number (checkpoint, dataset and its split sizes, seed, labels, the probe's full recipe), so
 evaluations that differ in any of these are all kept side by side. Accuracies are in percent.
+
+SGD-trained probes follow a named recipe (``sgd_preset``, see ``sgd_config``): "paper" (the
+released one, recomputing features from random crops every epoch: ``augmented``; trained on
+train + held-out, followed and scored on the test split) or "precomputed" (cached central-crop
+features, standardised, train minus held-out). Unset, it is "paper" for folder datasets (ImageNet,
+Places205) and "precomputed" for Fashion-MNIST; the resolved name is in every result's recipe
+(hence its file's hash) and record (``sgd_preset``, ``train_split``, ``val_split``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -30,12 +38,14 @@ from pretextlab import atomic
 from pretextlab.data import DatasetSplits, few_label_subset, load_dataset
 from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
+from pretextlab.evaluate.augmented import TrainViews, augmented_sgd_probe, augmented_views, whole_training_split
 from pretextlab.evaluate.features import extract_features
 from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
 from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
+from pretextlab.evaluate.sgd_config import PRESETS as SGD_PRESETS
+from pretextlab.evaluate.sgd_config import SCHEDULES as SGD_SCHEDULES
 
 PROBES = ("lbfgs", "sgd", "mlp")
-SGD_SCHEDULES = ("paper", "paper_long")
 PROBES_DIR = "probes"
 FEATURES_DIR = "features"
 # Under these counts a top-1 accuracy says little (one image moves it by a point or more, a class
@@ -74,6 +84,17 @@ class EvalConfig:
     sgd_epochs: int | None = None  # None: the schedule's own length
     sgd_batch_size: int | None = None
     sgd_base_lr: float | None = None
+    # "paper" (on-the-fly random-crop features, raw, whole training split) or "precomputed";
+    # None: "paper" for folder datasets, "precomputed" for fashion-mnist (evaluate_run resolves it
+    # with the run's dataset when ``dataset`` is None).
+    sgd_preset: str | None = None
+
+    def resolved_sgd_preset(self) -> str:
+        if self.sgd_preset is not None:
+            if self.sgd_preset not in SGD_PRESETS:
+                raise PretextlabError(f"unknown --sgd-preset {self.sgd_preset!r}: choose one of {', '.join(SGD_PRESETS)}")
+            return self.sgd_preset
+        return "paper" if self.dataset == "folder" else "precomputed"
 
     def probe_config(self) -> LbfgsConfig | SgdConfig:
         """The probe's own config, fully resolved (stored with every result)."""
@@ -83,8 +104,7 @@ class EvalConfig:
         if self.sgd_schedule not in SGD_SCHEDULES:
             raise PretextlabError(f"unknown SGD schedule {self.sgd_schedule!r}: choose one of {', '.join(SGD_SCHEDULES)}")
         kind = "linear" if self.probe == "sgd" else "mlp"
-        preset = getattr(SgdConfig, self.sgd_schedule)
-        sgd = preset(kind, device=self.device, seed=self.seed)
+        sgd = SgdConfig.preset(self.resolved_sgd_preset(), kind, self.sgd_schedule, device=self.device, seed=self.seed)
         if self.sgd_epochs is not None:
             sgd = sgd.scaled(self.sgd_epochs)
         if self.sgd_batch_size is not None:
@@ -98,13 +118,18 @@ class EvalConfig:
         if self.probe == "lbfgs":
             return "lbfgs"
         probe_config = self.probe_config()
-        return f"{self.probe}-{self.sgd_schedule}{probe_config.epochs}"
+        # The precomputed recipe keeps the names results had before the presets; the released one
+        # says that its features were recomputed from random crops.
+        recipe = "augmented-" if probe_config.features == "augmented" else ""
+        return f"{self.probe}-{recipe}{self.sgd_schedule}{probe_config.epochs}"
 
     def recipe(self) -> dict[str, Any]:
         """Everything in this config that changes a result (not the device or the extraction batch)."""
         probe = {k: v for k, v in dataclasses.asdict(self.probe_config()).items() if k not in NOT_IN_RECIPE}
+        # The SGD recipe by name too (its fields are in probe_config): L-BFGS records keep their hashes.
+        preset = {} if self.probe == "lbfgs" else {"sgd_preset": self.resolved_sgd_preset()}
         return {
-            "probe": self.probe, "probe_config": probe, "dataset": self.dataset, "data_dir": self.data_dir,
+            "probe": self.probe, "probe_config": probe, **preset, "dataset": self.dataset, "data_dir": self.data_dir,
             "val_size": self.val_size, "limit": self.limit, "test_limit": self.test_limit,
             "labels_per_class": self.labels_per_class, "label_fraction": self.label_fraction, "seed": self.seed,
         }
@@ -155,26 +180,41 @@ def probe_representation(
     progress: bool = True,
     probe_checkpoint_dir: Path | None = None,
     log: Log = _stderr,
+    train_views: TrainViews | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Features of every split at ``outputs`` (one pass per split, cached), then one probe per output.
 
     Each record carries ``warnings`` (also passed to ``log``) when its val or test split is too
     small for its accuracy to mean much (``MIN_SCORED_IMAGES``, ``MIN_SCORED_PER_CLASS``).
+    An SGD recipe with ``features="augmented"`` trains from ``train_views(uint8 batch, generator)``
+    (``augmented.augmented_views`` of the run's task) instead of cached training features.
     """
     if config.probe not in PROBES:
         raise PretextlabError(f"unknown probe {config.probe!r}: choose one of {', '.join(PROBES)}")
+    probe_config = config.probe_config()
+    sgd = probe_config if isinstance(probe_config, SgdConfig) else None
+    # The released probe trains on "trainval" (train + held-out) and follows and scores "test"
+    # (released code, config/evaluation/rotation_or_exemplar.sh:26-27).
+    whole = sgd is not None and sgd.train_split == "whole"
+    augmented = sgd is not None and sgd.features == "augmented"
+    if augmented and train_views is None:
+        raise PretextlabError("the 'paper' SGD preset recomputes features from random crops: it needs train_views (evaluate_run gives the task's)")
     # Few labels: only the chosen training images go through the network (their own cache entry),
     # so a 1%-label probe on ImageNet does not extract 1.28M feature rows. The subset is drawn from
     # the labels alone, so it is the same whatever network is probed.
-    train_images = splits.train
-    train_split = "train"
+    train_images = whole_training_split(splits.train, splits.val) if whole else splits.train
+    train_split = "trainval" if whole else "train"
+    followed_images, followed_split = (splits.test, "test") if whole else (splits.val, "val")
     if config.labels_per_class is not None or config.label_fraction is not None:
         chosen = few_label_subset(
             train_images.labels, per_class=config.labels_per_class, fraction=config.label_fraction, seed=config.seed,
             class_names=train_images.class_names,
         )
         train_images = train_images.subset(chosen)
-        train_split = f"train-{config.label_tag()}-seed{config.seed}"
+        train_split = f"{train_split}-{config.label_tag()}-seed{config.seed}"
+    wanted = [("train", train_images, train_split)] if not augmented else []
+    wanted += [("val", followed_images, followed_split)] if not whole else []
+    wanted += [("test", splits.test, "test")]
     features = {
         name: extract_features(
             network,
@@ -188,44 +228,57 @@ def probe_representation(
             device=config.device,
             progress=progress,
         )
-        for name, images, split in (
-            ("train", train_images, train_split), ("val", splits.val, "val"), ("test", splits.test, "test")
-        )
+        for name, images, split in wanted
     }
-    probe_config = config.probe_config()
-    too_few = scoring_warnings("val", splits.val.labels, splits.num_classes) + scoring_warnings(
-        "test", splits.test.labels, splits.num_classes
-    )
+    if whole:
+        features["val"] = features["test"]
+    too_few = [] if whole else scoring_warnings("val", splits.val.labels, splits.num_classes)
+    too_few += scoring_warnings("test", splits.test.labels, splits.num_classes)
     for warning in too_few:
         log(f"warning: {warning}")
+    on_the_fly = {}
+    if augmented:
+        checkpoint = None
+        if probe_checkpoint_dir is not None:
+            checkpoint = probe_checkpoint_dir / f"{_key(preprocessing_key, list(outputs), dataclasses.asdict(probe_config), config.label_tag(), config.seed)}.pt"
+        split_pair = {s: {o: (features[s][o].features, features[s][o].labels) for o in outputs} for s in ("val", "test")}
+        on_the_fly = augmented_sgd_probe(
+            network, train_views, train_images, split_pair["val"], split_pair["test"], outputs, splits.num_classes,
+            probe_config, network_key=preprocessing_key, checkpoint_path=checkpoint, progress=progress,
+        )
     results = {}
     for output in outputs:
-        train_set, val_set, test_set = (features[s][output] for s in ("train", "val", "test"))
-        train = (train_set.features, train_set.labels)
+        val_set, test_set = (features[s][output] for s in ("val", "test"))
+        train_set = features["train"][output] if not augmented else None
         val, test = (val_set.features, val_set.labels), (test_set.features, test_set.labels)
-        if isinstance(probe_config, LbfgsConfig):
+        if augmented:
+            result = on_the_fly[output]
+        elif isinstance(probe_config, LbfgsConfig):
             result = lbfgs_probe(
-                train, val, test, num_classes=splits.num_classes, config=probe_config, progress=progress, label=output
+                (train_set.features, train_set.labels), val, test, num_classes=splits.num_classes, config=probe_config, progress=progress, label=output
             )
         else:
             checkpoint = None
             if probe_checkpoint_dir is not None:
                 checkpoint = probe_checkpoint_dir / f"{_key(preprocessing_key, output, dataclasses.asdict(probe_config), config.label_tag(), config.seed)}.pt"
             result = sgd_probe(
-                train, val, test, num_classes=splits.num_classes, config=probe_config, progress=progress,
+                (train_set.features, train_set.labels), val, test, num_classes=splits.num_classes, config=probe_config, progress=progress,
                 checkpoint_path=checkpoint, label=output,
             )
         record = result.to_dict()
         record.update(
             probe_config=dataclasses.asdict(probe_config),
             output=output,
-            feature_dim=int(train_set.features.shape[1]),
+            feature_dim=int(val_set.features.shape[1]),
             labels=config.label_tag(),
-            train_images=int(len(train_set.labels)),
+            train_images=int(len(train_images)),
             val_images=int(len(val_set.labels)),
             test_images=int(len(test_set.labels)),
             warnings=list(too_few),
         )
+        if sgd is not None:
+            # Which recipe made this number: the preset's name and the splits it trained on and followed.
+            record.update(sgd_preset=config.resolved_sgd_preset(), train_split=sgd.train_split, val_split=followed_split)
         results[output] = record
     return results
 
@@ -266,8 +319,10 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True,
     unknown = [o for o in outputs if o not in valid]
     if unknown:
         raise PretextlabError(f"{run_config.network} has no output {', '.join(unknown)}: choose from {', '.join(valid)} or all")
-    splits = downstream_splits(run_config, config)
     dataset = config.dataset or run_config.dataset
+    if config.probe != "lbfgs" and config.sgd_preset is None:
+        config = dataclasses.replace(config, sgd_preset="paper" if dataset == "folder" else "precomputed")
+    splits = downstream_splits(run_config, config)
     # The checkpoint's step and content hash are part of the key: features of older weights are never reused.
     key = _key(
         run_config.config_hash(), identity.step, identity.sha256, dataset, config.data_dir, config.val_size,
@@ -276,6 +331,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True,
     results = probe_representation(
         network, task.eval_views, splits, outputs, run_dir / FEATURES_DIR, key, config, progress=progress,
         probe_checkpoint_dir=run_dir / PROBES_DIR / "checkpoints", log=log,
+        train_views=functools.partial(augmented_views, task),
     )
     # Two folder datasets (ImageNet, Places205) must not share result files: name them by folder.
     dataset_tag = dataset if dataset != "folder" else f"folder-{Path(config.data_dir or run_config.data_dir or 'data').name}"

@@ -159,7 +159,9 @@ def _sample_digest(features: np.ndarray, labels: np.ndarray) -> str:
 def _fingerprint(config: SgdConfig, num_classes: int, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
     """What a checkpoint must match to be resumed: the schedule, the model and the data. The
     device and residency are left out: they do not change what is computed."""
-    recipe = {k: v for k, v in config.to_dict().items() if k not in ("device", "resident")}
+    # features/train_split are the caller's business (they choose the arrays given here): left out,
+    # so checkpoints written before those fields existed still resume.
+    recipe = {k: v for k, v in config.to_dict().items() if k not in ("device", "resident", "features", "train_split")}
     parts = {
         "format": CHECKPOINT_FORMAT,
         "config": recipe,
@@ -218,6 +220,11 @@ def sgd_probe(
     config = config or SgdConfig()
     if not isinstance(config, SgdConfig):
         raise PretextlabError(f"config must be an SgdConfig (e.g. SgdConfig.paper('linear')), got {type(config).__name__}")
+    if config.features != "precomputed":
+        raise PretextlabError(
+            f"SgdConfig(features={config.features!r}) recomputes features from images each epoch, so it needs the "
+            "network: run it through evaluate (probe_run / evaluate/augmented.py), or use features='precomputed' here"
+        )
     splits = checked_splits(train, val, test, num_classes)
     train_x, train_y = splits["train"]
     device = resolve_device(config.device)

@@ -3,6 +3,14 @@
 ``paper`` is ``linear_eval.py``'s 70-epoch schedule (batch 512, x0.1 at epochs 30 and 50); ``paper_long``
 the 520-epoch one behind the paper's reported SGD numbers (batch 2048, x0.1 at 480 and 500);
 ``scaled`` squeezes either to fewer epochs keeping its proportions.
+
+Those two are schedules. What the probe reads is the *recipe* (``sgd_preset``): ``"paper"`` is the
+released ``linear_eval`` (issue 16 item 7): features computed on the fly each epoch by the frozen
+network from random 224 crops of the training images (central crops for scoring), raw, trained on
+the whole training split and scored on the official test split (released code,
+config/evaluation/rotation_or_exemplar.sh:26-27,31-33); ``"precomputed"`` is the fast one: cached
+central-crop features, standardised, trained on train minus the held-out split. See
+docs/protocol.md#probes.
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ from pretextlab.errors import PretextlabError
 
 KINDS = ("linear", "mlp")
 RESIDENCY = ("auto", "device", "stream")
+FEATURES = ("precomputed", "augmented")  # cached central-crop features, or recomputed from random crops each epoch
+TRAIN_SPLITS = ("train", "whole")  # train minus the held-out split, or train + held-out (the released "trainval")
+PRESETS = ("paper", "precomputed")
+SCHEDULES = ("paper", "paper_long")
 LR_REFERENCE_BATCH = 256  # base_lr is the learning rate of a batch of this size (scaled linearly)
 
 
@@ -43,6 +55,10 @@ class SgdConfig:
     may repeat a value (two decays at once). ``resident``: "auto" keeps the standardised train and
     val features on the device when they fit, "device" insists, "stream" gathers every minibatch
     from the given arrays.
+
+    ``features`` and ``train_split`` are read by the evaluation glue (``probe_run``): "augmented"
+    features need the network (``evaluate/augmented.py``), so ``sgd_probe`` on arrays refuses them;
+    ``train_split`` "whole" trains on train + held-out and follows the test split instead of val.
     """
 
     kind: str = "linear"
@@ -57,6 +73,8 @@ class SgdConfig:
     hidden: int = 1000
     dropout: float = 0.5
     standardize: bool = True
+    features: str = "precomputed"
+    train_split: str = "train"
     device: str = "auto"
     resident: str = "auto"
     seed: int = 0
@@ -94,6 +112,15 @@ class SgdConfig:
             raise PretextlabError(f"dropout must be in [0, 1) (the study's MLP uses 0.5), got {self.dropout!r}")
         if not isinstance(self.standardize, bool):
             raise PretextlabError(f"standardize must be True or False, got {self.standardize!r}")
+        if self.features not in FEATURES:
+            raise PretextlabError(f"unknown SGD probe features {self.features!r}: choose one of {', '.join(FEATURES)}")
+        if self.features == "augmented" and self.standardize:
+            raise PretextlabError(
+                "augmented SGD features are recomputed every epoch, so no fixed standardisation fits them: "
+                "use standardize=False with features='augmented' (the released recipe reads them raw)"
+            )
+        if self.train_split not in TRAIN_SPLITS:
+            raise PretextlabError(f"unknown SGD train_split {self.train_split!r}: choose one of {', '.join(TRAIN_SPLITS)}")
         if self.resident not in RESIDENCY:
             raise PretextlabError(f"unknown resident mode {self.resident!r}: choose one of {', '.join(RESIDENCY)}")
 
@@ -106,6 +133,30 @@ class SgdConfig:
     def paper_long(cls, kind: str = "linear", **overrides: Any) -> "SgdConfig":
         """The schedule behind the reported SGD numbers: batch 2048, x0.1 at 480 and 500 of 520 epochs."""
         return cls(**{"kind": kind, "epochs": 520, "batch_size": 2048, "decay_epochs": (480, 500), **overrides})
+
+    @classmethod
+    def preset(cls, name: str, kind: str = "linear", schedule: str = "paper", **overrides: Any) -> "SgdConfig":
+        """A named recipe on a named schedule. ``"paper"``: the released linear_eval (on-the-fly
+        random-crop features, raw, whole training split; released code, self_supervision/linear_eval.py:123-175,
+        config/evaluation/rotation_or_exemplar.sh:26-33); ``"precomputed"``: cached central-crop
+        features, standardised, train minus the held-out split (fast: one extraction, then only the head)."""
+        if name not in PRESETS:
+            raise PretextlabError(f"unknown SGD preset {name!r}: choose one of {', '.join(PRESETS)}")
+        if schedule not in SCHEDULES:
+            raise PretextlabError(f"unknown SGD schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        recipe: dict[str, Any] = {"features": "precomputed", "standardize": True, "train_split": "train"}
+        if name == "paper":
+            recipe = {"features": "augmented", "standardize": False, "train_split": "whole"}
+        return getattr(cls, schedule)(kind, **{**recipe, **overrides})
+
+    @property
+    def preset_name(self) -> str | None:
+        """The preset whose input recipe this is, or None for a mix of its own."""
+        for name in PRESETS:
+            reference = SgdConfig.preset(name)
+            if all(getattr(self, f) == getattr(reference, f) for f in ("features", "standardize", "train_split")):
+                return name
+        return None
 
     def scaled(self, epochs: int) -> "SgdConfig":
         """The same schedule squeezed (or stretched) to ``epochs``: decays and warm-up keep their
