@@ -39,9 +39,7 @@ LAYERS: dict[str, int] = {
     "pretextlab.data": 1,
     # 2: the recipe, training, evaluation
     "pretextlab.config": 2,
-    "pretextlab.train": 2,
     "pretextlab.training": 2,
-    "pretextlab.distributed": 2,
     "pretextlab.evaluate": 2,
     # 3: studies and their store
     "pretextlab.study": 3,
