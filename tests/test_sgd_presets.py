@@ -209,3 +209,18 @@ def test_paper_preset_resumes_from_its_epoch_checkpoint_as_if_never_stopped(spli
     with pytest.raises(PretextlabError, match="another configuration"):
         augmented_sgd_probe(network, views, images, val, val, ["pre_logits"], 10, dataclasses.replace(config, seed=4),
                             checkpoint_path=checkpoint, progress=False)
+
+
+def test_patch_tasks_train_on_the_released_evaluation_patches_from_a_random_crop(splits):
+    from pretextlab.tasks.jigsaw import JigsawOptions, JigsawTask
+
+    task = JigsawTask(16, JigsawOptions(image_size=28, patch_size=8))  # resize 28, crop 24, 8-px patches
+    images = splits.train.take(np.arange(8))[0]
+    central, views = task.eval_views(images)
+    one, one_views = augmented_views(task, images, torch.Generator().manual_seed(0))
+    two, _ = augmented_views(task, images, torch.Generator().manual_seed(1))
+    # Released jigsaw/relative-patch evaluation (config/evaluation/jigsaw_or_relative_patch_location.sh:31-36):
+    # resize, a crop of 3 patches (random in training), 3x3 adjacent patches, no jitter.
+    assert one.shape == central.shape and one_views == views == 9
+    assert task.eval_geometry.jitter == 0
+    assert not torch.equal(one, two) and not torch.equal(one, central)
