@@ -146,10 +146,6 @@ def test_the_rule_sees_the_cycles_and_inversions_it_exists_for():
     assert _layer("pretextlab.study.store") == 3 and _layer("pretextlab.report.tables") == 4
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 15: the move to registries as leaves and study/report packages is under way; the lead flips this when it lands",
-)
 def test_dependencies_flow_one_way_and_no_module_imports_itself_round_a_loop():
     upward = sorted(
         f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})"
