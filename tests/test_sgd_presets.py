@@ -224,3 +224,30 @@ def test_patch_tasks_train_on_the_released_evaluation_patches_from_a_random_crop
     assert one.shape == central.shape and one_views == views == 9
     assert task.eval_geometry.jitter == 0
     assert not torch.equal(one, two) and not torch.equal(one, central)
+
+
+@pytest.mark.slow  # trains a small run, then two evaluate commands: ~10 s
+def test_evaluate_command_runs_either_preset_and_says_which(tmp_path):
+    import subprocess
+    import sys
+
+    from pretextlab.config import TrainConfig
+    from pretextlab.training import Trainer
+
+    run_dir = tmp_path / "rot"
+    Trainer(TrainConfig(task="rotation", network="resnet50v1", width=1, image_size=32, limit=320, val_size=32,
+                        test_limit=32, epochs=0.5, batch_size=32, device="cpu", val_batches=1), run_dir, progress=False).fit()
+    common = ["evaluate", "--run", str(run_dir), "--probe", "sgd", "--sgd-epochs", "2", "--sgd-batch-size", "64",
+              "--limit", "300", "--val-size", "100", "--test-limit", "200", "--device", "cpu", "--no-progress"]
+    stored = {}
+    for extra in (["--sgd-preset", "paper"], []):  # no flag: Fashion-MNIST's default, the fast recipe
+        done = subprocess.run([sys.executable, "-m", "pretextlab", *common, *extra], capture_output=True, text=True,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert done.returncode == 0, done.stderr
+        [result] = json.loads(done.stdout)["results"]
+        stored[result["sgd_preset"]] = (result, json.loads(open(result["result_file"]).read()))
+    paper, paper_file = stored["paper"]
+    fast, fast_file = stored["precomputed"]
+    assert (paper["train_images"], paper["val_split"], paper_file["probe_config"]["features"]) == (300, "test", "augmented")
+    assert (fast["train_images"], fast["val_split"], fast_file["probe_config"]["features"]) == (200, "val", "precomputed")
+    assert paper_file["recipe_hash"] != fast_file["recipe_hash"] and "-augmented-" in paper["result_file"]

@@ -86,7 +86,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(json.dumps({
         "run": str(args.run),
         "checkpoint": results[0]["checkpoint"] if results else None,
-        "results": [{k: r.get(k) for k in fields} for r in results],
+        # SGD-trained probes also say which recipe (--sgd-preset) and splits made their number.
+        "results": [{**{k: r.get(k) for k in fields}, **{k: r[k] for k in ("sgd_preset", "train_split", "val_split") if k in r}}
+                    for r in results],
     }, indent=2))
     return 0
 
