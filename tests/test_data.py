@@ -27,7 +27,7 @@ from pretextlab.data import (
 )
 from pretextlab.data import fashion_mnist
 from pretextlab.data.folder import decode_image
-from pretextlab.data.loader import shard_batches
+from pretextlab.data.loader import BatchOrder, shard_batches
 from pretextlab.data.splits import resolve_val_count
 from pretextlab.errors import PretextlabError
 
@@ -377,6 +377,25 @@ def _loaded_shard(num_images: int, batch: int, rank: int, world: int, drop_last:
     assert [b.images[:, 0, 0, 0].tolist() for b in got] == [list(e) for e in expected]
     assert all(b.images.shape[1] == 3 for b in got)
     return got
+
+
+def test_the_order_options_have_one_definition_shared_by_loader_and_shards():
+    # BatchOrder is the one list of the order options (issue 15); BatchLoader and shard_batches take
+    # exactly its fields, reach the same batches, and refuse anything else as before.
+    options = dict(shuffle=True, seed=3, epoch=1, start_batch=2, drop_last=True, rank=1, world_size=2)
+    images = torch.arange(41, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    labelled = TensorImageSet(images, np.arange(41) % 5, [str(c) for c in range(5)])
+    expected = BatchOrder(**options).batches(41, 4)
+    assert [list(b) for b in shard_batches(41, 4, **options)] == [list(e) for e in expected]
+    loader = BatchLoader(labelled, 4, **options)
+    assert [b.images[:, 0, 0, 0].tolist() for b in loader] == [list(e) for e in expected]
+    assert (loader.seed, loader.epoch, loader.rank, loader.start_batch) == (3, 1, 1, 2)
+    with pytest.raises(TypeError):
+        BatchLoader(labelled, 4, shuffle=True, shuffled=True)
+    with pytest.raises(TypeError):
+        shard_batches(41, 4, seed=1)  # shuffle has no default, as before
+    with pytest.raises(PretextlabError, match="start_batch must lie in"):
+        BatchOrder(shuffle=False, start_batch=99).batches(41, 4)
 
 
 def test_batches_per_epoch_matches_what_the_loader_yields(fmnist):

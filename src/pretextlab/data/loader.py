@@ -23,7 +23,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -95,50 +95,53 @@ def epoch_order(num_images: int, shuffle: bool, seed: int, epoch: int) -> np.nda
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)])).permutation(num_images)
 
 
-def shard_batches(
-    num_images: int,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int = 0,
-    epoch: int = 0,
-    start_batch: int = 0,
-    drop_last: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-) -> list[np.ndarray]:
-    """The index arrays of the batches this rank yields in this epoch, from ``start_batch`` on."""
-    _check_sharding(batch_size, rank, world_size)
-    order = epoch_order(num_images, shuffle, seed, epoch)
-    if drop_last:
-        order = order[: (num_images // world_size) * world_size]
-    mine = order[rank::world_size]
-    total = len(mine) // batch_size if drop_last else math.ceil(len(mine) / batch_size)
-    if isinstance(start_batch, bool) or not isinstance(start_batch, (int, np.integer)) or not 0 <= start_batch <= total:
-        raise PretextlabError(f"start_batch must lie in [0, {total}] (the batches of this epoch on this rank), got {start_batch!r}")
-    return [mine[i * batch_size : (i + 1) * batch_size] for i in range(start_batch, total)]
+@dataclass(frozen=True, kw_only=True)
+class BatchOrder:
+    """Which images this rank's batches of one epoch hold, from ``start_batch`` on: the one list of
+    the order options ``shard_batches`` and ``BatchLoader`` take (see the module docstring)."""
+
+    shuffle: bool
+    seed: int = 0
+    epoch: int = 0
+    start_batch: int = 0
+    drop_last: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def batches(self, num_images: int, batch_size: int) -> list[np.ndarray]:
+        """The index arrays of the batches this rank yields in this epoch, from ``start_batch`` on."""
+        _check_sharding(batch_size, self.rank, self.world_size)
+        order = epoch_order(num_images, self.shuffle, self.seed, self.epoch)
+        if self.drop_last:
+            order = order[: (num_images // self.world_size) * self.world_size]
+        mine = order[self.rank :: self.world_size]
+        total = len(mine) // batch_size if self.drop_last else math.ceil(len(mine) / batch_size)
+        start = self.start_batch
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= total:
+            raise PretextlabError(f"start_batch must lie in [0, {total}] (the batches of this epoch on this rank), got {start!r}")
+        return [mine[i * batch_size : (i + 1) * batch_size] for i in range(start, total)]
+
+
+def shard_batches(num_images: int, batch_size: int, **order: Any) -> list[np.ndarray]:
+    """``BatchOrder(**order).batches(num_images, batch_size)``: ``order`` takes BatchOrder's fields."""
+    return BatchOrder(**order).batches(num_images, batch_size)
 
 
 class BatchLoader:
     """One epoch of ``Batch``es of ``images`` from ``start_batch`` on (see the module docstring for
-    order, resume and sharding); ``len()`` is how many it yields."""
+    order, resume and sharding); ``order`` takes BatchOrder's fields; ``len()`` is how many it yields."""
 
     def __init__(
         self,
         images: ImageSet,
         batch_size: int,
         *,
-        shuffle: bool,
-        seed: int = 0,
-        epoch: int = 0,
-        start_batch: int = 0,
-        drop_last: bool = False,
         workers: int = 0,
         pin_memory: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
         plan: DecodePlan | None = None,
+        **order: Any,
     ) -> None:
+        batch_order = BatchOrder(**order)
         if plan is not None and not isinstance(images, FolderImageSet):
             raise PretextlabError(
                 "crops cut while decoding (--crop-source full-image) need image files (--dataset folder); "
@@ -150,11 +153,9 @@ class BatchLoader:
         self.workers = int(workers)
         # Pinning needs CUDA; asking for it elsewhere is harmless, so it quietly does nothing.
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
-        self.batches = shard_batches(
-            len(images), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch,
-            drop_last=drop_last, rank=rank, world_size=world_size,
-        )
-        self.plan, self.seed, self.epoch, self.rank, self.start_batch = plan, int(seed), int(epoch), int(rank), int(start_batch)
+        self.batches = batch_order.batches(len(images), batch_size)
+        self.plan, self.seed, self.epoch = plan, int(batch_order.seed), int(batch_order.epoch)
+        self.rank, self.start_batch = int(batch_order.rank), int(batch_order.start_batch)
 
     def __len__(self) -> int:
         return len(self.batches)
