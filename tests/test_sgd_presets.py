@@ -212,9 +212,10 @@ def test_paper_preset_resumes_from_its_epoch_checkpoint_as_if_never_stopped(spli
 
 
 def test_patch_tasks_train_on_the_released_evaluation_patches_from_a_random_crop(splits):
-    from pretextlab.tasks.jigsaw import JigsawOptions, JigsawTask
+    from pretextlab.tasks.patches import PatchOptions
+    from pretextlab.tasks.relative_patch import RelativePatchTask
 
-    task = JigsawTask(16, JigsawOptions(image_size=28, patch_size=8))  # resize 28, crop 24, 8-px patches
+    task = RelativePatchTask(16, PatchOptions(image_size=28, patch_size=8))  # resize 28, crop 24, 8-px patches
     images = splits.train.take(np.arange(8))[0]
     central, views = task.eval_views(images)
     one, one_views = augmented_views(task, images, torch.Generator().manual_seed(0))
@@ -251,3 +252,32 @@ def test_evaluate_command_runs_either_preset_and_says_which(tmp_path):
     assert (paper["train_images"], paper["val_split"], paper_file["probe_config"]["features"]) == (300, "test", "augmented")
     assert (fast["train_images"], fast["val_split"], fast_file["probe_config"]["features"]) == (200, "val", "precomputed")
     assert paper_file["recipe_hash"] != fast_file["recipe_hash"] and "-augmented-" in paper["result_file"]
+
+
+def test_paper_preset_on_image_files_decodes_the_whole_training_split_in_worker_processes(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 10), ("val", 5)):
+        for label, name in enumerate(("coats", "shirts")):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                base = np.full((32, 40, 3), 60 + 120 * label, dtype=np.uint8)
+                noise = rng.integers(0, 60, size=base.shape, dtype=np.uint8)
+                Image.fromarray(base + noise).save(folder / f"{i}.jpg", quality=90)
+    splits = load_dataset("folder", data_dir=str(tmp_path / "data"), image_size=28, val_size=4)
+    whole = whole_training_split(splits.train, splits.val)
+    assert len(whole) == 20 and sorted(whole.relative_paths.tolist()) == sorted(
+        splits.train.relative_paths.tolist() + splits.val.relative_paths.tolist()
+    )
+    network, task = TinyNet(), _task()
+    config = EvalConfig(outputs=("pre_logits",), probe="sgd", dataset="folder", sgd_epochs=2, sgd_batch_size=8,
+                        device="cpu", workers=1)
+    assert config.resolved_sgd_preset() == "paper"  # the folder default
+    record = probe_representation(
+        network, task.eval_views, splits, ("pre_logits",), tmp_path / "features", "key", config, progress=False,
+        train_views=lambda x, g: augmented_views(task, x, g), log=lambda message: None,
+    )["pre_logits"]
+    assert (record["train_images"], record["val_split"], record["test_images"]) == (20, "test", 10)
+    assert record["sgd_preset"] == "paper" and [e["epoch"] for e in record["curve"]] == [1, 2]

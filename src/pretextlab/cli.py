@@ -65,6 +65,7 @@ def _eval_config(args: argparse.Namespace):
         sgd_batch_size=args.sgd_batch_size,
         sgd_base_lr=args.sgd_base_lr,
         sgd_preset=args.sgd_preset,
+        workers=args.workers,
     )
 
 
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-per-class", type=int, default=None, help="few labels: N labelled images per class")
     p.add_argument("--label-fraction", type=float, default=None, help="few labels: this fraction of the labels")
     p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch (default 256)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes decoding image files (folder datasets): for extraction and each epoch of --sgd-preset paper")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="splits, few-label subsets and SGD probes (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

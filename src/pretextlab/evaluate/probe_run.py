@@ -77,6 +77,9 @@ class EvalConfig:
     label_fraction: float | None = None
     batch_size: int = 256
     device: str = "auto"
+    # Decoding processes for image files (extraction, and every epoch of the 'paper' SGD preset);
+    # how fast, not what: not in the recipe.
+    workers: int = 0
     seed: int = 0
     l2_grid: tuple[float, ...] | None = None
     # SGD-trained probes ("sgd" linear, "mlp"): the study's schedule, optionally shortened in proportion.
@@ -227,6 +230,7 @@ def probe_representation(
             batch_size=config.batch_size,
             device=config.device,
             progress=progress,
+            workers=config.workers,
         )
         for name, images, split in wanted
     }
@@ -245,6 +249,7 @@ def probe_representation(
         on_the_fly = augmented_sgd_probe(
             network, train_views, train_images, split_pair["val"], split_pair["test"], outputs, splits.num_classes,
             probe_config, network_key=preprocessing_key, checkpoint_path=checkpoint, progress=progress,
+            workers=config.workers,
         )
     results = {}
     for output in outputs:
