@@ -495,15 +495,15 @@ def test_a_network_registered_from_outside_builds_and_follows_the_declared_rules
     # In a fresh interpreter, so the toy network does not join this process's registry.
     code = """
 import torch
-from pretextlab.models import Network, build_network, register_network
+from pretextlab.models import Network, NetworkShape, build_network, register_network
 from pretextlab.errors import PretextlabError
 
 class Toy(Network):
-    def __init__(self, width, final_relu=True, patch_mode=False, representation_size=None, input_size=None):
-        super().__init__("toy", width, final_relu, patch_mode, representation_size, input_size)
-        self.conv = torch.nn.Conv2d(3, width, 3)
+    def __init__(self, shape):
+        super().__init__("toy", shape)
+        self.conv = torch.nn.Conv2d(3, shape.width, 3)
         self.output_names = ("block1", "pre_logits")
-        self._add_representation_layer(width)
+        self._add_representation_layer(shape.width)
     def forward(self, x):
         x = self.conv(x)
         return {"block1": x, "pre_logits": self._pre_logits(x.mean(dim=(2, 3)))}
@@ -511,7 +511,7 @@ class Toy(Network):
 @register_network("toy", title="Toy", outputs=("block1", "pre_logits"), default_width=3,
                   no_final_relu_variant_because="toy has no ReLU at all")
 def toy(width=3, **options):
-    return Toy(width, **options)
+    return Toy(NetworkShape(width, **options))
 
 network = build_network("toy")
 assert network.width == 3 and network.out_dim == 3
@@ -522,3 +522,23 @@ except PretextlabError as error:
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "does not exist for toy: toy has no ReLU at all; it exists for resnet50v2, revnet50" in done.stdout
+
+
+def test_the_options_every_network_takes_have_one_definition():
+    # Issue 15: width, final_relu, patch_mode, representation_size and input_size are NetworkShape's
+    # fields, taken whole by Network and each family instead of each listing them again.
+    import dataclasses
+    import inspect
+
+    from pretextlab.models import NETWORKS, Network, NetworkShape, ResNet50, RevNet50, VGG19BN
+
+    common = {field.name for field in dataclasses.fields(NetworkShape)}
+    assert common == {"width", "final_relu", "patch_mode", "representation_size", "input_size"}
+    for cls in (Network, ResNet50, RevNet50, VGG19BN):
+        assert "shape" in inspect.signature(cls.__init__).parameters
+        assert not common & set(inspect.signature(cls.__init__).parameters), cls
+    for name in NETWORKS:
+        with torch.device("meta"):
+            network = build_network(name, 2, patch_mode=True, representation_size=7, input_size=64)
+        assert (network.width, network.patch_mode, network.representation_size, network.input_size, network.out_dim) == (
+            2, True, 7, 64, 7)

@@ -12,6 +12,7 @@ torchvision.
 from pretextlab.models.registry import (
     NETWORK_REGISTRY,
     Network,
+    NetworkShape,
     build_network,
     check_final_relu,
     network_info,
@@ -34,6 +35,7 @@ __all__ = [
     "NETWORKS",
     "NETWORK_REGISTRY",
     "Network",
+    "NetworkShape",
     "ResNet50",
     "RevNet50",
     "ReversibleUnit",

@@ -14,6 +14,7 @@ have registered before anything can be looked up (any import of this module runs
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -60,6 +61,18 @@ def check_final_relu(name: str, final_relu: bool) -> None:
         )
 
 
+@dataclass(frozen=True)
+class NetworkShape:
+    """The options every network is built with (``build_network`` documents each): one definition
+    that every family's constructor and ``Network`` take, instead of each repeating the list."""
+
+    width: int
+    final_relu: bool = True
+    patch_mode: bool = False
+    representation_size: int | None = None
+    input_size: int | None = None
+
+
 class Network(nn.Module):
     """What every network of the study offers besides its layers.
 
@@ -71,22 +84,14 @@ class Network(nn.Module):
 
     output_names: tuple[str, ...]
 
-    def __init__(
-        self,
-        name: str,
-        width: int,
-        final_relu: bool,
-        patch_mode: bool,
-        representation_size: int | None,
-        input_size: int | None,
-    ) -> None:
+    def __init__(self, name: str, shape: NetworkShape) -> None:
         super().__init__()
         self.name = name
-        self.width = width
-        self.final_relu = final_relu
-        self.patch_mode = patch_mode
-        self.representation_size = representation_size
-        self.input_size = input_size
+        self.width = shape.width
+        self.final_relu = shape.final_relu
+        self.patch_mode = shape.patch_mode
+        self.representation_size = shape.representation_size
+        self.input_size = shape.input_size
         self.out_dim = 0  # set by the family once its natural pre-logits size is known
         self.representation: nn.Linear | None = None
 

@@ -13,11 +13,13 @@ are identical; for v2 the unnormalised stem output is pooled as the released cod
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from pretextlab.errors import PretextlabError
-from pretextlab.models.registry import Network, check_final_relu, register_network
+from pretextlab.models.registry import Network, NetworkShape, check_final_relu, register_network
 
 STAGE_DEPTHS = (3, 4, 6, 3)
 STAGE_WIDTH_MULTIPLIERS = (64, 128, 256, 512)  # stage output width = multiplier * k
@@ -129,19 +131,12 @@ class ResNet50(Network):
     v1's last unit already ends with a ReLU, so it has no such switch.
     """
 
-    def __init__(
-        self,
-        version: str,
-        width: int,
-        final_relu: bool = True,
-        patch_mode: bool = False,
-        representation_size: int | None = None,
-        input_size: int | None = None,
-    ) -> None:
+    def __init__(self, version: str, shape: NetworkShape) -> None:
         if version not in ("v1", "v2"):
             raise PretextlabError(f"ResNet50 version must be 'v1' or 'v2', got {version!r}")
-        check_final_relu(f"resnet50{version}", final_relu)
-        super().__init__(f"resnet50{version}", width, final_relu, patch_mode, representation_size, input_size)
+        check_final_relu(f"resnet50{version}", shape.final_relu)
+        super().__init__(f"resnet50{version}", shape)
+        width, patch_mode = shape.width, shape.patch_mode
         self.version = version
         unit = Bottleneck if version == "v1" else PreActBottleneck
         self.stem = Stem(STEM_WIDTH_MULTIPLIER * width, stride=1 if patch_mode else 2, normalize=version == "v1")
@@ -184,10 +179,12 @@ class ResNet50(Network):
     no_final_relu_variant_because="ResNet v1 ends every unit with a ReLU after the addition, so its pre-logits are "
     "always rectified",
 )
-def resnet50v1(width: int = 4, **options) -> ResNet50:
-    return ResNet50("v1", width, **options)
+def resnet50v1(width: int = 4, **options: Any) -> ResNet50:
+    """ResNet50 v1 at widening factor ``width``; ``options`` are ``NetworkShape``'s other fields."""
+    return ResNet50("v1", NetworkShape(width, **options))
 
 
 @register_network("resnet50v2", title="ResNet50 v2", outputs=OUTPUTS, default_width=4, has_final_relu_variant=True)
-def resnet50v2(width: int = 4, **options) -> ResNet50:
-    return ResNet50("v2", width, **options)
+def resnet50v2(width: int = 4, **options: Any) -> ResNet50:
+    """ResNet50 v2 at widening factor ``width``; ``options`` are ``NetworkShape``'s other fields."""
+    return ResNet50("v2", NetworkShape(width, **options))

@@ -26,14 +26,14 @@ stem switches to the lean backward of lean_stem.py.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as functional
 from torch import nn
 
 from pretextlab.errors import PretextlabError
-from pretextlab.models.registry import Network, register_network
+from pretextlab.models.registry import Network, NetworkShape, register_network
 from pretextlab.models.lean_stem import lean_conv_max_pool
 from pretextlab.models.reversible import ReconstructionCheck, batch_stats_without_update, reversible_sequence
 from pretextlab.models.resnet import OUTPUTS, STAGE_DEPTHS, STAGE_WIDTH_MULTIPLIERS, conv1x1, conv3x3, stem_max_pool
@@ -156,18 +156,15 @@ class RevNet50(Network):
 
     def __init__(
         self,
-        width: int,
-        final_relu: bool = True,
-        patch_mode: bool = False,
-        representation_size: int | None = None,
-        input_size: int | None = None,
+        shape: NetworkShape,
         reversible_backward: bool = True,
         reversible_check: bool | ReconstructionCheck = False,
         units_per_stage: Sequence[int] = STAGE_DEPTHS,
     ) -> None:
         units_per_stage = _checked_units_per_stage(units_per_stage)
         name = "revnet50" if units_per_stage == STAGE_DEPTHS else f"revnet{3 * sum(units_per_stage) + 2}"
-        super().__init__(name, width, final_relu, patch_mode, representation_size, input_size)
+        super().__init__(name, shape)
+        width, patch_mode = shape.width, shape.patch_mode
         self.units_per_stage = units_per_stage
         self.reversible_backward = bool(reversible_backward)
         self.reversible_check = _as_check(reversible_check)
@@ -253,6 +250,13 @@ def _as_check(reversible_check: bool | ReconstructionCheck) -> ReconstructionChe
     "revnet50", title="RevNet50", outputs=OUTPUTS, default_width=4, has_final_relu_variant=True,
     supports_reversible_backward=True,
 )
-def revnet50(width: int = 4, **options) -> RevNet50:
-    """RevNet50 at widening factor ``width``; ``options`` are ``RevNet50``'s keywords."""
-    return RevNet50(width, **options)
+def revnet50(
+    width: int = 4,
+    *,
+    reversible_backward: bool = True,
+    reversible_check: bool | ReconstructionCheck = False,
+    units_per_stage: Sequence[int] = STAGE_DEPTHS,
+    **options: Any,
+) -> RevNet50:
+    """RevNet50 at widening factor ``width``; ``options`` are ``NetworkShape``'s other fields."""
+    return RevNet50(NetworkShape(width, **options), reversible_backward, reversible_check, units_per_stage)

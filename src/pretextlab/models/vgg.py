@@ -20,11 +20,14 @@ block2..block5 "block1..block4"), fc6 and pre_logits, the last two flat (batch, 
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import nn
 
 from pretextlab.errors import PretextlabError
-from pretextlab.models.registry import Network, check_final_relu, register_network
+from pretextlab.models.registry import Network, NetworkShape, check_final_relu, register_network
 
 BLOCK_DEPTHS = (2, 2, 4, 4, 4)
 BLOCK_WIDTH_MULTIPLIERS = (8, 16, 32, 64, 64)  # block width = multiplier * k
@@ -59,23 +62,18 @@ def remaining_size(input_size: int) -> int:
 class VGG19BN(Network):
     """VGG19-BN. Outputs block1..block5 (4-d), fc6 and pre_logits (flat, 512k)."""
 
-    def __init__(
-        self,
-        width: int,
-        final_relu: bool = True,
-        patch_mode: bool = False,
-        representation_size: int | None = None,
-        input_size: int | None = None,
-    ) -> None:
-        check_final_relu("vgg19bn", final_relu)
-        if input_size is None:
-            input_size = DEFAULT_PATCH_INPUT_SIZE if patch_mode else DEFAULT_INPUT_SIZE
+    def __init__(self, shape: NetworkShape) -> None:
+        check_final_relu("vgg19bn", shape.final_relu)
+        if shape.input_size is None:
+            shape = dataclasses.replace(shape, input_size=DEFAULT_PATCH_INPUT_SIZE if shape.patch_mode else DEFAULT_INPUT_SIZE)
+        input_size, width = shape.input_size, shape.width
+        assert input_size is not None
         if input_size < DOWNSAMPLING:
             raise PretextlabError(
                 f"vgg19bn needs inputs of at least {DOWNSAMPLING}x{DOWNSAMPLING} (five 2x2 max-pools), "
                 f"got input_size={input_size}: use larger images or patches, or a residual network"
             )
-        super().__init__("vgg19bn", width, final_relu, patch_mode, representation_size, input_size)
+        super().__init__("vgg19bn", shape)
         blocks = []
         in_channels = 3
         for depth, multiplier in zip(BLOCK_DEPTHS, BLOCK_WIDTH_MULTIPLIERS):
@@ -131,5 +129,6 @@ class VGG19BN(Network):
     default_width=8,
     no_final_relu_variant_because="VGG's pre-logits are fc7's output, whose BN-ReLU is part of the layer",
 )
-def vgg19bn(width: int = 8, **options) -> VGG19BN:
-    return VGG19BN(width, **options)
+def vgg19bn(width: int = 8, **options: Any) -> VGG19BN:
+    """VGG19-BN at widening factor ``width``; ``options`` are ``NetworkShape``'s other fields."""
+    return VGG19BN(NetworkShape(width, **options))
