@@ -1,5 +1,6 @@
 """The report, from a results store alone: the main table's bold/underline/missing cells and links,
-every figure drawn with a title, axis labels and a legend, and placeholders where nothing finished."""
+every figure drawn with a title, axis labels and a legend, and placeholders where nothing finished.
+(Its figures' run styles: tests/test_report_figures.py; the page in a browser: tests/test_report_browser.py.)"""
 
 import re
 
@@ -115,7 +116,7 @@ def test_report_marks_best_cells_links_every_number_and_draws_every_figure(tmp_p
     assert page.count("<li><b>") == 5 and "<b>Pretext accuracy is a weak predictor of downstream accuracy</b>: holds in part" in page
     assert f'<b><a href="#run-{h("rotation", "revnet50(-)", 2, None)}">75.0</a></b>' in page
     assert f'<u><a href="#run-{h("rotation", "resnet50v1", 2, None)}">70.0</a></u>' in page
-    assert '<td class="missing">' in page and f'id="run-{h("exemplar", "revnet50(-)", 2, None)}"' in page
+    assert '<td class="num missing">' in page and f'<details id="run-{h("exemplar", "revnet50(-)", 2, None)}">' in page
 
 
 def test_report_of_a_study_that_has_not_finished_anything(tmp_path):

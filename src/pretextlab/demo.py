@@ -92,8 +92,30 @@ def plot_training_curve(metrics: list[dict[str, Any]], path: Path, title: str) -
     fig.suptitle(title)
     fig.tight_layout()
     atomic.write_bytes(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+    # The same figure as SVG beside the PNG (for a paper); no date in it, so a rerun changes nothing.
+    atomic.write_bytes(path.with_suffix(".svg"), lambda handle: fig.savefig(handle, format="svg", metadata={"Date": None}))
     plt.close(fig)
     return path
+
+
+def demo_run_name(train_config: TrainConfig) -> str:
+    """The pretrained network as the results table and the curve's title name it: "revnet50 (-) k=2"."""
+    return f"{train_config.network}{'' if train_config.final_relu else ' (-)'} k={train_config.width or 1}"
+
+
+def demo_markdown(task: str, summary: dict[str, Any], probe_images: int, table: list[str], total_seconds: float,
+                  train_seconds: float, curve: Path) -> str:
+    """demo_results.md: the curve named relative to the file itself (it lies beside it), so the text travels."""
+    return "\n".join(
+        [
+            f"pretextlab demo: {task} on Fashion-MNIST, L-BFGS linear probe on {probe_images} labelled images",
+            f"pretext accuracy on the validation split: {summary['val_pretext_accuracy_percent']:.2f}%",
+            "",
+            *table,
+            "",
+            f"total time {total_seconds / 60:.1f} min (training {train_seconds / 60:.1f} min); curve: {curve.name}",
+        ]
+    )
 
 
 def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
@@ -133,10 +155,10 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         dataclasses.replace(eval_config, outputs=("pixels",)), progress=progress,
     )["pixels"]
 
-    name = f"{train_config.network}{'' if train_config.final_relu else ' (-)'} k={train_config.width or 1}"
+    run_name = demo_run_name(train_config)
     rows = []
     for output in config.outputs:
-        rows.append((f"{config.task}-pretrained {name}, {output}", pretrained[output]))
+        rows.append((f"{config.task}-pretrained {run_name}, {output}", pretrained[output]))
         rows.append((f"same network at random init, {output}", random_init[output]))
     rows.append(("raw pixels", pixels))
     table = [
@@ -147,7 +169,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         table.append(
             f"| {name} | {r['feature_dim']} | {r['chosen'].get('l2', 'n/a'):.0e} | {r['val_top1_percent']:.2f} | {r['test_top1_percent']:.2f} |"
         )
-    curve = plot_training_curve(read_metrics(run_dir), out / "training_curve.png", f"{config.task} on Fashion-MNIST ({train_config.network}, k={train_config.width})")
+    curve = plot_training_curve(read_metrics(run_dir), out / "training_curve.png", f"{config.task} on Fashion-MNIST ({run_name})")
     total_seconds = time.perf_counter() - started
     report = {
         "task": config.task,
@@ -160,16 +182,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         "training_curve": str(curve),
     }
     atomic.write_json(out / "demo_results.json", report)
-    text = "\n".join(
-        [
-            f"pretextlab demo: {config.task} on Fashion-MNIST, L-BFGS linear probe on {pixels['train_images']} labelled images",
-            f"pretext accuracy on the validation split: {summary['val_pretext_accuracy_percent']:.2f}%",
-            "",
-            *table,
-            "",
-            f"total time {total_seconds / 60:.1f} min (training {train_seconds / 60:.1f} min); curve: {curve}",
-        ]
-    )
+    text = demo_markdown(config.task, summary, pixels["train_images"], table, total_seconds, train_seconds, curve)
     atomic.write_text(out / "demo_results.md", text + "\n")
     print(text)
     return report

@@ -1,4 +1,4 @@
-"""Builds a study's report (report.md, report.html, one PNG per figure) from its results store alone."""
+"""Builds a study's report (report.md, report.html, each figure as PNG and SVG, PDF on request) from its results store alone."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pretextlab.report.data import StudyData, slug
 from pretextlab.report.document import MISSING, Block, anchor
 from pretextlab.report.figures import (
     FigureResult,
+    FigureStyle,
     figure_by_output,
     figure_by_width,
     figure_few_labels,
@@ -32,8 +33,8 @@ from pretextlab.study.store import ResultsStore
 class Report:
     markdown: Path
     html: Path
-    figures: dict[str, Path]  # figure file stem -> PNG
-    figure_checks: dict[str, dict[str, Any]]  # figure file stem -> its title, axis labels and legends
+    figures: dict[str, Path]  # figure file stem -> PNG (the SVG, and the PDF when asked, lie beside it)
+    figure_checks: dict[str, dict[str, Any]]  # figure file stem -> its title, axis labels, legends and run styles
     empty_figures: list[str]  # stems drawn as placeholders (nothing finished for them yet)
     missing_cells: int  # main-table cells without a result
 
@@ -44,8 +45,9 @@ def build_report(
     *,
     main_output: str = "pre_logits",
     main_probe: str = "lbfgs",
+    pdf: bool = False,
 ) -> Report:
-    """Write report.md, report.html and the figures for whatever the store holds."""
+    """Write report.md, report.html and the figures (PNG and SVG; PDF too with ``pdf``) for whatever the store holds."""
     store_path = Path(store_path)
     if not store_path.exists():
         raise PretextlabError(f"no results store at {store_path}: run `pretextlab study FILE` first")
@@ -55,6 +57,8 @@ def build_report(
         data = StudyData.load(store)
     if not data.runs:
         raise PretextlabError(f"{store_path} holds no runs: start the study with `pretextlab study FILE`")
+    # One style per run for the whole report: the same run looks the same in every panel of every figure.
+    style = FigureStyle.for_study(data, pdf=pdf)
 
     done = sum(1 for r in data.runs.values() if r["status"] == "finished")
     blocks: list[Block] = [
@@ -78,6 +82,9 @@ def build_report(
             empty.append(result.path.stem)
         blocks.append(Block("heading", text=heading, level=3))
         blocks.append(Block("image", text=result.title, path=result.path.name))
+        vectors = [(fmt.upper(), Path(file).name) for fmt, file in result.checks.get("files", {}).items() if fmt != "png"]
+        if vectors:
+            blocks.append(Block("files", text="Also as " + ", ".join(f"[{f}]({n})" for f, n in vectors) + "."))
         if not result.points:
             blocks.append(Block("paragraph", text=f"{MISSING} Missing: nothing has finished for this figure yet."))
         if result.note:
@@ -104,32 +111,32 @@ def build_report(
         )))
         blocks.append(findings_list(findings(data, dataset, main_output, main_probe)))
         sections: list[tuple[str, str, Callable[[Path], FigureResult]]] = [
-            ("by_output", "Accuracy by output", lambda p: figure_by_output(data, dataset, main_probe, p)),
-            ("by_width", "Accuracy by widening factor", lambda p: figure_by_width(data, dataset, main_output, main_probe, p)),
+            ("by_output", "Accuracy by output", lambda p: figure_by_output(data, dataset, main_probe, p, style)),
+            ("by_width", "Accuracy by widening factor", lambda p: figure_by_width(data, dataset, main_output, main_probe, p, style)),
             ("pretext_vs_downstream", "Pretext accuracy against downstream accuracy",
-             lambda p: figure_pretext_vs_downstream(data, dataset, main_output, main_probe, p)),
-            ("linear_vs_mlp", "Linear against MLP probe", lambda p: figure_linear_vs_mlp(data, dataset, main_probe, p)),
-            ("few_labels", "Few labels", lambda p: figure_few_labels(data, dataset, main_output, main_probe, p)),
+             lambda p: figure_pretext_vs_downstream(data, dataset, main_output, main_probe, p, style)),
+            ("linear_vs_mlp", "Linear against MLP probe", lambda p: figure_linear_vs_mlp(data, dataset, main_probe, p, style)),
+            ("few_labels", "Few labels", lambda p: figure_few_labels(data, dataset, main_output, main_probe, p, style)),
             ("width_by_representation", "Widening factor x representation size",
-             lambda p: figure_width_by_size(data, dataset, main_output, main_probe, p)),
-            ("sgd_convergence", "SGD probe convergence", lambda p: figure_sgd_convergence(data, dataset, p)),
+             lambda p: figure_width_by_size(data, dataset, main_output, main_probe, p, style)),
+            ("sgd_convergence", "SGD probe convergence", lambda p: figure_sgd_convergence(data, dataset, p, style)),
         ]
         for stem, heading, draw in sections:
             add_figure(draw(out_dir / f"{stem}_{dataset_slug}.png"), heading)
 
     blocks.append(Block("heading", text="Pretext training", level=2))
-    add_figure(figure_pretext_training(data, out_dir / "pretext_training.png"), "Pretext training curves")
+    add_figure(figure_pretext_training(data, out_dir / "pretext_training.png", style), "Pretext training curves")
 
     blocks.append(Block("heading", text="Runs", level=2))
     blocks.append(Block("table", table=runs_table(data)))
     for config_hash, run in data.runs.items():
-        blocks.append(Block("anchor", text=anchor(config_hash)))
         children = [
             Block("paragraph", text=f"status {run['status']}; run directory `{_shown_path(run['run_dir'], store_path.parent)}`"
                   + (f"; error: {run['error'].splitlines()[0]}" if run.get("error") else "")),
             Block("code", text=json.dumps(run["config"], indent=2, sort_keys=True)),
         ]
-        blocks.append(Block("details", text=f"{config_hash}: {data.run_label(config_hash)} ({run['status']})", children=children))
+        blocks.append(Block("details", text=f"{config_hash}: {data.run_label(config_hash)} ({run['status']})", children=children,
+                            id=anchor(config_hash)))
     if data.retired:
         blocks.append(Block("paragraph", text=(
             f"{len(data.retired)} earlier cell(s) the study file no longer names are kept in the store but left out above: "

@@ -7,7 +7,17 @@ from typing import Any
 
 from pretextlab.report.data import TASK_TITLES, StudyData
 from pretextlab.report.document import MISSING, Cell
-from pretextlab.report.figures import FigureResult, _colors, _label_panel, _panels, _placeholder, _save
+from pretextlab.report.figures import (
+    FigureResult,
+    FigureStyle,
+    _label_panel,
+    _outside_legend,
+    _panels,
+    _placeholder,
+    _run_line,
+    _save,
+    _style,
+)
 from pretextlab.report.tables import data_table, percent_text
 
 # Keys a probe record may keep its per-epoch curve under, and the accuracy keys inside a point with
@@ -17,6 +27,8 @@ CURVE_ACCURACY_KEYS = (("val_top1_percent", 1.0), ("val_top1", 100.0))
 # Pretext accuracy metric names in metrics.jsonl (percent under both the old and the unit-suffixed names).
 PRETEXT_TRAIN_NAMES = ("pretext_accuracy_percent", "pretext_accuracy")
 PRETEXT_VAL_NAMES = ("val_pretext_accuracy_percent", "val_pretext_accuracy")
+# Two outputs of one run in one SGD panel: same colour and marker, told apart by the marker's fill.
+FILLS = ("full", "none", "left", "bottom", "right", "top")
 
 
 def _curve(record: dict[str, Any]) -> list[tuple[float, float]]:
@@ -36,8 +48,9 @@ def _curve(record: dict[str, Any]) -> list[tuple[float, float]]:
     return []
 
 
-def figure_sgd_convergence(data: StudyData, dataset: str, path: Path) -> FigureResult:
+def figure_sgd_convergence(data: StudyData, dataset: str, path: Path, style: FigureStyle | None = None) -> FigureResult:
     title = f"{dataset}: SGD linear probe convergence (dashed: L-BFGS on the same features)"
+    style = _style(data, style)
     curves = []
     for row in data.probes:
         if row["dataset"] == dataset and row["probe"] == "sgd" and row["labels"] == "all":
@@ -45,29 +58,29 @@ def figure_sgd_convergence(data: StudyData, dataset: str, path: Path) -> FigureR
             if curve:
                 curves.append((row, curve))
     if not curves:
-        checks = _placeholder(path, title, "probe training epoch", "validation top-1 (%)", f"no SGD probe results with a per-epoch curve on {dataset} yet")
+        checks = _placeholder(path, title, "probe training epoch", "validation top-1 (%)",
+                              f"no SGD probe results with a per-epoch curve on {dataset} yet", style)
         return FigureResult("sgd_convergence", title, path, 0, checks=checks)
     tasks = [t for t in data.tasks if any(data.runs[r["config_hash"]]["task"] == t for r, _ in curves)]
     figure, axes = _panels(len(tasks), width=5.0, height=3.8)
     for ax, task in zip(axes, tasks):
         mine = [(r, c) for r, c in curves if data.runs[r["config_hash"]]["task"] == task]
-        colors = _colors([f"{r['config_hash']}/{r['output']}" for r, _ in mine])
+        outputs: dict[str, list[str]] = {}
         for row, curve in mine:
-            color = colors[f"{row['config_hash']}/{row['output']}"]
             run = data.runs[row["config_hash"]]
-            size = f" d={run['representation_size']}" if run["representation_size"] else ""
-            label = f"{run['network']} k={run['width']}{size} {row['output']}"
-            ax.plot([e for e, _ in curve], [v for _, v in curve], color=color, label=label)
+            run_style = style.of(run)
+            seen = outputs.setdefault(row["config_hash"], [])
+            seen.append(row["output"])
+            ax.plot([e for e, _ in curve], [v for _, v in curve], color=run_style.color, marker=run_style.marker,
+                    fillstyle=FILLS[(len(seen) - 1) % len(FILLS)], gid=f"run-{row['config_hash']}",
+                    label=f"{run_style.label} {row['output']}")
             lbfgs = data.result(row["config_hash"], dataset, row["output"], "lbfgs")
             if lbfgs is not None and lbfgs["val_top1_percent"] is not None:
-                ax.axhline(lbfgs["val_top1_percent"], color=color, linestyle="--", linewidth=1)
-        ax.set_xlabel("probe training epoch")
-        ax.set_ylabel("validation top-1 (%)")
-        ax.set_title(TASK_TITLES.get(task, task))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+                ax.axhline(lbfgs["val_top1_percent"], color=run_style.color, linestyle="--", linewidth=1)
+        _label_panel(ax, TASK_TITLES.get(task, task), "probe training epoch", "validation top-1 (%)")
+    _outside_legend(figure)
     figure.suptitle(title)
-    checks = _save(figure, path)
+    checks = _save(figure, path, style)
     rows = []
     for row, curve in curves:
         lbfgs = data.result(row["config_hash"], dataset, row["output"], "lbfgs")
@@ -78,36 +91,37 @@ def figure_sgd_convergence(data: StudyData, dataset: str, path: Path) -> FigureR
                         data_table(["run", "output", "epochs", "SGD val %", "L-BFGS val %"], rows), checks=checks)
 
 
-def figure_pretext_training(data: StudyData, path: Path) -> FigureResult:
+def figure_pretext_training(data: StudyData, path: Path, style: FigureStyle | None = None) -> FigureResult:
     title = "Pretext training: accuracy on the training batches (lines) and on the held-out split (dots)"
+    style = _style(data, style)
     by_run: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for point in data.curves:
         kind = "train" if point["name"] in PRETEXT_TRAIN_NAMES else "val" if point["name"] in PRETEXT_VAL_NAMES else None
         if kind is not None and point["epoch"] is not None:
             by_run.setdefault(point["config_hash"], {}).setdefault(kind, []).append((point["epoch"], point["value"]))
     if not by_run:
-        checks = _placeholder(path, title, "epoch", "pretext accuracy (%)", "no pretext training curves recorded yet")
+        checks = _placeholder(path, title, "epoch", "pretext accuracy (%)", "no pretext training curves recorded yet", style)
         return FigureResult("pretext_training", title, path, 0, checks=checks)
     tasks = [t for t in data.tasks if any(data.runs[h]["task"] == t for h in by_run)]
-    colors = _colors(list(by_run))
     figure, axes = _panels(len(tasks))
     for ax, task in zip(axes, tasks):
         for config_hash, series in by_run.items():
             if data.runs[config_hash]["task"] != task:
                 continue
-            color = colors[config_hash]
+            run_style = style.of(data.runs[config_hash])
             train = sorted(series.get("train", []))
             val = sorted(series.get("val", []))
-            label = f"{data.runs[config_hash]['network']} k={data.runs[config_hash]['width']}"
-            if data.runs[config_hash]["representation_size"]:
-                label += f" d={data.runs[config_hash]['representation_size']}"
             if train:
-                ax.plot([e for e, _ in train], [v for _, v in train], color=color, alpha=0.8, label=label)
+                # A few markers on the training line, so its legend entry shows the run's marker too.
+                _run_line(ax, run_style, config_hash, [e for e, _ in train], [v for _, v in train], alpha=0.8,
+                          markevery=max(1, len(train) // 5), markersize=4)
             if val:
-                ax.plot([e for e, _ in val], [v for _, v in val], "o", color=color, label=None if train else label)
+                _run_line(ax, run_style, config_hash, [e for e, _ in val], [v for _, v in val], line=False, label=not train,
+                          markeredgecolor="black", markeredgewidth=0.5)
         _label_panel(ax, TASK_TITLES.get(task, task), "epoch", "pretext accuracy (%)")
+    _outside_legend(figure)
     figure.suptitle(title)
-    checks = _save(figure, path)
+    checks = _save(figure, path, style)
     rows = []
     for config_hash, series in by_run.items():
         val = sorted(series.get("val", []))

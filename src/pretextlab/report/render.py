@@ -31,9 +31,9 @@ def _html_inline(cell: Cell) -> str:
     return text
 
 
-def _html_cell(cell: Cell) -> str:
-    text = _html_inline(cell)
-    return f'<td class="missing">{text}</td>' if cell.missing else f"<td>{text}</td>"
+def _html_cell(cell: Cell, align: str) -> str:
+    classes = " ".join(c for c in ("num" if align == "right" else "", "missing" if cell.missing else "") if c)
+    return f'<td class="{classes}">{_html_inline(cell)}</td>' if classes else f"<td>{_html_inline(cell)}</td>"
 
 
 def render_markdown(blocks: Sequence[Block]) -> str:
@@ -41,18 +41,20 @@ def render_markdown(blocks: Sequence[Block]) -> str:
     for block in blocks:
         if block.kind == "heading":
             out.append(f"{'#' * block.level} {block.text}\n")
-        elif block.kind == "paragraph":
+        elif block.kind in ("paragraph", "files"):
             out.append(block.text + "\n")
         elif block.kind == "table" and block.table is not None:
             table = block.table
             out.append("| " + " | ".join(h.replace("|", "\\|") for h in table.header) + " |")
-            out.append("|" + "|".join("---" for _ in table.header) + "|")
+            out.append("|" + "|".join("---:" if a == "right" else ":---" for a in table.alignment()) + "|")
             for row in table.rows:
                 out.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
             out.append("")
         elif block.kind == "image":
             out.append(f"![{block.text}]({block.path})\n")
         elif block.kind == "details":
+            if block.id:
+                out.append(f'<a id="{block.id}"></a>\n')
             out.append(f"<details><summary>{html.escape(block.text)}</summary>\n")
             out.append(render_markdown(block.children))
             out.append("</details>\n")
@@ -64,35 +66,116 @@ def render_markdown(blocks: Sequence[Block]) -> str:
 
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222;
+       line-height: 1.45; overflow-wrap: break-word; }
+nav { font-size: 0.92em; border-bottom: 1px solid #ddd; padding-bottom: 0.5em; }
+nav ul { margin: 0.2em 0; padding-left: 1.2em; }
+.scroll { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-td.missing { color: #999; }
-img { max-width: 100%; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.missing { color: #777; }
+img { max-width: 100%; height: auto; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
+code { overflow-wrap: anywhere; }
 details { margin: 0.3em 0 1em; }
+details:target { outline: 2px solid #1f77b4; outline-offset: 3px; }
+.files { font-size: 0.85em; color: #555; }
+@media (max-width: 640px) {
+  body { margin: 0.5em auto; padding: 0 0.6em; }
+  th, td { padding: 0.2em 0.35em; }
+  h1 { font-size: 1.5em; }
+}
+@media print {
+  nav, .files { display: none; }
+  body { max-width: none; margin: 0; padding: 0; }
+  a { color: inherit; text-decoration: none; }
+  .scroll { overflow: visible; }
+  pre { white-space: pre-wrap; }
+  img, table, figure { break-inside: avoid; }
+  h2, h3 { break-after: avoid; }
+}
+"""
+
+# A link to a run opens that run's collapsed block (and any block around it), whether it is followed
+# in this page (click, hash change) or arrives from outside (load with #run-...); printing opens all.
+_SCRIPT = """
+function pretextlabOpen(id) {
+  var target = document.getElementById(id);
+  if (!target) return;
+  for (var node = target; node; node = node.parentElement) { if (node.tagName === "DETAILS") node.open = true; }
+  target.scrollIntoView();
+}
+function pretextlabFromHash() { if (location.hash.length > 1) pretextlabOpen(decodeURIComponent(location.hash.slice(1))); }
+window.addEventListener("hashchange", pretextlabFromHash);
+window.addEventListener("load", pretextlabFromHash);
+document.addEventListener("click", function (event) {
+  var link = event.target.closest ? event.target.closest('a[href^="#"]') : null;
+  if (link) pretextlabOpen(decodeURIComponent(link.getAttribute("href").slice(1)));
+});
+window.addEventListener("beforeprint", function () {
+  document.querySelectorAll("details").forEach(function (d) { d.open = true; });
+});
 """
 
 
+def _heading_ids(blocks: Sequence[Block]) -> dict[int, str]:
+    """An id for each level-2/3 heading (for the contents), unique in the page."""
+    ids: dict[int, str] = {}
+    used: set[str] = set()
+    for block in blocks:
+        if block.kind == "heading" and block.level in (2, 3):
+            base = "s-" + (re.sub(r"[^a-z0-9]+", "-", block.text.lower()).strip("-") or "section")
+            name, n = base, 2
+            while name in used:
+                name, n = f"{base}-{n}", n + 1
+            used.add(name)
+            ids[id(block)] = name
+    return ids
+
+
+def _contents(blocks: Sequence[Block], ids: dict[int, str]) -> str:
+    entries: list[tuple[str, list[str]]] = []
+    for block in blocks:
+        if id(block) not in ids:
+            continue
+        link = f'<a href="#{ids[id(block)]}">{html.escape(block.text)}</a>'
+        if block.level == 2 or not entries:
+            entries.append((link, []))
+        else:
+            entries[-1][1].append(link)
+    items = [f"<li>{top}" + (": " + " · ".join(subs) if subs else "") + "</li>" for top, subs in entries]
+    return "<nav><b>Contents</b>\n<ul>\n" + "\n".join(items) + "\n</ul></nav>" if items else ""
+
+
 def render_html(blocks: Sequence[Block], title: str) -> str:
+    ids = _heading_ids(blocks)
+
     def body(items: Sequence[Block]) -> list[str]:
         out: list[str] = []
         for block in items:
             if block.kind == "heading":
-                out.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
-            elif block.kind == "paragraph":
+                attr = f' id="{ids[id(block)]}"' if id(block) in ids else ""
+                out.append(f"<h{block.level}{attr}>{html.escape(block.text)}</h{block.level}>")
+                if block.level == 1:
+                    out.append(_contents(blocks, ids))
+            elif block.kind in ("paragraph", "files"):
                 text = html.escape(block.text)
                 text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-                out.append(f"<p>{text}</p>")
+                text = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', text)
+                out.append(f'<p class="files">{text}</p>' if block.kind == "files" else f"<p>{text}</p>")
             elif block.kind == "table" and block.table is not None:
-                rows = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in block.table.header) + "</tr>"]
-                rows += ["<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in block.table.rows]
-                out.append("<table>\n" + "\n".join(rows) + "\n</table>")
+                align = block.table.alignment()
+                head = "".join(('<th class="num">' if a == "right" else "<th>") + f"{html.escape(h)}</th>"
+                               for h, a in zip(block.table.header, align))
+                rows = ["<tr>" + head + "</tr>"]
+                rows += ["<tr>" + "".join(_html_cell(c, a) for c, a in zip(row, align)) + "</tr>" for row in block.table.rows]
+                out.append('<div class="scroll"><table>\n' + "\n".join(rows) + "\n</table></div>")
             elif block.kind == "image":
                 out.append(f'<p><img src="{html.escape(block.path)}" alt="{html.escape(block.text)}"></p>')
             elif block.kind == "details":
-                out.append(f"<details><summary>{html.escape(block.text)}</summary>")
+                attr = f' id="{html.escape(block.id)}"' if block.id else ""
+                out.append(f"<details{attr}><summary>{html.escape(block.text)}</summary>")
                 out.extend(body(block.children))
                 out.append("</details>")
             elif block.kind == "anchor":
@@ -104,10 +187,11 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
         return out
 
     return (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
         + "\n".join(body(blocks))
-        + "\n</body></html>\n"
+        + f"\n<script>{_SCRIPT}</script>\n</body></html>\n"
     )
 
 
@@ -118,7 +202,7 @@ def markdown_blocks(blocks: list[Block]) -> list[Block]:
         if block.kind == "code":
             result.append(Block("paragraph", text=f"```json\n{block.text}\n```"))
         elif block.kind == "details":
-            result.append(Block("details", text=block.text, children=markdown_blocks(block.children)))
+            result.append(Block("details", text=block.text, children=markdown_blocks(block.children), id=block.id))
         else:
             result.append(block)
     return result

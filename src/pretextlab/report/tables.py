@@ -103,7 +103,8 @@ def runs_table(data: StudyData) -> Table:
             ]
         )
     header = ["run", "task", "network", "k", "size", "status", "pretext val %", "probes", "train min", "probe min"]
-    return Table(header=header, rows=rows)
+    # Set, not read from the cells: a config hash of digits only is still a name.
+    return Table(header=header, rows=rows, align=["left"] * 3 + ["right"] * 2 + ["left"] + ["right"] * 4)
 
 
 def data_table(header: list[str], rows: list[list[Cell]]) -> Block:
