@@ -206,3 +206,22 @@ def test_config_json_records_its_format_version_and_a_newer_one_is_refused(tmp_p
         Trainer(_tiny(), newer, resume=True, progress=False)
     assert main(["evaluate", "--run", str(newer), "--device", "cpu"]) == 2
     assert "newer than this pretextlab reads" in capsys.readouterr().err
+
+
+def test_run_files_are_one_table_and_checkpoints_their_own_module(tmp_path):
+    # Issue 15: the run directory's paths come from one table (no property per file), and the
+    # checkpoint job lives in training/checkpoint.py, which the package re-exports.
+    import dataclasses
+
+    from pretextlab.training import (
+        CHECKPOINT_FILE, CONFIG_FILE, LOCK_FILE, METRICS_FILE, PREVIOUS_CHECKPOINT_FILE, SUMMARY_FILE, RunFiles,
+    )
+    from pretextlab.training import checkpoint
+
+    files = RunFiles(tmp_path)
+    expected = {"config": CONFIG_FILE, "checkpoint": CHECKPOINT_FILE, "previous_checkpoint": PREVIOUS_CHECKPOINT_FILE,
+                "metrics": METRICS_FILE, "summary": SUMMARY_FILE, "lock": LOCK_FILE}
+    assert {f.name for f in dataclasses.fields(RunFiles)} == {"root", *expected}
+    assert {name: getattr(files, name) for name in expected} == {name: tmp_path / f for name, f in expected.items()}
+    assert files == RunFiles(tmp_path) and repr(files) == f"RunFiles(root={tmp_path!r})"
+    assert checkpoint.CheckpointIdentity is CheckpointIdentity and checkpoint.checkpoint_identity is checkpoint_identity

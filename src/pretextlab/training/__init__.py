@@ -1,5 +1,6 @@
 """Pretext training: the run directory, the schedule, the model a config describes, the loop, DDP."""
 
+from pretextlab.training.checkpoint import CheckpointIdentity, checkpoint_identity
 from pretextlab.training.model import (
     PretextModel,
     build_model,
@@ -16,9 +17,7 @@ from pretextlab.training.run_dir import (
     PREVIOUS_CHECKPOINT_FILE,
     RUN_FORMAT_VERSION,
     SUMMARY_FILE,
-    CheckpointIdentity,
     RunFiles,
-    checkpoint_identity,
     load_config,
     read_metrics,
 )

@@ -16,8 +16,9 @@ from pretextlab.models import build_network, network_info
 from pretextlab.models.revnet import RevNetStem
 from pretextlab.tasks import PretextTask, build_task, task_class
 from pretextlab.tasks.patches import PatchClassifierHead
+from pretextlab.training.checkpoint import CheckpointIdentity, load_checkpoint
 from pretextlab.training.distributed import DistributedContext, convert_sync_batchnorm
-from pretextlab.training.run_dir import CheckpointIdentity, load_checkpoint, load_config
+from pretextlab.training.run_dir import load_config
 
 
 def build_model(config: TrainConfig) -> tuple[nn.Module, PretextTask]:

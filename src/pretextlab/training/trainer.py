@@ -26,6 +26,7 @@ from pretextlab.data import BatchLoader, DatasetSplits, ImageSet, batches_per_ep
 from pretextlab.errors import PretextlabError
 from pretextlab.training.distributed import all_reduce_sum, barrier, distributed_context
 from pretextlab.training.model import PretextModel, place_model, resolve_device
+from pretextlab.training.checkpoint import has_checkpoint, load_checkpoint, write_checkpoint
 from pretextlab.training.run_dir import (
     RunFiles,
     RunLock,
@@ -33,12 +34,9 @@ from pretextlab.training.run_dir import (
     check_out_dir,
     check_resumable,
     config_record,
-    has_checkpoint,
-    load_checkpoint,
     notice,
     start_run_dir,
     trim_metrics,
-    write_checkpoint,
 )
 from pretextlab.training.schedule import learning_rate, step_seed
 
