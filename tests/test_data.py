@@ -498,3 +498,16 @@ def test_messages_name_the_flags_and_folders_a_user_typed(image_root):
             with pytest.raises(PretextlabError) as caught:
                 few_label_subset(splits.train.labels, **bad)
             assert internal not in str(caught.value)
+
+
+@pytest.mark.parametrize(("per_class", "fraction", "tag"), [(None, None, "all"), (25, None, "25pc"), (None, 0.1, "0.1frac")])
+def test_a_label_budget_has_one_name_in_results_and_study_plans(per_class, fraction, tag):
+    # Issue 15: one function names a label budget, so a probe's result file and the study's planned
+    # row (which must match to be found in the store) cannot drift apart.
+    from pretextlab.data import label_budget_tag
+    from pretextlab.evaluate.probe_run import EvalConfig
+    from pretextlab.study.model import LabelBudget
+
+    assert label_budget_tag(per_class, fraction) == tag
+    assert EvalConfig(labels_per_class=per_class, label_fraction=fraction).label_tag() == tag
+    assert LabelBudget(per_class=per_class, fraction=fraction).tag == tag

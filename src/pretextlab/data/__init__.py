@@ -18,7 +18,7 @@ from pretextlab.data import fashion_mnist, folder
 from pretextlab.data.crops import CROP_SOURCES, DecodePlan
 from pretextlab.data.imageset import ImageSet, TensorImageSet
 from pretextlab.data.loader import Batch, BatchLoader, batches_per_epoch, epoch_order
-from pretextlab.data.splits import DatasetSplits, SplitIndices, few_label_subset, split_indices
+from pretextlab.data.splits import DatasetSplits, SplitIndices, few_label_subset, label_budget_tag, split_indices
 from pretextlab.errors import PretextlabError
 
 DATASETS = ("fashion-mnist", "folder")
@@ -36,6 +36,7 @@ __all__ = [
     "batches_per_epoch",
     "epoch_order",
     "few_label_subset",
+    "label_budget_tag",
     "split_indices",
     "load_dataset",
 ]

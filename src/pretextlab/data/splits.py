@@ -166,6 +166,15 @@ def split_indices(
     return SplitIndices(train=pool[~held_out], val=pool[held_out], test=test)
 
 
+def label_budget_tag(per_class: int | None, fraction: float | None) -> str:
+    """How a label budget is named in result files and store rows: "100pc", "0.1frac" or "all"."""
+    if per_class is not None:
+        return f"{per_class}pc"
+    if fraction is not None:
+        return f"{fraction:g}frac"
+    return "all"
+
+
 def few_label_subset(
     labels: np.ndarray,
     per_class: int | None = None,

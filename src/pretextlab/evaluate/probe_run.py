@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from pretextlab import atomic
-from pretextlab.data import DatasetSplits, few_label_subset, load_dataset
+from pretextlab.data import DatasetSplits, few_label_subset, label_budget_tag, load_dataset
 from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.augmented import TrainViews, augmented_sgd_probe, augmented_views, whole_training_split
@@ -138,11 +138,7 @@ class EvalConfig:
         }
 
     def label_tag(self) -> str:
-        if self.labels_per_class is not None:
-            return f"{self.labels_per_class}pc"
-        if self.label_fraction is not None:
-            return f"{self.label_fraction:g}frac"
-        return "all"
+        return label_budget_tag(self.labels_per_class, self.label_fraction)
 
 
 class PixelNetwork(nn.Module):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretextlab.data.splits import label_budget_tag
 from pretextlab.study.store import DEFAULT_STALE_SECONDS, STORE_FILE, ProbeKey
 
 STUDY_PROBES = ("lbfgs", "sgd", "mlp")
@@ -36,12 +37,8 @@ class LabelBudget:
 
     @property
     def tag(self) -> str:
-        # The same tag as EvalConfig.label_tag(), so store rows and plan rows match.
-        if self.per_class is not None:
-            return f"{self.per_class}pc"
-        if self.fraction is not None:
-            return f"{self.fraction:g}frac"
-        return "all"
+        # The same function as EvalConfig.label_tag(), so store rows and plan rows match.
+        return label_budget_tag(self.per_class, self.fraction)
 
 
 @dataclass(frozen=True)
