@@ -128,3 +128,28 @@ def test_probe_progress_bars_name_the_layer_and_show_percent(capfd):
     err = capfd.readouterr().err
     assert "L-BFGS probe block3" in err and "SGD probe (linear) block3" in err
     assert f"val={lbfgs.val_top1_percent:.2f}%" in err
+
+
+def test_every_evaluate_flag_sets_its_eval_config_field():
+    # Issue 15: the evaluate command reads EvalConfig through its own field list (options.from_arguments),
+    # so each flag must land in the field of its name, with its value, and no flag may go unread.
+    import dataclasses
+
+    from pretextlab.cli import _eval_config, build_parser
+
+    argv = ["evaluate", "--run", "r", "--output", "block3", "pre_logits", "--probe", "mlp", "--sgd-schedule", "paper_long",
+            "--sgd-preset", "paper", "--sgd-epochs", "3", "--sgd-batch-size", "64", "--sgd-base-lr", "0.5",
+            "--dataset", "folder", "--data-dir", "d", "--val-size", "0.2", "--limit", "40", "--test-limit", "30",
+            "--labels-per-class", "2", "--batch-size", "8", "--workers", "2", "--device", "cpu", "--seed", "7"]
+    args = build_parser().parse_args(argv)
+    config = _eval_config(args)
+    expected = EvalConfig(
+        outputs=("block3", "pre_logits"), probe="mlp", sgd_schedule="paper_long", sgd_preset="paper", sgd_epochs=3,
+        sgd_batch_size=64, sgd_base_lr=0.5, dataset="folder", data_dir="d", val_size=0.2, limit=40, test_limit=30,
+        labels_per_class=2, batch_size=8, workers=2, device="cpu", seed=7,
+    )
+    assert config == expected
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    unread = set(vars(args)) - fields - {"run", "no_progress", "func", "command"}
+    assert not unread, f"evaluate flags that reach no EvalConfig field: {unread}"
+    assert _eval_config(build_parser().parse_args(["evaluate", "--run", "r"])) == EvalConfig()

@@ -44,29 +44,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from pretextlab.evaluate.probe_run import EvalConfig
+    from pretextlab.options import add_arguments
+
+    add_arguments(parser, EvalConfig)
+
+
 def _eval_config(args: argparse.Namespace):
     from pretextlab.evaluate.probe_run import EvalConfig
+    from pretextlab.options import from_arguments
 
-    return EvalConfig(
-        outputs=tuple(args.output),
-        probe=args.probe,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        val_size=args.val_size,
-        limit=args.limit,
-        test_limit=args.test_limit,
-        labels_per_class=args.labels_per_class,
-        label_fraction=args.label_fraction,
-        batch_size=args.batch_size,
-        device=args.device,
-        seed=args.seed,
-        sgd_schedule=args.sgd_schedule,
-        sgd_epochs=args.sgd_epochs,
-        sgd_batch_size=args.sgd_batch_size,
-        sgd_base_lr=args.sgd_base_lr,
-        sgd_preset=args.sgd_preset,
-        workers=args.workers,
-    )
+    # Every evaluate flag's dest is the EvalConfig field it sets, so the config is read from the
+    # dataclass's own field list rather than a second list here.
+    return from_arguments(EvalConfig, args)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -175,32 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="probe a trained run's frozen features")
     p.add_argument("--run", required=True, help="a train run directory")
-    p.add_argument("--output", nargs="+", default=["pre_logits"], help="named outputs (block1..., pre_logits) or all")
-    p.add_argument("--probe", default="lbfgs", choices=("lbfgs", "sgd", "mlp"),
-                   help="lbfgs (full-batch logistic regression, L2 picked on val), sgd (linear) or mlp")
-    p.add_argument("--sgd-schedule", default="paper", choices=("paper", "paper_long"),
-                   help="sgd/mlp: the study's 70-epoch (batch 512) or 520-epoch (batch 2048) schedule")
-    p.add_argument("--sgd-preset", default=None, choices=("paper", "precomputed"),
-                   help="sgd/mlp: paper (the released recipe: features recomputed from random crops every epoch, raw, "
-                   "whole training split, scored on the test split) or precomputed (cached central-crop features, "
-                   "standardised, train minus the held-out split; fast); default: paper for folder, precomputed otherwise")
-    p.add_argument("--sgd-epochs", type=int, default=None, help="sgd/mlp: shorten the schedule to N epochs (same proportions)")
-    p.add_argument("--sgd-batch-size", type=int, default=None, help="sgd/mlp: images per step (default: the schedule's, 512 or 2048)")
-    p.add_argument("--sgd-base-lr", type=float, default=None, help="sgd/mlp: learning rate at a batch of 256")
-    p.add_argument("--dataset", default=None, help="downstream dataset (default: the run's own)")
-    p.add_argument("--data-dir", default=None, help="where the downstream dataset lives (default: the run's own)")
-    p.add_argument("--val-size", type=float, default=None,
-                   help="held-out validation images that pick L2 (count, or fraction < 1; default: the run's)")
-    p.add_argument("--limit", type=int, default=None, help="class-balanced subset of N downstream training images")
-    p.add_argument("--test-limit", type=int, default=None,
-                   help="class-balanced subset of N test images (under 100, or 10 per class, is flagged)")
-    p.add_argument("--labels-per-class", type=int, default=None, help="few labels: N labelled images per class")
-    p.add_argument("--label-fraction", type=float, default=None, help="few labels: this fraction of the labels")
-    p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch (default 256)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="processes decoding image files (folder datasets): for extraction and each epoch of --sgd-preset paper")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="splits, few-label subsets and SGD probes (default 0)")
+    # Generated from EvalConfig's fields: each option's type, default, choices and help live there.
+    _add_eval_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_evaluate)
 
