@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up pretextlab on a fresh machine: a virtual environment with PyTorch, the package with its
-# test extras, and Fashion-MNIST from Debian's package where apt is available.
+# test extras, and Fashion-MNIST and Chromium (the report's browser test) from Debian's packages
+# where apt is available.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -12,5 +13,12 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
     || echo "setup.sh: could not install Debian's dataset-fashion-mnist; pretextlab will look in --data-dir, \$PRETEXTLAB_DATA, or download it" >&2
+fi
+# The report's browser test and `pretextlab report --screenshot` drive Debian's chromium through its
+# chromedriver (Selenium, a test extra); nothing is downloaded at run time.
+if ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1 \
+    || echo "setup.sh: could not install Debian's chromium and chromium-driver; tests/test_report_browser.py will skip (CI: fail)" >&2
 fi
 echo "setup.sh: ready (.venv)"
