@@ -138,10 +138,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from pretextlab.report import build_report
     from pretextlab.study import locate_study_store
 
-    report = build_report(locate_study_store(args.file), args.out, main_output=args.main_output, main_probe=args.main_probe)
+    report = build_report(locate_study_store(args.file), args.out, main_output=args.main_output, main_probe=args.main_probe,
+                          pdf=args.pdf)
     print(f"wrote {report.markdown} and {report.html} ({len(report.figures)} figures)", file=sys.stderr)
-    print(json.dumps({"markdown": str(report.markdown), "html": str(report.html), "figures": len(report.figures),
-                      "empty_figures": len(report.empty_figures), "missing_cells": report.missing_cells}))
+    shown = {"markdown": str(report.markdown), "html": str(report.html), "figures": len(report.figures),
+             "empty_figures": len(report.empty_figures), "missing_cells": report.missing_cells}
+    if args.screenshot:
+        from pretextlab.report.browser import take_screenshot
+
+        # After the report is written: a missing browser costs the picture, never the report.
+        shown["screenshot"] = str(take_screenshot(report.html, args.screenshot))
+        print(f"wrote {shown['screenshot']} (report.html in headless Chromium)", file=sys.stderr)
+    print(json.dumps(shown))
     return 0
 
 
@@ -192,11 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", nargs="?", const="-", default=None, metavar="PATH", help="write CSV to PATH (or stdout)")
     p.set_defaults(func=_cmd_results)
 
-    p = sub.add_parser("report", help="the study's tables and figures (Markdown + HTML + PNG) from its results store")
+    p = sub.add_parser("report", help="the study's tables and figures (Markdown + HTML; figures as PNG and SVG) from its results store")
     p.add_argument("file", help="a study file, a study directory or its results.sqlite")
     p.add_argument("--out", required=True, help="directory for report.md, report.html and the figures")
     p.add_argument("--main-output", default="pre_logits", help="the output the main table and width plots read")
     p.add_argument("--main-probe", default="lbfgs", help="the probe the main table and width plots read")
+    p.add_argument("--pdf", action="store_true", help="also write each figure as PDF (PNG and SVG are always written)")
+    p.add_argument("--screenshot", metavar="PNG", default=None,
+                   help="also write a PNG of report.html's first screen as headless Chromium draws it (needs chromium, "
+                        "chromedriver and selenium: setup.sh)")
     p.set_defaults(func=_cmd_report)
     return parser
 

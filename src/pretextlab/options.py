@@ -19,10 +19,20 @@ from typing import Any, Union
 from pretextlab.errors import PretextlabError
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, metavar: Any = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    metavar: Any = None,
+    flag: str | None = None,
+    nargs: str | None = None,
+) -> Any:
     """A dataclass field that is an option: its default, its help text, its choices (checked by
-    ``check_choices``) and how the command line names its value."""
-    metadata = {"help": help, "choices": choices, "metavar": metavar}
+    ``check_choices``) and how the command line names its value. ``flag`` names the flag when it is
+    not ``--name-with-dashes`` (evaluate's ``--output`` fills ``outputs``); ``nargs`` overrides the
+    ``*`` of a list (``+``: at least one value)."""
+    metadata = {"help": help, "choices": choices, "metavar": metavar, "flag": flag, "nargs": nargs}
     if isinstance(default, (list, dict, set)):
         raise TypeError("an option's default must be immutable (use a tuple)")
     return dataclasses.field(default=default, metadata=metadata)
@@ -169,12 +179,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if "help" not in meta:
             raise TypeError(f"{cls.__name__}.{f.name} has no help: define it with options.option(...)")
         kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"]}
+        flag = meta.get("flag") or flag_name(f.name)
         if hint is bool or hint == (bool | None):
             if f.default is not None:
-                kwargs["help"] += f" (default: {flag_name(f.name) if f.default else '--no-' + flag_name(f.name)[2:]})"
-            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+                kwargs["help"] += f" (default: {flag if f.default else '--no-' + flag[2:]})"
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         kwargs.update(_argument(hint))
+        if meta.get("nargs") is not None:
+            kwargs["nargs"] = meta["nargs"]
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         if meta.get("metavar") is not None:
@@ -182,7 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if f.default is not None:
             shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
             kwargs["help"] += f" (default: {shown})"
-        parser.add_argument(flag_name(f.name), **kwargs)
+        parser.add_argument(flag, **kwargs)
 
 
 def from_arguments(cls: type, args: argparse.Namespace, where: str = "the command line") -> Any:

@@ -44,6 +44,7 @@ from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
 from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
 from pretextlab.evaluate.sgd_config import PRESETS as SGD_PRESETS
 from pretextlab.evaluate.sgd_config import SCHEDULES as SGD_SCHEDULES
+from pretextlab.options import option
 
 PROBES = ("lbfgs", "sgd", "mlp")
 PROBES_DIR = "probes"
@@ -66,31 +67,50 @@ def _stderr(message: str) -> None:
 class EvalConfig:
     """What to probe and how; the run itself is named separately."""
 
-    outputs: tuple[str, ...] = ("pre_logits",)
-    probe: str = "lbfgs"
-    dataset: str | None = None  # None: the run's own pretext dataset
-    data_dir: str | None = None
-    val_size: float | None = None
-    limit: int | None = None
-    test_limit: int | None = None
-    labels_per_class: int | None = None
-    label_fraction: float | None = None
-    batch_size: int = 256
-    device: str = "auto"
-    # Decoding processes for image files (extraction, and every epoch of the 'paper' SGD preset);
-    # how fast, not what: not in the recipe.
-    workers: int = 0
-    seed: int = 0
-    l2_grid: tuple[float, ...] | None = None
+    # Each field is an `evaluate` flag (cli.py generates them with options.add_arguments).
+    outputs: tuple[str, ...] = option(
+        ("pre_logits",), "named outputs to probe (block1..., pre_logits), or all", flag="--output", nargs="+",
+        metavar="OUTPUT")
+    probe: str = option("lbfgs", "lbfgs (full-batch logistic regression, L2 picked on val), sgd (linear) or mlp",
+                        choices=PROBES)
+    dataset: str | None = option(None, "downstream dataset, fashion-mnist or folder (default: the run's own)",
+                                 metavar="NAME")
+    data_dir: str | None = option(None, "where the downstream dataset lives (default: the run's own)", metavar="DIR")
+    val_size: float | None = option(
+        None, "held-out validation images that pick L2: a count, or a fraction < 1 (default: the run's)", metavar="N")
+    limit: int | None = option(None, "class-balanced subset of N downstream training images (default: all)", metavar="N")
+    test_limit: int | None = option(
+        None, "class-balanced subset of N test images; under 100, or 10 per class, is flagged (default: all)",
+        metavar="N")
+    labels_per_class: int | None = option(None, "few labels: N labelled images per class (default: all labels)",
+                                          metavar="N")
+    label_fraction: float | None = option(None, "few labels: this fraction of the labels (default: all labels)",
+                                          metavar="F")
+    batch_size: int = option(256, "feature extraction batch", metavar="N")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    # How fast, not what: not in the recipe.
+    workers: int = option(
+        0, "processes decoding image files (folder datasets): for extraction and each epoch of --sgd-preset paper",
+        metavar="N")
+    seed: int = option(0, "splits, few-label subsets and SGD probes")
+    l2_grid: tuple[float, ...] | None = option(
+        None, "lbfgs: the L2 strengths tried, the best on val kept (default: the probe's own grid)", nargs="+",
+        metavar="L2")
     # SGD-trained probes ("sgd" linear, "mlp"): the study's schedule, optionally shortened in proportion.
-    sgd_schedule: str = "paper"  # "paper": 70 epochs, batch 512; "paper_long": 520 epochs, batch 2048
-    sgd_epochs: int | None = None  # None: the schedule's own length
-    sgd_batch_size: int | None = None
-    sgd_base_lr: float | None = None
-    # "paper" (on-the-fly random-crop features, raw, whole training split) or "precomputed";
-    # None: "paper" for folder datasets, "precomputed" for fashion-mnist (evaluate_run resolves it
-    # with the run's dataset when ``dataset`` is None).
-    sgd_preset: str | None = None
+    sgd_schedule: str = option("paper", "sgd/mlp: the study's 70-epoch (batch 512) or 520-epoch (batch 2048) schedule",
+                               choices=SGD_SCHEDULES)
+    sgd_epochs: int | None = option(
+        None, "sgd/mlp: shorten the schedule to N epochs, same proportions (default: the schedule's own)", metavar="N")
+    sgd_batch_size: int | None = option(
+        None, "sgd/mlp: images per step (default: the schedule's, 512 or 2048)", metavar="N")
+    sgd_base_lr: float | None = option(
+        None, "sgd/mlp: learning rate at a batch of 256 (default: the preset's)", metavar="LR")
+    # evaluate_run resolves None with the run's dataset when ``dataset`` is None.
+    sgd_preset: str | None = option(
+        None, "sgd/mlp: paper (the released recipe: features recomputed from random crops every epoch, raw, "
+        "whole training split, scored on the test split) or precomputed (cached central-crop features, "
+        "standardised, train minus the held-out split; fast) (default: paper for folder, precomputed otherwise)",
+        choices=SGD_PRESETS)
 
     def resolved_sgd_preset(self) -> str:
         if self.sgd_preset is not None:

@@ -1,0 +1,127 @@
+"""The evaluate command's flags are EvalConfig's fields (issue 15: one option = one definition)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from pretextlab.cli import _eval_config, build_parser, main
+from pretextlab.errors import PretextlabError
+from pretextlab.evaluate.probe_run import EvalConfig
+from pretextlab.options import add_arguments, check_fields, from_arguments, option
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices["evaluate"]
+
+
+def test_every_eval_config_field_is_a_flag_with_help_and_its_default() -> None:
+    actions = {a.dest: a for a in _evaluate_parser()._actions}
+    for f in dataclasses.fields(EvalConfig):
+        assert f.name in actions, f"EvalConfig.{f.name} has no evaluate flag"
+        action = actions[f.name]
+        assert action.default == f.default, f.name
+        assert action.help and f.metadata["help"] in action.help, f.name
+        # The default is said: by add_arguments for a value, in the help's own words for None.
+        assert "default" in action.help, f"--{f.name}'s help does not say its default: {action.help!r}"
+    # Only the run and the progress bars are flags outside EvalConfig.
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    assert set(actions) - fields == {"help", "run", "no_progress"}
+
+
+def test_choices_come_from_the_field() -> None:
+    actions = {a.dest: a for a in _evaluate_parser()._actions}
+    for f in dataclasses.fields(EvalConfig):
+        if f.metadata["choices"]:
+            assert tuple(actions[f.name].choices) == f.metadata["choices"]
+    assert tuple(actions["sgd_preset"].choices) == ("paper", "precomputed")
+    assert tuple(actions["probe"].choices) == ("lbfgs", "sgd", "mlp")
+
+
+def _readme_evaluate_commands() -> list[list[str]]:
+    commands = []
+    for line in README.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("pretextlab evaluate"):
+            commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_the_readme_evaluate_commands_parse_to_the_configs_they_describe() -> None:
+    commands = _readme_evaluate_commands()
+    assert len(commands) >= 7
+    parser = build_parser()
+    configs = {" ".join(c): _eval_config(parser.parse_args(c)) for c in commands}
+    for config in configs.values():
+        assert config == dataclasses.replace(config)  # a real EvalConfig, checked
+    by_line = {line.replace("evaluate --run ", ""): config for line, config in configs.items()}
+    assert by_line["runs/rot"] == EvalConfig()
+    assert by_line["runs/rot --output all"] == EvalConfig(outputs=("all",))
+    assert by_line["runs/rot --probe sgd --sgd-schedule paper"] == EvalConfig(probe="sgd", sgd_schedule="paper")
+    assert by_line["runs/rot --probe sgd --sgd-preset paper"] == EvalConfig(probe="sgd", sgd_preset="paper")
+    assert by_line["runs/rot --probe mlp --output block3"] == EvalConfig(probe="mlp", outputs=("block3",))
+    assert by_line["runs/rot --labels-per-class 10"] == EvalConfig(labels_per_class=10)
+    assert by_line["runs/imagenet-rot --dataset folder --data-dir /data/places205"] == EvalConfig(
+        dataset="folder", data_dir="/data/places205")
+
+
+def test_every_flag_sets_its_field_with_the_fields_type() -> None:
+    args = build_parser().parse_args(shlex.split(
+        "evaluate --run r --output block1 pre_logits --probe mlp --dataset folder --data-dir d --val-size 0.1 "
+        "--limit 500 --test-limit 300 --label-fraction 0.01 --batch-size 64 --device cpu --workers 2 --seed 3 "
+        "--l2-grid 1 0.01 --sgd-schedule paper_long --sgd-epochs 2 --sgd-batch-size 32 --sgd-base-lr 0.5 "
+        "--sgd-preset precomputed --no-progress"))
+    assert _eval_config(args) == EvalConfig(
+        outputs=("block1", "pre_logits"), probe="mlp", dataset="folder", data_dir="d", val_size=0.1, limit=500,
+        test_limit=300, label_fraction=0.01, batch_size=64, device="cpu", workers=2, seed=3, l2_grid=(1.0, 0.01),
+        sgd_schedule="paper_long", sgd_epochs=2, sgd_batch_size=32, sgd_base_lr=0.5, sgd_preset="precomputed")
+    assert args.run == "r" and args.no_progress
+    config = _eval_config(args)
+    assert isinstance(config.outputs, tuple) and isinstance(config.l2_grid, tuple)
+    assert config.l2_grid is not None and all(isinstance(v, float) for v in config.l2_grid)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--sgd-preset", "released"],
+    ["--probe", "svm"],
+    ["--limit", "many"],
+    ["--val-size", "a tenth"],
+    ["--output"],  # at least one output
+    ["--l2-grid"],  # at least one strength
+])
+def test_bad_evaluate_values_are_refused_before_anything_runs(flags: list[str], tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["evaluate", "--run", str(tmp_path / "never-made"), *flags])
+    assert stopped.value.code == 2
+    assert "error: argument " + flags[0] in capsys.readouterr().err
+
+
+def test_values_of_the_wrong_type_get_the_options_error() -> None:
+    # What a caller that builds the namespace itself (not argparse) gets: the options.py check.
+    with pytest.raises(PretextlabError, match=r"limit in the command line must be a whole number or null, got '5'"):
+        from_arguments(EvalConfig, argparse.Namespace(limit="5"))
+    with pytest.raises(PretextlabError, match="sgd_preset in x must be a string or null"):
+        check_fields(EvalConfig, {"sgd_preset": True}, "x")
+
+
+def test_an_option_may_name_its_flag_and_require_a_value() -> None:
+    @dataclasses.dataclass
+    class Toy:
+        names: tuple[str, ...] = option(("a",), "names", flag="--name", nargs="+")
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Toy)
+    assert from_arguments(Toy, parser.parse_args(["--name", "x", "y"])) == Toy(names=("x", "y"))
+    assert from_arguments(Toy, parser.parse_args([])) == Toy()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--name"])
+    assert re.search(r"names \(default: a\)", parser.format_help())
