@@ -63,3 +63,25 @@ def test_tables_are_aligned_by_type_and_the_page_fits_a_phone_and_prints_without
     assert check.phone_width_px == 390  # laid out for the phone's width, not a shrunken desktop page
     assert check.phone_overflow_px == 0  # wide tables scroll inside their box, not the page
     assert check.print_hides_nav
+
+
+@pytest.mark.slow
+def test_report_command_writes_pdfs_and_a_screenshot_and_without_a_browser_keeps_the_report(page, tmp_path, capsys, monkeypatch):
+    import json
+
+    from pretextlab.cli import main
+
+    _, report, _ = page
+    store = report.html.parent.parent / "results.sqlite"
+    shot = tmp_path / "shot.png"
+    assert main(["report", str(store), "--out", str(tmp_path / "a"), "--pdf", "--screenshot", str(shot)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["screenshot"] == str(shot) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "a" / "pretext_training.pdf").read_bytes()[:5] == b"%PDF-"
+
+    monkeypatch.setenv("PRETEXTLAB_CHROMIUM", str(tmp_path / "no-such-chromium"))
+    assert main(["report", str(store), "--out", str(tmp_path / "b"), "--screenshot", str(tmp_path / "b.png")]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("pretextlab: error:")]
+    assert errors == [errors[0]] and "cannot open the report in a browser" in errors[0] and "chromium" in errors[0]
+    assert (tmp_path / "b" / "report.html").exists() and not (tmp_path / "b.png").exists()
