@@ -9,11 +9,15 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pretextlab.cli import _eval_config, build_parser, main
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.probe_run import EvalConfig
 from pretextlab.options import add_arguments, check_fields, from_arguments, option
+from pretextlab.study import expand_cells, load_study, parse_study
+from pretextlab.study.model import ProbeJob
+from pretextlab.study.store import ResultsStore
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -125,3 +129,96 @@ def test_an_option_may_name_its_flag_and_require_a_value() -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--name"])
     assert re.search(r"names \(default: a\)", parser.format_help())
+
+
+# -- a study's sgd: preset ---------------------------------------------------------------------
+
+
+def _study(tmp_path: Path, sgd: dict | None, dataset: str = "fashion-mnist", probes: tuple[str, ...] = ("sgd", "mlp")):
+    downstream = {"dataset": dataset, "limit": 200, "test_limit": 100}
+    if dataset == "folder":
+        downstream["data_dir"] = str(tmp_path / "images")
+    evaluation = {"outputs": ["pre_logits"], "probes": list(probes)}
+    if sgd is not None:
+        evaluation["sgd"] = sgd
+    data = {
+        "name": "t",
+        "pretext": {"dataset": "fashion-mnist", "limit": 200, "val_size": 40, "test_limit": 100, "epochs": 0.5,
+                    "batch_size": 16},
+        "grids": [{"tasks": ["rotation"], "networks": ["resnet50v1"], "widths": [1]}],
+        "downstream": {"ds": downstream},
+        "evaluations": [evaluation],
+    }
+    return parse_study(data, out=tmp_path / "s")
+
+
+def _plan(study) -> dict[str, ProbeJob]:
+    [cell] = expand_cells(study)
+    return {job.probe: job for job in cell.plan}
+
+
+def test_a_study_sgd_preset_is_checked_and_reaches_the_probe_job(tmp_path: Path) -> None:
+    with pytest.raises(PretextlabError, match=r"unknown SGD preset 'released'.*sgd\.preset.*paper, precomputed"):
+        _study(tmp_path, {"preset": "released"})
+    with pytest.raises(PretextlabError, match=r"'presets'.*schedule, epochs, batch_size, base_lr, preset"):
+        _study(tmp_path, {"presets": "paper"})
+    study = _study(tmp_path, {"preset": "paper", "epochs": 2})
+    assert study.evaluations[0].sgd.preset == "paper"
+    jobs = _plan(study)
+    assert jobs["sgd"].sgd.preset == "paper" and jobs["mlp"].sgd.preset == "paper"
+
+
+def test_a_preset_other_than_the_datasets_default_is_a_probe_of_its_own(tmp_path: Path) -> None:
+    # Fashion-MNIST's default is 'precomputed': unset and explicit keep the plain key (the same
+    # recipe, so results made before the preset existed are still found done) ...
+    unset, same = _plan(_study(tmp_path, None)), _plan(_study(tmp_path, {"preset": "precomputed"}))
+    assert unset["sgd"].key == same["sgd"].key == ("ds", "pre_logits", "sgd", "all")
+    assert unset["mlp"].key == same["mlp"].key == ("ds", "pre_logits", "mlp", "all")
+    # ... while the released recipe is another result, never the precomputed one reused.
+    other = _plan(_study(tmp_path, {"preset": "paper"}))
+    assert other["sgd"].key == ("ds", "pre_logits", "sgd-paper", "all")
+    assert other["mlp"].key == ("ds", "pre_logits", "mlp-paper", "all")
+    assert other["sgd"].key != unset["sgd"].key
+    # For a folder dataset (ImageNet) 'paper' is the default and 'precomputed' the other recipe.
+    folder = _plan(_study(tmp_path, {"preset": "precomputed"}, dataset="folder"))
+    assert folder["sgd"].key == ("ds", "pre_logits", "sgd-precomputed", "all")
+    assert _plan(_study(tmp_path, {"preset": "paper"}, dataset="folder"))["sgd"].key[2] == "sgd"
+    # L-BFGS has no SGD recipe: its key never changes.
+    lbfgs = _plan(_study(tmp_path, {"preset": "paper"}, probes=("lbfgs",)))
+    assert lbfgs["lbfgs"].key == ("ds", "pre_logits", "lbfgs", "all")
+
+
+def test_a_finished_cell_whose_preset_changed_has_work_left_in_the_store(tmp_path: Path) -> None:
+    before, after = _study(tmp_path, None), _study(tmp_path, {"preset": "paper"})
+    [cell] = expand_cells(before)
+    with ResultsStore(before.store_path) as store:
+        store.register_run(cell.config_hash, task="rotation", network="resnet50v1", width=1, representation_size=None,
+                           config={}, run_dir=str(cell.run_dir), plan=[j.key for j in cell.plan])
+        attempt = store.claim(cell.config_hash, "me")
+        for job in cell.plan:
+            assert store.add_probe_result(cell.config_hash, "ds", {
+                "output": job.output, "probe": job.stored_probe, "labels": "all", "val_top1_percent": 50.0,
+                "test_top1_percent": 50.0, "sgd_preset": "precomputed"})
+        store.end_attempt(cell.config_hash, attempt, "finished")
+        assert {j.key for j in cell.plan} <= store.probe_keys(cell.config_hash)
+        # The study file now asks for the released recipe: nothing it plans is done yet.
+        [changed] = expand_cells(after)
+        assert changed.config_hash == cell.config_hash
+        store.register_run(cell.config_hash, task="rotation", network="resnet50v1", width=1, representation_size=None,
+                           config={}, run_dir=str(cell.run_dir), plan=[j.key for j in changed.plan])
+        assert not {j.key for j in changed.plan} & store.probe_keys(cell.config_hash)
+        [run] = store.runs()
+        assert run["status"] == "pending"
+        # The precomputed results are kept beside the new ones, under their own key.
+        assert {p["probe"] for p in store.probes()} == {"sgd", "mlp"}
+
+
+def test_the_paper_grid_asks_for_the_released_sgd_recipe(tmp_path: Path) -> None:
+    data = yaml.safe_load((README.parent / "configs" / "paper-imagenet.yaml").read_text())
+    sgd_evaluations = [e for e in data["evaluations"] if {"sgd", "mlp"} & set(e["probes"])]
+    assert sgd_evaluations and all(e["sgd"]["preset"] == "paper" for e in sgd_evaluations)
+    # and the file still reads as a study, its SGD jobs keyed as before (paper is the folder default).
+    study = load_study(README.parent / "configs" / "paper-imagenet.yaml", out=tmp_path / "s")
+    assert all(e.sgd.preset == "paper" for e in study.evaluations if e.sgd is not None)
+    rotation = next(c for c in expand_cells(study) if c.label == "rotation resnet50v2 k=4")
+    assert {j.key[2] for j in rotation.plan} == {"lbfgs", "mlp", "sgd"}

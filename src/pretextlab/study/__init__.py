@@ -23,7 +23,8 @@ output or probe is refused with the valid choices::
         datasets: [fashion-mnist]          # default: every downstream dataset
         where: {widths: [2]}               # only the cells with these tasks/networks/widths/sizes
         l2_grid: [1.0, 0.01, 0.0001]       # the L-BFGS probe's regularisation grid (default: its own)
-        sgd: {schedule: paper, epochs: 35} # sgd / mlp probes: paper | paper_long, shortened in proportion
+        sgd: {schedule: paper, epochs: 35} # sgd / mlp probes: paper | paper_long, shortened in proportion;
+                                           # preset: paper | precomputed (default: paper for folder)
     runtime: {device: auto, workers: null, feature_batch_size: 256, stale_seconds: 300}
     executor: {kind: inline}               # inline | local | slurm, with submitit parameters
 

@@ -72,11 +72,11 @@ def _probe_cell(study: Study, cell: Cell, store: ResultsStore, progress: bool) -
     from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run
 
     done = store.probe_keys(cell.config_hash)
-    groups: dict[tuple[str, str, LabelBudget, tuple[float, ...] | None, SgdSettings | None], list[str]] = {}
+    groups: dict[tuple[str, str, str, LabelBudget, tuple[float, ...] | None, SgdSettings | None], list[str]] = {}
     for job in cell.plan:
         if job.key not in done:
-            groups.setdefault((job.dataset, job.probe, job.labels, job.l2_grid, job.sgd), []).append(job.output)
-    for (dataset_name, probe, labels, l2_grid, sgd), outputs in groups.items():
+            groups.setdefault((job.dataset, job.probe, job.stored_probe, job.labels, job.l2_grid, job.sgd), []).append(job.output)
+    for (dataset_name, probe, stored_probe, labels, l2_grid, sgd), outputs in groups.items():
         sgd = sgd or SgdSettings()
         dataset = study.downstream[dataset_name]
         eval_config = EvalConfig(
@@ -97,13 +97,15 @@ def _probe_cell(study: Study, cell: Cell, store: ResultsStore, progress: bool) -
             sgd_epochs=sgd.epochs,
             sgd_batch_size=sgd.batch_size,
             sgd_base_lr=sgd.base_lr,
+            sgd_preset=sgd.preset,
         )
         started = time.perf_counter()
         # One call per (dataset, probe, labels): the features of all its outputs come from one
         # pass over the images (cached in the run directory), and its results are stored at once.
         records = evaluate_run(cell.run_dir, eval_config, progress=progress)
         for record in records:
-            record = dict(record, labels=labels.tag)
+            # Stored under the plan's key: a non-default SGD preset is a probe of its own (ProbeJob.preset).
+            record = dict(record, labels=labels.tag, probe=stored_probe)
             store.add_probe_result(cell.config_hash, dataset_name, record)
         store.add_probe_seconds(cell.config_hash, time.perf_counter() - started)
 

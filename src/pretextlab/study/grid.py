@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pretextlab.config import TrainConfig
 from pretextlab.errors import PretextlabError
-from pretextlab.study.model import RUNS_DIR, ProbeJob, Study
+from pretextlab.study.model import RUNS_DIR, ProbeJob, SgdSettings, Study
 
 NO_FINAL_RELU_SUFFIX = "(-)"
 
@@ -121,6 +121,18 @@ def _plan(
                 for labels in evaluation.labels:
                     for output in outputs:
                         jobs.append(
-                            ProbeJob(dataset, output, probe, labels, l2_grid=evaluation.l2_grid, sgd=evaluation.sgd)
+                            ProbeJob(dataset, output, probe, labels, l2_grid=evaluation.l2_grid, sgd=evaluation.sgd,
+                                     preset=_other_preset(study, dataset, probe, evaluation.sgd))
                         )
     return jobs
+
+
+def _other_preset(study: Study, dataset: str, probe: str, sgd: SgdSettings | None) -> str | None:
+    """The SGD preset a probe job asks for when it is not its dataset's default (None otherwise)."""
+    from pretextlab.evaluate.probe_run import EvalConfig
+
+    if probe == "lbfgs" or sgd is None or sgd.preset is None:
+        return None
+    # The default comes from EvalConfig's own rule, so the study and `evaluate` never disagree on it.
+    default = EvalConfig(probe=probe, dataset=study.downstream[dataset].dataset).resolved_sgd_preset()
+    return None if sgd.preset == default else sgd.preset

@@ -44,12 +44,15 @@ class LabelBudget:
 @dataclass(frozen=True)
 class SgdSettings:
     """The SGD-trained probes' (sgd, mlp) schedule: the study's 'paper' (70 epochs, batch 512) or
-    'paper_long' (520 epochs, batch 2048), optionally shortened in proportion or re-batched."""
+    'paper_long' (520 epochs, batch 2048), optionally shortened in proportion or re-batched; and
+    their recipe (``preset``, EvalConfig.sgd_preset): 'paper' (the released one, features from
+    random crops every epoch) or 'precomputed'; None: the dataset's default ('paper' for folder)."""
 
     schedule: str = "paper"
     epochs: int | None = None
     batch_size: int | None = None
     base_lr: float | None = None
+    preset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,20 @@ class ProbeJob:
     labels: LabelBudget
     l2_grid: tuple[float, ...] | None = field(default=None, compare=False)
     sgd: "SgdSettings | None" = field(default=None, compare=False)
+    # An SGD preset other than the dataset's default (grid.py resolves it): the result is stored as
+    # a probe of its own ("sgd-paper", "mlp-precomputed"), so a study whose preset changed makes a
+    # new result instead of finding the other recipe's one done. The default keeps the plain name,
+    # so stores made before presets keep their results.
+    preset: str | None = None
+
+    @property
+    def stored_probe(self) -> str:
+        """The probe's name in the results store (and the report)."""
+        return self.probe if self.preset is None else f"{self.probe}-{self.preset}"
 
     @property
     def key(self) -> ProbeKey:
-        return (self.dataset, self.output, self.probe, self.labels.tag)
+        return (self.dataset, self.output, self.stored_probe, self.labels.tag)
 
 
 @dataclass(frozen=True)

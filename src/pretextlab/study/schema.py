@@ -41,7 +41,7 @@ TOP_LEVEL_KEYS = ("name", "out", "pretext", "grids", "downstream", "evaluations"
 GRID_KEYS = ("tasks", "networks", "widths", "representation_sizes", "pretext")
 DOWNSTREAM_KEYS = ("dataset", "data_dir", "val_size", "limit", "test_limit", "seed")
 EVALUATION_KEYS = ("outputs", "probes", "labels", "datasets", "where", "l2_grid", "sgd")
-SGD_KEYS = ("schedule", "epochs", "batch_size", "base_lr")
+SGD_KEYS = ("schedule", "epochs", "batch_size", "base_lr", "preset")
 WHERE_KEYS = ("tasks", "networks", "widths", "representation_sizes")
 RUNTIME_KEYS = ("device", "workers", "feature_batch_size", "stale_seconds")
 EXECUTOR_KEYS = ("kind", "parameters")
@@ -78,13 +78,15 @@ def _l2_grid(value: Any, context: str) -> tuple[float, ...] | None:
 
 
 def _sgd_settings(value: Any, context: str) -> SgdSettings | None:
-    from pretextlab.evaluate.probe_run import SGD_SCHEDULES
+    from pretextlab.evaluate.probe_run import SGD_PRESETS, SGD_SCHEDULES
 
     if value is None:
         return None
     section = _check_keys(value, SGD_KEYS, context)
     settings = SgdSettings(**section)
     _choices([settings.schedule], SGD_SCHEDULES, "SGD schedule", f"{context}.schedule")
+    if settings.preset is not None:
+        _choices([settings.preset], SGD_PRESETS, "SGD preset", f"{context}.preset")
     for name in ("epochs", "batch_size"):
         number = getattr(settings, name)
         if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < 1):
