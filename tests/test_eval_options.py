@@ -222,3 +222,21 @@ def test_the_paper_grid_asks_for_the_released_sgd_recipe(tmp_path: Path) -> None
     assert all(e.sgd.preset == "paper" for e in study.evaluations if e.sgd is not None)
     rotation = next(c for c in expand_cells(study) if c.label == "rotation resnet50v2 k=4")
     assert {j.key[2] for j in rotation.plan} == {"lbfgs", "mlp", "sgd"}
+
+
+@pytest.mark.slow
+def test_a_study_cell_probes_with_its_preset_and_stores_it_under_its_own_key(tmp_path: Path) -> None:
+    from pretextlab.study import run_study
+
+    study = _study(tmp_path, {"preset": "paper", "epochs": 1, "batch_size": 32}, probes=("sgd",))
+    data_limits = {"limit": 120, "val_size": 20, "test_limit": 100, "epochs": 0.25, "batch_size": 8}
+    study = dataclasses.replace(study, pretext={**study.pretext, **data_limits},
+                                runtime=dataclasses.replace(study.runtime, device="cpu"))
+    outcome = run_study(study, executor="inline", progress=False, echo=lambda line: None)
+    assert outcome.ok, outcome.errors
+    with ResultsStore(study.store_path) as store:
+        [probe] = store.probes()
+    # Fashion-MNIST's default is 'precomputed': the released recipe ran, and is stored apart from it.
+    assert probe["probe"] == "sgd-paper"
+    assert probe["record"]["sgd_preset"] == "paper" and probe["record"]["train_split"] == "whole"
+    assert probe["record"]["eval_config"]["sgd_preset"] == "paper" and "-sgd-augmented-" in probe["record"]["result_file"]
