@@ -21,8 +21,9 @@ from pretextlab.training.run_dir import (
     load_config,
     read_metrics,
 )
+from pretextlab.training.preemption import Preempted
 from pretextlab.training.schedule import learning_rate, step_seed
-from pretextlab.training.trainer import Preempted, Trainer, train
+from pretextlab.training.trainer import Trainer, train
 
 __all__ = [
     "CHECKPOINT_FILE", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE", "PREVIOUS_CHECKPOINT_FILE", "RUN_FORMAT_VERSION",

@@ -1,6 +1,7 @@
-"""The pretext training loop: steps, validation, checkpoints, SIGTERM, exact resume (files live in run_dir).
+"""The pretext training loop: steps, logging, checkpoints at their times, exact resume, stopping.
 
-Resuming restores weights, optimizer, step (so the schedule and the data position) and the RNG
+The files live in run_dir.py and checkpoint.py, validation in validation.py, the SIGTERM handler
+in preemption.py. Resuming restores weights, optimizer, step (so the schedule and the data position) and the RNG
 state. Augmentation randomness is a pure function of (seed, step, rank), so a resumed run sees the
 very same batches and crops as an uninterrupted one.
 """
@@ -11,7 +12,6 @@ import contextlib
 import errno
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +24,9 @@ from pretextlab import atomic
 from pretextlab.config import TrainConfig, resolve
 from pretextlab.data import BatchLoader, DatasetSplits, ImageSet, batches_per_epoch, load_dataset
 from pretextlab.errors import PretextlabError
+from pretextlab.training.checkpoint import has_checkpoint, load_checkpoint, write_checkpoint
 from pretextlab.training.distributed import all_reduce_sum, barrier, distributed_context
 from pretextlab.training.model import PretextModel, place_model, resolve_device
-from pretextlab.training.checkpoint import has_checkpoint, load_checkpoint, write_checkpoint
 from pretextlab.training.run_dir import (
     RunFiles,
     RunLock,
@@ -38,17 +38,12 @@ from pretextlab.training.run_dir import (
     start_run_dir,
     trim_metrics,
 )
+from pretextlab.training.preemption import Preempted, stop_on_sigterm
 from pretextlab.training.schedule import learning_rate, step_seed
-
-MIN_VAL_SCORED = 100  # below this many scored samples an accuracy's standard error exceeds ~5 points
-
+from pretextlab.training.validation import MIN_VAL_SCORED, pretext_score
 
 def _percent(value: float | None) -> str:
     return "not scored" if value is None else f"{value:.2f}%"
-
-
-class Preempted(PretextlabError):
-    """The run received SIGTERM (or SIGINT under a scheduler) and stopped after checkpointing."""
 
 
 @dataclass
@@ -259,60 +254,31 @@ class Trainer:
         self.optimizer.step()
         return total_loss / self.world_size, int(right), int(scored)
 
-    @torch.no_grad()
     def pretext_accuracy(self, images: ImageSet) -> float | None:
         """Pretext accuracy (%) of the current weights on ``images`` (the validation split), None
         when nothing could be scored (e.g. a validation split of one image)."""
         self.network.eval()
         self.task.eval()
-        right = scored = skipped = 0
-        loader = BatchLoader(
-            images, self.config.batch_size, shuffle=False, drop_last=False, workers=self.config.workers,
-            rank=self.rank, world_size=self.world_size, plan=self.task.decode_plan(False),
+        score = pretext_score(
+            self.task, lambda inputs, context: self._forward(inputs, context, train=False), images, self.config,
+            lambda index: self._generator(index, purpose=1), self.device, self.dist,
         )
-        for index, batch in enumerate(loader):
-            if self.config.val_batches is not None and index >= self.config.val_batches:
-                break
-            skipped += batch.skipped
-            if len(batch.labels) < 2:
-                continue
-            inputs, targets, context = self.task.prepare(self._to_device(batch.images), False, self._generator(index, purpose=1))
-            r, s = self.task.correct(self._forward(inputs, context, train=False).float(), targets)
-            right, scored = right + r, scored + s
-        right, scored, skipped = all_reduce_sum([right, scored, skipped], self.device, self.dist)
-        self.skipped_val = int(skipped)
-        self.val_scored = int(scored)
-        if scored and scored < MIN_VAL_SCORED and not self.warned_val and self.rank == 0:
+        self.skipped_val, self.val_scored = score.skipped, score.scored
+        if score.scored and score.scored < MIN_VAL_SCORED and not self.warned_val and self.rank == 0:
             self.warned_val = True
             notice(
-                f"warning: the validation pretext accuracy is over only {int(scored)} scored samples (under "
+                f"warning: the validation pretext accuracy is over only {score.scored} scored samples (under "
                 f"{MIN_VAL_SCORED}), so it is noisy: raise --val-size or --val-batches for a firmer number"
             )
-        return 100.0 * right / scored if scored else None
+        return score.accuracy_percent
 
     # -- the loop -------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _stop_on_sigterm(self) -> Iterator[None]:
-        """SIGTERM (a preempted job) asks the run to checkpoint after the current step and stop."""
-        def request_stop(signum: int, frame: Any) -> None:
-            self.stop_requested = signum
-
-        try:
-            previous = signal.signal(signal.SIGTERM, request_stop)
-        except ValueError:  # not the main thread: leave signals to the caller
-            yield
-            return
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     def fit(self) -> dict[str, Any]:
         try:
             if self.files.summary.exists() and self.step >= self.total_steps:
                 return json.loads(self.files.summary.read_text())
-            with self._stop_on_sigterm():
+            with stop_on_sigterm(self._request_stop):
                 return self._fit()
         finally:
             self.lock.release()
@@ -388,6 +354,9 @@ class Trainer:
             notice(f"epoch {self.step / self.steps_per_epoch:.2f}: val pretext accuracy {_percent(val_accuracy)}")
         self.save_checkpoint()
         return val_accuracy
+
+    def _request_stop(self, signum: int) -> None:
+        self.stop_requested = signum
 
     def _stop(self, checkpointed: bool) -> None:
         if not checkpointed:
