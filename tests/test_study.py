@@ -264,3 +264,22 @@ def test_dry_run_creates_nothing_and_writes_nothing(tmp_path, capsys):
     assert [s.state for s in outcome.statuses] == ["left", "left"] and outcome.ran == {}
     assert f"{cell.label:<40} {cell.config_hash:<12} left       4/5" in "\n".join(shown)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_cells_dataset_and_sgd_settings_reach_eval_config_by_field():
+    # Issue 15: the study's downstream-dataset and SGD sections hand their fields to EvalConfig by
+    # name (sgd_ prefixed), so a setting added to both cannot be forgotten in between.
+    import dataclasses
+
+    from pretextlab.evaluate.probe_run import EvalConfig
+    from pretextlab.study.model import DownstreamDataset, SgdSettings
+
+    dataset = DownstreamDataset(name="places", dataset="folder", data_dir="d", val_size=0.1, limit=50, test_limit=40, seed=3)
+    sgd = SgdSettings(schedule="paper_long", epochs=4, batch_size=32, base_lr=0.2, preset="precomputed")
+    config = EvalConfig(**dataset.eval_options(), **sgd.eval_options())
+    assert (config.dataset, config.data_dir, config.val_size, config.limit, config.test_limit, config.seed) == (
+        "folder", "d", 0.1, 50, 40, 3)
+    assert (config.sgd_schedule, config.sgd_epochs, config.sgd_batch_size, config.sgd_base_lr, config.sgd_preset) == (
+        "paper_long", 4, 32, 0.2, "precomputed")
+    eval_fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    assert set(dataset.eval_options()) | set(sgd.eval_options()) <= eval_fields

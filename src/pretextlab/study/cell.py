@@ -82,22 +82,13 @@ def _probe_cell(study: Study, cell: Cell, store: ResultsStore, progress: bool) -
         eval_config = EvalConfig(
             outputs=tuple(outputs),
             probe=probe,
-            dataset=dataset.dataset,
-            data_dir=dataset.data_dir,
-            val_size=dataset.val_size,
-            limit=dataset.limit,
-            test_limit=dataset.test_limit,
             labels_per_class=labels.per_class,
             label_fraction=labels.fraction,
             batch_size=study.runtime.feature_batch_size,
             device=study.runtime.device,
-            seed=dataset.seed,
             l2_grid=l2_grid,
-            sgd_schedule=sgd.schedule,
-            sgd_epochs=sgd.epochs,
-            sgd_batch_size=sgd.batch_size,
-            sgd_base_lr=sgd.base_lr,
-            sgd_preset=sgd.preset,
+            **dataset.eval_options(),
+            **sgd.eval_options(),
         )
         started = time.perf_counter()
         # One call per (dataset, probe, labels): the features of all its outputs come from one

@@ -3,7 +3,7 @@ grids, runtime and executor settings, and the study itself (parsed and checked b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,10 @@ class DownstreamDataset:
     limit: int | None = None
     test_limit: int | None = None
     seed: int = 0
+
+    def eval_options(self) -> dict[str, Any]:
+        """These settings as EvalConfig's fields of the same names (all but the study's ``name``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,10 @@ class SgdSettings:
     batch_size: int | None = None
     base_lr: float | None = None
     preset: str | None = None
+
+    def eval_options(self) -> dict[str, Any]:
+        """These settings as EvalConfig's fields: each field ``x`` is EvalConfig's ``sgd_x``."""
+        return {f"sgd_{f.name}": getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
