@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from matplotlib import rc_context
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -114,10 +115,12 @@ def _save(figure: Figure, path: Path, style: FigureStyle | None = None) -> dict[
     """Write the PNG (and SVG, PDF as asked); returns what it shows (title, each plot's axis labels,
     whether a legend is there and lies outside every plot, each run's colour and marker) for checking."""
     formats = style.formats if style is not None else ("png", "svg")
-    for fmt in formats:
-        target = path if fmt == "png" else path.with_suffix(f".{fmt}")
-        atomic.write_bytes(target, lambda handle, fmt=fmt: figure.savefig(
-            handle, format=fmt, dpi=FIGURE_DPI, bbox_inches="tight", metadata=_NO_DATE.get(fmt)))
+    # SVG text stays text (editable in a paper, and a third of the time of drawing every glyph as a path).
+    with rc_context({"svg.fonttype": "none"}):
+        for fmt in formats:
+            target = path if fmt == "png" else path.with_suffix(f".{fmt}")
+            atomic.write_bytes(target, lambda handle, fmt=fmt: figure.savefig(
+                handle, format=fmt, dpi=FIGURE_DPI, metadata=_NO_DATE.get(fmt)))
     colorbars = [ax for ax in figure.axes if getattr(ax, "_colorbar", None) is not None]
     plots = [ax for ax in figure.axes if ax not in colorbars]
     legends = list(figure.legends) + [ax.get_legend() for ax in plots if ax.get_legend() is not None]
