@@ -24,6 +24,7 @@ import torch
 
 from pretextlab import atomic
 from pretextlab.data import load_dataset
+from pretextlab.evaluate.common import ProbeData
 from pretextlab.evaluate.features import extract_features
 from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
 from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
@@ -49,7 +50,7 @@ def bench_extraction(network, views, images, outputs, batch_size: int) -> dict:
 
 def bench_probes(features: dict, num_classes: int, sgd_epochs: int, sgd_batch: int) -> dict:
     train, val, test = (features[s] for s in ("train", "val", "test"))
-    lbfgs = lbfgs_probe(train, val, test, num_classes, LbfgsConfig(device="cpu"), progress=False)
+    lbfgs = lbfgs_probe(ProbeData(train, val, test, num_classes), LbfgsConfig(device="cpu"), progress=False)
     # The probes report percent; this benchmark's records keep fractions (as its committed results do).
     target = lbfgs.val_top1_percent / 100 - 0.005
     started = time.perf_counter()
@@ -61,7 +62,7 @@ def bench_probes(features: dict, num_classes: int, sgd_epochs: int, sgd_batch: i
 
     config = SgdConfig.paper("linear", device="cpu").scaled(sgd_epochs)
     config = dataclasses.replace(config, batch_size=sgd_batch)
-    sgd = sgd_probe(train, val, test, num_classes, config, progress=False, curve_callback=on_epoch)
+    sgd = sgd_probe(ProbeData(train, val, test, num_classes), config, progress=False, curve_callback=on_epoch)
     return dict(
         lbfgs_seconds=lbfgs.seconds, lbfgs_val_top1=lbfgs.val_top1_percent / 100, lbfgs_test_top1=lbfgs.test_top1_percent / 100, lbfgs_l2=lbfgs.chosen,
         sgd_epochs=sgd_epochs, sgd_batch=sgd_batch, sgd_seconds=sgd.seconds, sgd_val_top1=sgd.val_top1_percent / 100,

@@ -38,6 +38,7 @@ import torch
 
 from pretextlab import atomic
 from pretextlab.data import load_dataset
+from pretextlab.evaluate.common import ProbeData
 from pretextlab.evaluate.features import extract_features
 from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
 from pretextlab.models import build_network
@@ -103,7 +104,7 @@ def run_ours(data: dict[str, tuple[np.ndarray, np.ndarray]], args: argparse.Name
         device="cpu", precondition=not args.no_precondition,
     )
     started = time.perf_counter()
-    result = lbfgs_probe(data["train"], data["val"], data["test"], num_classes=10, config=config, progress=not args.no_progress)
+    result = lbfgs_probe(ProbeData(data["train"], data["val"], data["test"], num_classes=10), config=config, progress=not args.no_progress)
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,

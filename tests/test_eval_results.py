@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pretextlab.config import TrainConfig
+from pretextlab.evaluate.common import ProbeData
 from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
 from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run, scoring_warnings
 from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
@@ -123,8 +124,8 @@ def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_probe_progress_bars_name_the_layer_and_show_percent(capfd):
     train, val, test = _blobs(120, 0), _blobs(60, 1), _blobs(60, 2)
-    lbfgs = lbfgs_probe(train, val, test, 3, LbfgsConfig(l2_grid=(1e-2,), device="cpu"), progress=True, label="block3")
-    sgd_probe(train, val, test, 3, SgdConfig.paper("linear", device="cpu").scaled(1), progress=True, label="block3")
+    lbfgs = lbfgs_probe(ProbeData(train, val, test, 3), LbfgsConfig(l2_grid=(1e-2,), device="cpu"), progress=True, label="block3")
+    sgd_probe(ProbeData(train, val, test, 3), SgdConfig.paper("linear", device="cpu").scaled(1), progress=True, label="block3")
     err = capfd.readouterr().err
     assert "L-BFGS probe block3" in err and "SGD probe (linear) block3" in err
     assert f"val={lbfgs.val_top1_percent:.2f}%" in err

@@ -11,6 +11,7 @@ import torch
 
 from pretextlab.data import load_dataset
 from pretextlab.errors import PretextlabError
+from pretextlab.evaluate.common import ProbeData
 from pretextlab.evaluate.lbfgs import LbfgsConfig, ProbeResult, Whitening, fit_logistic_regression, lbfgs_probe
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -57,7 +58,7 @@ def standardized(pixels):
 def test_probe_on_raw_pixels_is_accurate_and_chooses_on_val(pixels) -> None:
     train, val, test = pixels
     config = LbfgsConfig(l2_grid=(1e-4, 1e-1, 1e-2), max_iter=100, device="cpu")
-    result = lbfgs_probe(train, val, test, num_classes=10, config=config, progress=False)
+    result = lbfgs_probe(ProbeData(train, val, test, num_classes=10), config=config, progress=False)
     assert isinstance(result, ProbeResult) and result.probe == "lbfgs"
     assert [s["l2"] for s in result.per_setting] == [1e-1, 1e-2, 1e-4]  # strongest first
     assert result.test_top1_percent > 75
@@ -69,7 +70,7 @@ def test_probe_on_raw_pixels_is_accurate_and_chooses_on_val(pixels) -> None:
     json.dumps(result.to_dict())  # storable as it is
 
     # Scored on the training images themselves, the weakest L2 wins: the choice really follows `val`.
-    on_train = lbfgs_probe(train, train, test, num_classes=10, config=config, progress=False)
+    on_train = lbfgs_probe(ProbeData(train, train, test, num_classes=10), config=config, progress=False)
     assert on_train.chosen == {"l2": 1e-4}
     assert on_train.val_top1_percent > result.val_top1_percent
 
@@ -133,7 +134,7 @@ def test_bad_input_is_refused_with_a_clear_message(pixels) -> None:
     config = LbfgsConfig(l2_grid=(1e-2,), max_iter=5, device="cpu")
 
     def probe(train=train, val=val, test=test, num_classes=10):
-        return lbfgs_probe(train, val, test, num_classes=num_classes, config=config, progress=False)
+        return lbfgs_probe(ProbeData(train, val, test, num_classes=num_classes), config=config, progress=False)
 
     with pytest.raises(PretextlabError, match="one label per row"):
         probe(train=(train[0], train[1][:-1]))
@@ -161,7 +162,7 @@ def test_bad_input_is_refused_with_a_clear_message(pixels) -> None:
     with pytest.raises(PretextlabError, match="max_iter"):
         LbfgsConfig(max_iter=0)
     with pytest.raises(PretextlabError, match="device"):
-        lbfgs_probe(train, val, test, 10, LbfgsConfig(device="tpu"), progress=False)
+        lbfgs_probe(ProbeData(train, val, test, 10), LbfgsConfig(device="tpu"), progress=False)
 
 
 def test_one_standardisation_rule_a_column_constant_on_train_is_zeroed_for_every_probe():
@@ -187,8 +188,24 @@ def test_one_standardisation_rule_a_column_constant_on_train_is_zeroed_for_every
             (with_column(test_x, np.full(60, 7.0)), test_y))
     wild = (calm[0], (with_column(val_x, rng.normal(0, 1e12, 60)), val_y), (with_column(test_x, rng.normal(0, 1e12, 60)), test_y))
     config = LbfgsConfig(l2_grid=(1e-2, 1e-4), device="cpu")
-    a, b = lbfgs_probe(*calm, 3, config, progress=False), lbfgs_probe(*wild, 3, config, progress=False)
+    a, b = lbfgs_probe(ProbeData(*calm, 3), config, progress=False), lbfgs_probe(ProbeData(*wild, 3), config, progress=False)
     assert a.val_top1_percent > 60 and (a.val_top1_percent, a.test_top1_percent) == (b.val_top1_percent, b.test_top1_percent)
     sgd = SgdConfig.paper("linear", device="cpu", batch_size=30, base_lr=2.0).scaled(5)
-    c, d = sgd_probe(*calm, 3, sgd, progress=False), sgd_probe(*wild, 3, sgd, progress=False)
+    c, d = sgd_probe(ProbeData(*calm, 3), sgd, progress=False), sgd_probe(ProbeData(*wild, 3), sgd, progress=False)
     assert c.val_top1_percent > 60 and (c.curve, c.test_top1_percent) == (d.curve, d.test_top1_percent)
+
+
+def test_both_probes_take_their_splits_as_one_probe_data():
+    # Issue 15: the splits and class count every precomputed-feature probe takes are one dataclass,
+    # checked in one place, rather than the same four parameters in each probe.
+    import inspect
+
+    from pretextlab.evaluate.sgd import sgd_probe
+
+    for probe in (lbfgs_probe, sgd_probe):
+        first, *_ = inspect.signature(probe).parameters.values()
+        assert (first.name, first.annotation) == ("data", "ProbeData")
+    x, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    with pytest.raises(PretextlabError, match="different feature sizes"):
+        ProbeData((x, y), (np.zeros((2, 3)), y[:2]), (x, y), 2).checked()
+    assert set(ProbeData((x, y), (x, y), (x, y), 2).checked()) == {"train", "val", "test"}

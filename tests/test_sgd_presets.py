@@ -17,6 +17,7 @@ from pretextlab.cli import build_parser
 from pretextlab.data import load_dataset
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.augmented import augmented_sgd_probe, augmented_views, frozen_features, random_crops, whole_training_split
+from pretextlab.evaluate.common import ProbeData
 from pretextlab.evaluate.probe_run import EvalConfig, probe_representation
 from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
 from pretextlab.tasks.rotation import RotationOptions, RotationTask
@@ -86,8 +87,8 @@ def test_each_preset_resolves_to_the_recipe_it_names():
     with pytest.raises(PretextlabError, match="standardize=False"):
         SgdConfig(features="augmented")  # recomputed features have no fixed moments to standardise with
     with pytest.raises(PretextlabError, match="needs the network"):
-        sgd_probe((np.zeros((4, 2)), np.array([0, 1, 0, 1])), (np.zeros((2, 2)), np.array([0, 1])),
-                  (np.zeros((2, 2)), np.array([0, 1])), 2, _tiny(), progress=False)
+        sgd_probe(ProbeData((np.zeros((4, 2)), np.array([0, 1, 0, 1])), (np.zeros((2, 2)), np.array([0, 1])),
+                            (np.zeros((2, 2)), np.array([0, 1])), 2), _tiny(), progress=False)
 
 
 def test_random_crops_are_true_crops_at_varying_places(splits):

@@ -11,6 +11,7 @@ import torch
 
 from pretextlab.data import load_dataset
 from pretextlab.errors import PretextlabError
+from pretextlab.evaluate.common import ProbeData
 from pretextlab.evaluate.sgd import SgdConfig, SgdResult, sgd_probe
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -42,7 +43,7 @@ SMALL_MLP = SgdConfig(kind="mlp", epochs=4, batch_size=64, decay_epochs=(2, 3), 
 def test_linear_probe_learns_fashion_mnist_and_reports_the_final_epoch(pixels) -> None:
     train, val, test = pixels
     config = SgdConfig.paper("linear", batch_size=256, device="cpu").scaled(5)
-    result = sgd_probe(train, val, test, num_classes=10, config=config, progress=False)
+    result = sgd_probe(ProbeData(train, val, test, num_classes=10), config=config, progress=False)
     assert isinstance(result, SgdResult) and result.probe == "sgd"
     assert result.test_top1_percent > 75
     assert 1 < result.val_top1_percent <= 100 and 1 < result.test_top1_percent <= 100  # percent, not fractions
@@ -61,7 +62,7 @@ def test_linear_probe_learns_fashion_mnist_and_reports_the_final_epoch(pixels) -
 def test_mlp_probe_learns_fashion_mnist(pixels) -> None:
     train, val, test = pixels
     config = SgdConfig.paper("mlp", batch_size=256, device="cpu").scaled(4)
-    result = sgd_probe(train, val, test, num_classes=10, config=config, progress=False)
+    result = sgd_probe(ProbeData(train, val, test, num_classes=10), config=config, progress=False)
     assert result.probe == "mlp"
     assert result.test_top1_percent > 78
     assert len(result.curve) == 4
@@ -70,13 +71,13 @@ def test_mlp_probe_learns_fashion_mnist(pixels) -> None:
 def test_curve_lr_follows_the_schedule(small) -> None:
     train, val, test = small
     config = SgdConfig(epochs=6, batch_size=100, base_lr=0.1, decay_epochs=(2, 4), decay_factor=0.1, device="cpu")
-    result = sgd_probe(train, val, test, num_classes=10, config=config, progress=False)
+    result = sgd_probe(ProbeData(train, val, test, num_classes=10), config=config, progress=False)
     peak = 0.1 * 100 / 256
     assert [e["lr"] for e in result.curve] == pytest.approx([peak, peak, peak / 10, peak / 10, peak / 100, peak / 100])
 
     # Warm-up over 2 epochs rises linearly per step: half the peak at the end of epoch 1.
     warm = dataclasses.replace(config, epochs=3, decay_epochs=(), warmup_epochs=2)
-    curve = sgd_probe(train, val, test, num_classes=10, config=warm, progress=False).curve
+    curve = sgd_probe(ProbeData(train, val, test, num_classes=10), config=warm, progress=False).curve
     assert [e["lr"] for e in curve] == pytest.approx([peak / 2, peak, peak])
     steps_per_epoch = 800 // 100
     assert warm.learning_rate(0, steps_per_epoch, 100) == pytest.approx(peak / 16)
@@ -86,16 +87,16 @@ def test_curve_lr_follows_the_schedule(small) -> None:
 
 def test_same_seed_gives_identical_results_and_another_seed_does_not(small) -> None:
     train, val, test = small
-    first = sgd_probe(train, val, test, 10, SMALL_MLP, progress=False)
-    again = sgd_probe(train, val, test, 10, SMALL_MLP, progress=False)
+    first = sgd_probe(ProbeData(train, val, test, 10), SMALL_MLP, progress=False)
+    again = sgd_probe(ProbeData(train, val, test, 10), SMALL_MLP, progress=False)
     assert first.curve == again.curve and first.test_top1_percent == again.test_top1_percent
-    other = sgd_probe(train, val, test, 10, dataclasses.replace(SMALL_MLP, seed=1), progress=False)
+    other = sgd_probe(ProbeData(train, val, test, 10), dataclasses.replace(SMALL_MLP, seed=1), progress=False)
     assert [e["train_loss"] for e in other.curve] != [e["train_loss"] for e in first.curve]
 
 
 def test_resume_after_an_interruption_ends_identical_to_an_uninterrupted_run(small, tmp_path) -> None:
     train, val, test = small
-    uninterrupted = sgd_probe(train, val, test, 10, SMALL_MLP, progress=False)
+    uninterrupted = sgd_probe(ProbeData(train, val, test, 10), SMALL_MLP, progress=False)
     checkpoint = tmp_path / "probe.pt"
 
     class Interrupted(Exception):
@@ -106,22 +107,22 @@ def test_resume_after_an_interruption_ends_identical_to_an_uninterrupted_run(sma
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        sgd_probe(train, val, test, 10, SMALL_MLP, progress=False, curve_callback=stop_after_two, checkpoint_path=checkpoint)
+        sgd_probe(ProbeData(train, val, test, 10), SMALL_MLP, progress=False, curve_callback=stop_after_two, checkpoint_path=checkpoint)
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
 
     seen: list[int] = []
     resumed = sgd_probe(
-        train, val, test, 10, SMALL_MLP, progress=False, curve_callback=lambda e: seen.append(e["epoch"]), checkpoint_path=checkpoint
+        ProbeData(train, val, test, 10), SMALL_MLP, progress=False, curve_callback=lambda e: seen.append(e["epoch"]), checkpoint_path=checkpoint
     )
     assert seen == [3, 4]  # only the remaining epochs were trained
     assert resumed.curve == uninterrupted.curve
     assert resumed.test_top1_percent == uninterrupted.test_top1_percent and resumed.val_top1_percent == uninterrupted.val_top1_percent
 
     # A finished checkpoint is only scored; one from another configuration is refused.
-    finished = sgd_probe(train, val, test, 10, SMALL_MLP, progress=False, curve_callback=lambda e: seen.append(-1), checkpoint_path=checkpoint)
+    finished = sgd_probe(ProbeData(train, val, test, 10), SMALL_MLP, progress=False, curve_callback=lambda e: seen.append(-1), checkpoint_path=checkpoint)
     assert seen == [3, 4] and finished.test_top1_percent == uninterrupted.test_top1_percent
     with pytest.raises(PretextlabError, match="another configuration"):
-        sgd_probe(train, val, test, 10, dataclasses.replace(SMALL_MLP, seed=5), progress=False, checkpoint_path=checkpoint)
+        sgd_probe(ProbeData(train, val, test, 10), dataclasses.replace(SMALL_MLP, seed=5), progress=False, checkpoint_path=checkpoint)
 
 
 def test_streaming_from_a_memmap_matches_device_resident_features(small, tmp_path) -> None:
@@ -131,8 +132,8 @@ def test_streaming_from_a_memmap_matches_device_resident_features(small, tmp_pat
     on_disk = np.load(path, mmap_mode="r")
     assert isinstance(on_disk, np.memmap)
     config = dataclasses.replace(SMALL_MLP, epochs=2, decay_epochs=(1,))
-    resident = sgd_probe((train_x, train_y), val, test, 10, dataclasses.replace(config, resident="device"), progress=False)
-    streamed = sgd_probe((on_disk, train_y), val, test, 10, dataclasses.replace(config, resident="stream"), progress=False)
+    resident = sgd_probe(ProbeData((train_x, train_y), val, test, 10), dataclasses.replace(config, resident="device"), progress=False)
+    streamed = sgd_probe(ProbeData((on_disk, train_y), val, test, 10), dataclasses.replace(config, resident="stream"), progress=False)
     assert streamed.curve == resident.curve and streamed.test_top1_percent == resident.test_top1_percent
 
 
@@ -145,18 +146,22 @@ def test_standardisation_uses_train_statistics_and_zeroes_columns_constant_on_tr
 
     zeros = [np.zeros(len(x), np.float32) for x in (train_x, val_x, test_x)]
     plain = sgd_probe(
-        (with_column(train_x, zeros[0]), train_y), (with_column(val_x, zeros[1]), val_y), (with_column(test_x, zeros[2]), test_y),
-        10, config, progress=False,
+        ProbeData((with_column(train_x, zeros[0]), train_y), (with_column(val_x, zeros[1]), val_y),
+                  (with_column(test_x, zeros[2]), test_y), 10),
+        config, progress=False,
     )
     # An affine change of every pixel column (the same for all splits) disappears under the train
     # statistics; a column constant on train (7) but not elsewhere is zeroed: it cannot be learnt,
     # and left in, its never-trained random weights would turn its val/test values into noise.
     rng = np.random.default_rng(0)
     skewed = sgd_probe(
-        (with_column(train_x * 300.0 + 40.0, zeros[0] + 7.0), train_y),
-        (with_column(val_x * 300.0 + 40.0, rng.normal(7.0, 50.0, len(val_x))), val_y),
-        (with_column(test_x * 300.0 + 40.0, rng.normal(7.0, 50.0, len(test_x))), test_y),
-        10, config, progress=False,
+        ProbeData(
+            (with_column(train_x * 300.0 + 40.0, zeros[0] + 7.0), train_y),
+            (with_column(val_x * 300.0 + 40.0, rng.normal(7.0, 50.0, len(val_x))), val_y),
+            (with_column(test_x * 300.0 + 40.0, rng.normal(7.0, 50.0, len(test_x))), test_y),
+            10,
+        ),
+        config, progress=False,
     )
     for mine, theirs in zip(skewed.curve, plain.curve):
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
@@ -169,8 +174,8 @@ def test_standardisation_uses_train_statistics_and_zeroes_columns_constant_on_tr
 
     with pytest.raises(PretextlabError, match="diverged in epoch 1"):
         sgd_probe(
-            (huge(train_x), train_y), (huge(val_x), val_y), (huge(test_x), test_y),
-            10, dataclasses.replace(config, standardize=False), progress=False,
+            ProbeData((huge(train_x), train_y), (huge(val_x), val_y), (huge(test_x), test_y), 10),
+            dataclasses.replace(config, standardize=False), progress=False,
         )
 
 
@@ -218,7 +223,7 @@ def test_bad_inputs_raise_with_the_fix(small) -> None:
     config = dataclasses.replace(SMALL_MLP, epochs=1, decay_epochs=())
 
     def probe(train=(train_x, train_y), val=val, test=test, num_classes=10):
-        return sgd_probe(train, val, test, num_classes, config, progress=False)
+        return sgd_probe(ProbeData(train, val, test, num_classes), config, progress=False)
 
     with pytest.raises(PretextlabError, match="one label per row"):
         probe(train=(train_x, train_y[:-1]))
@@ -236,4 +241,4 @@ def test_bad_inputs_raise_with_the_fix(small) -> None:
     with pytest.raises(PretextlabError, match=r"labels must lie in \[0, 5\)"):
         probe(num_classes=5)
     with pytest.raises(PretextlabError, match="SgdConfig"):
-        sgd_probe((train_x, train_y), val, test, 10, {"kind": "linear"}, progress=False)  # type: ignore[arg-type]
+        sgd_probe(ProbeData((train_x, train_y), val, test, 10), {"kind": "linear"}, progress=False)  # type: ignore[arg-type]

@@ -89,6 +89,22 @@ def checked_splits(train: Any, val: Any, test: Any, num_classes: int) -> dict[st
     return splits
 
 
+@dataclass(frozen=True)
+class ProbeData:
+    """What a probe is given: the splits it is fitted on (train), follows or chooses with (val) and
+    is scored on (test), each (features float (N, D), labels int (N,)), and the number of classes.
+    The one argument list of every precomputed-feature probe (lbfgs_probe, sgd_probe)."""
+
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+
+    def checked(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The three splits checked together (``checked_splits``), by name."""
+        return checked_splits(self.train, self.val, self.test, self.num_classes)
+
+
 def check_finite(features: np.ndarray, name: str) -> None:
     for start in range(0, len(features), CHUNK_ROWS):
         if not np.isfinite(features[start : start + CHUNK_ROWS]).all():

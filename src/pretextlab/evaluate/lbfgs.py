@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
-from pretextlab.evaluate.common import ProbeResult, Split, Standardised, accuracy_percent, check_finite, checked_splits, split_moments
+from pretextlab.evaluate.common import ProbeData, ProbeResult, Standardised, accuracy_percent, check_finite, split_moments
 
 DEFAULT_L2_GRID: tuple[float, ...] = tuple(10.0**k for k in range(1, -7, -1))  # 1e1 ... 1e-6, strongest first
 EIGH_FLOAT64_MAX_DIM = 4096
@@ -219,22 +219,20 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.Tensor]
 
 
 def lbfgs_probe(
-    train: Split,
-    val: Split,
-    test: Split,
-    num_classes: int,
+    data: ProbeData,
     config: LbfgsConfig | None = None,
     progress: bool = True,
     label: str = "",
 ) -> LbfgsResult:
-    """Fit along ``config.l2_grid`` (strongest first, warm-started), choose L2 on ``val``, score ``test``.
+    """Fit along ``config.l2_grid`` (strongest first, warm-started) on ``data.train``, choose L2 on
+    ``data.val``, score ``data.test``.
 
     Each split is (features float (N, D), labels int (N,)); features may be memmaps. Accuracies in
     the result are percent. ``label`` names what is probed (e.g. the layer) on the progress bar.
     """
     started = time.perf_counter()
     config = config or LbfgsConfig()
-    splits = checked_splits(train, val, test, num_classes)
+    splits, num_classes = data.checked(), data.num_classes
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits["train"], splits["val"], splits["test"]
     device = resolve_device(config.device)
     moments = split_moments(train_x, "train", config.standardize)

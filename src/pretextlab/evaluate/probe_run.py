@@ -39,6 +39,7 @@ from pretextlab.data import DatasetSplits, few_label_subset, label_budget_tag, l
 from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.augmented import TrainViews, augmented_sgd_probe, augmented_views, whole_training_split
+from pretextlab.evaluate.common import ProbeData
 from pretextlab.evaluate.features import extract_features
 from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
 from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
@@ -274,18 +275,15 @@ def probe_representation(
         val, test = (val_set.features, val_set.labels), (test_set.features, test_set.labels)
         if augmented:
             result = on_the_fly[output]
-        elif isinstance(probe_config, LbfgsConfig):
-            result = lbfgs_probe(
-                (train_set.features, train_set.labels), val, test, num_classes=splits.num_classes, config=probe_config, progress=progress, label=output
-            )
         else:
-            checkpoint = None
-            if probe_checkpoint_dir is not None:
-                checkpoint = probe_checkpoint_dir / f"{_key(preprocessing_key, output, dataclasses.asdict(probe_config), config.label_tag(), config.seed)}.pt"
-            result = sgd_probe(
-                (train_set.features, train_set.labels), val, test, num_classes=splits.num_classes, config=probe_config, progress=progress,
-                checkpoint_path=checkpoint, label=output,
-            )
+            data = ProbeData((train_set.features, train_set.labels), val, test, splits.num_classes)
+            if isinstance(probe_config, LbfgsConfig):
+                result = lbfgs_probe(data, config=probe_config, progress=progress, label=output)
+            else:
+                checkpoint = None
+                if probe_checkpoint_dir is not None:
+                    checkpoint = probe_checkpoint_dir / f"{_key(preprocessing_key, output, dataclasses.asdict(probe_config), config.label_tag(), config.seed)}.pt"
+                result = sgd_probe(data, config=probe_config, progress=progress, checkpoint_path=checkpoint, label=output)
         record = result.to_dict()
         record.update(
             probe_config=dataclasses.asdict(probe_config),

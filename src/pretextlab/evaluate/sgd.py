@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from pretextlab import atomic
 from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
-from pretextlab.evaluate.common import ProbeResult, Split, Standardised, accuracy_percent, check_finite, checked_splits, split_moments
+from pretextlab.evaluate.common import ProbeData, ProbeResult, Standardised, accuracy_percent, check_finite, split_moments
 from pretextlab.evaluate.sgd_config import LR_REFERENCE_BATCH, SgdConfig
 
 __all__ = ["SgdConfig", "SgdResult", "sgd_probe"]
@@ -197,17 +197,14 @@ def _load_checkpoint(path: Path, fingerprint: str, device: torch.device) -> dict
 
 
 def sgd_probe(
-    train: Split,
-    val: Split,
-    test: Split,
-    num_classes: int,
+    data: ProbeData,
     config: SgdConfig | None = None,
     progress: bool = True,
     curve_callback: CurveCallback | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     label: str = "",
 ) -> SgdResult:
-    """Train a linear or MLP probe with SGD on ``train``, follow it on ``val``, score ``test`` once.
+    """Train a linear or MLP probe with SGD on ``data.train``, follow it on ``data.val``, score ``data.test`` once.
 
     Each split is (features float (N, D), labels int (N,)); features may be ``np.memmap``s. The
     result's accuracies are the final model's, in percent. ``label`` names what is probed (e.g.
@@ -225,7 +222,7 @@ def sgd_probe(
             f"SgdConfig(features={config.features!r}) recomputes features from images each epoch, so it needs the "
             "network: run it through evaluate (probe_run / evaluate/augmented.py), or use features='precomputed' here"
         )
-    splits = checked_splits(train, val, test, num_classes)
+    splits, num_classes = data.checked(), data.num_classes
     train_x, train_y = splits["train"]
     device = resolve_device(config.device)
     moments = split_moments(train_x, "train", config.standardize)
