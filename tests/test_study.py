@@ -178,6 +178,9 @@ def test_tiny_study_is_killed_resumed_on_the_local_executor_and_reported(tmp_pat
     # Each planned probe result is there once: 2 cells x 2 outputs x 2 label budgets.
     keys = [(p["config_hash"], p["dataset"], p["output"], p["probe"], p["labels"]) for p in probes]
     assert len(keys) == len(set(keys)) == len(planned) == 8
+    # Each result's recipe (from the probe_config evaluate stored) is the one its plan asked for.
+    planned_recipes = {(p["config_hash"], p["dataset"], p["output"], p["probe"], p["labels"]): p["recipe"] for p in planned}
+    assert all(p["recipe"] is not None and planned_recipes[key] == p["recipe"] for key, p in zip(keys, probes))
     assert all(10.0 < p["test_top1_percent"] <= 100.0 and p["chosen"]["l2"] in (1.0, 0.01) for p in probes)
     assert {p["train_images"] for p in probes} == {160, 50}  # all labels of the 160-image train split, and 5 per class
 
@@ -227,6 +230,18 @@ def test_wrong_yaml_types_outside_the_pretext_section_name_key_value_and_type(tm
     _refused(_study_dict(**change), tmp_path, *fragments)
 
 
+def _finished_record(study, job, val=50.0):
+    """The record evaluate stores for a planned probe job (its resolved probe config included), as
+    if the cell had probed it: a finished cell without training anything."""
+    import dataclasses
+
+    from pretextlab.study.grid import probe_eval_config
+
+    config = probe_eval_config(study, job.dataset, job.probe, job.labels, job.l2_grid, job.sgd, (job.output,))
+    return {"output": job.output, "probe": job.stored_probe, "labels": job.labels.tag, "val_top1_percent": val,
+            "test_top1_percent": val - 1, "probe_config": dataclasses.asdict(config.probe_config())}
+
+
 def test_dry_run_creates_nothing_and_writes_nothing(tmp_path, capsys):
     import json
 
@@ -252,8 +267,7 @@ def test_dry_run_creates_nothing_and_writes_nothing(tmp_path, capsys):
         cell = expand_cells(study)[0]
         attempt = store.claim(cell.config_hash, "test:1")
         for job in cell.plan:
-            store.add_probe_result(cell.config_hash, job.dataset, {"output": job.output, "probe": job.probe,
-                                                                   "labels": job.labels.tag, "val_top1_percent": 50.0})
+            store.add_probe_result(cell.config_hash, job.dataset, _finished_record(study, job))
         store.end_attempt(cell.config_hash, attempt, "finished")
     data = _study_dict(out=str(out))
     data["evaluations"].append({"outputs": ["block3"], "probes": ["lbfgs"]})

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pretextlab.errors import PretextlabError
-from pretextlab.study.grid import Cell, expand_cells
+from pretextlab.study.grid import Cell, expand_cells, probe_eval_config
 from pretextlab.study.model import LabelBudget, SgdSettings, Study
 from pretextlab.study.schema import HEARTBEAT_SECONDS, load_study
 from pretextlab.study.store import ResultsStore, worker_id
@@ -69,27 +69,16 @@ def _train_cell(cell: Cell, store: ResultsStore, attempt: int, progress: bool) -
 
 
 def _probe_cell(study: Study, cell: Cell, store: ResultsStore, progress: bool) -> None:
-    from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run
+    from pretextlab.evaluate.probe_run import evaluate_run
 
-    done = store.probe_keys(cell.config_hash)
+    # Done means a result of the job's own recipe: one of an edited recipe is probed again.
+    done = store.probe_recipes(cell.config_hash)
     groups: dict[tuple[str, str, str, LabelBudget, tuple[float, ...] | None, SgdSettings | None], list[str]] = {}
     for job in cell.plan:
-        if job.key not in done:
+        if not job.done_in(done):
             groups.setdefault((job.dataset, job.probe, job.stored_probe, job.labels, job.l2_grid, job.sgd), []).append(job.output)
     for (dataset_name, probe, stored_probe, labels, l2_grid, sgd), outputs in groups.items():
-        sgd = sgd or SgdSettings()
-        dataset = study.downstream[dataset_name]
-        eval_config = EvalConfig(
-            outputs=tuple(outputs),
-            probe=probe,
-            labels_per_class=labels.per_class,
-            label_fraction=labels.fraction,
-            batch_size=study.runtime.feature_batch_size,
-            device=study.runtime.device,
-            l2_grid=l2_grid,
-            **dataset.eval_options(),
-            **sgd.eval_options(),
-        )
+        eval_config = probe_eval_config(study, dataset_name, probe, labels, l2_grid, sgd, tuple(outputs))
         started = time.perf_counter()
         # One call per (dataset, probe, labels): the features of all its outputs come from one
         # pass over the images (cached in the run directory), and its results are stored at once.

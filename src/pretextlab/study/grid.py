@@ -3,12 +3,18 @@ probes planned for each; network names with the "(-)" suffix and their outputs, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pretextlab.config import TrainConfig
 from pretextlab.errors import PretextlabError
-from pretextlab.study.model import RUNS_DIR, ProbeJob, SgdSettings, Study
+from pretextlab.study.model import RUNS_DIR, LabelBudget, ProbeJob, SgdSettings, Study
+from pretextlab.study.store_format import probe_recipe_id
+
+if TYPE_CHECKING:
+    from pretextlab.evaluate.probe_run import EvalConfig
 
 NO_FINAL_RELU_SUFFIX = "(-)"
 
@@ -119,12 +125,36 @@ def _plan(
         for dataset in evaluation.datasets:
             for probe in evaluation.probes:
                 for labels in evaluation.labels:
+                    config = probe_eval_config(study, dataset, probe, labels, evaluation.l2_grid, evaluation.sgd)
+                    # What evaluate will store as the record's probe_config (the device is not in the id).
+                    recipe = probe_recipe_id(dataclasses.asdict(config.probe_config()))
                     for output in outputs:
                         jobs.append(
                             ProbeJob(dataset, output, probe, labels, l2_grid=evaluation.l2_grid, sgd=evaluation.sgd,
-                                     preset=_other_preset(study, dataset, probe, evaluation.sgd))
+                                     preset=_other_preset(study, dataset, probe, evaluation.sgd), recipe=recipe)
                         )
     return jobs
+
+
+def probe_eval_config(
+    study: Study, dataset: str, probe: str, labels: LabelBudget, l2_grid: tuple[float, ...] | None,
+    sgd: SgdSettings | None, outputs: tuple[str, ...] = ("pre_logits",),
+) -> "EvalConfig":
+    """The evaluation a cell runs for these planned probes: one builder for the plan's recipe id and
+    the cell's run, so the two never disagree on what a probe's recipe is."""
+    from pretextlab.evaluate.probe_run import EvalConfig
+
+    return EvalConfig(
+        outputs=outputs,
+        probe=probe,
+        labels_per_class=labels.per_class,
+        label_fraction=labels.fraction,
+        batch_size=study.runtime.feature_batch_size,
+        device=study.runtime.device,
+        l2_grid=l2_grid,
+        **study.downstream[dataset].eval_options(),
+        **(sgd or SgdSettings()).eval_options(),
+    )
 
 
 def _other_preset(study: Study, dataset: str, probe: str, sgd: SgdSettings | None) -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pretextlab.data.splits import label_budget_tag
-from pretextlab.study.store import DEFAULT_STALE_SECONDS, STORE_FILE, ProbeKey
+from pretextlab.study.store import DEFAULT_STALE_SECONDS, STORE_FILE, PlannedProbe, ProbeKey
 
 STUDY_PROBES = ("lbfgs", "sgd", "mlp")
 EXECUTORS = ("inline", "local", "slurm")
@@ -78,6 +78,10 @@ class ProbeJob:
     # new result instead of finding the other recipe's one done. The default keeps the plain name,
     # so stores made before presets keep their results.
     preset: str | None = None
+    # The probe recipe's id (store_format.probe_recipe_id of the resolved probe config grid.py
+    # builds, as evaluate stores it with the result): a stored result of another recipe (an edited
+    # l2_grid, sgd schedule, epochs, batch size or learning rate) is not this job's. None: any.
+    recipe: str | None = field(default=None, compare=False)
 
     @property
     def stored_probe(self) -> str:
@@ -87,6 +91,15 @@ class ProbeJob:
     @property
     def key(self) -> ProbeKey:
         return (self.dataset, self.output, self.stored_probe, self.labels.tag)
+
+    @property
+    def planned(self) -> PlannedProbe:
+        """The key and recipe, as the store's plan holds them."""
+        return (*self.key, self.recipe)
+
+    def done_in(self, stored: dict[ProbeKey, str | None]) -> bool:
+        """Whether ``stored`` (``ResultsStore.probe_recipes``) has this job's result, of its recipe."""
+        return self.key in stored and (self.recipe is None or stored[self.key] == self.recipe)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def register(study: Study, store: ResultsStore, cells: list[Cell]) -> None:
             representation_size=cell.representation_size,
             config=cell.config.to_dict(),
             run_dir=str(cell.run_dir),
-            plan=[job.key for job in cell.plan],
+            plan=[job.planned for job in cell.plan],
         )
     store.retire(cell.config_hash for cell in cells)
 
@@ -49,8 +49,8 @@ def study_status(study: Study, store: ResultsStore | None, cells: list[Cell]) ->
     statuses = []
     for cell in cells:
         run = runs.get(cell.config_hash)
-        done_keys = store.probe_keys(cell.config_hash) if store is not None and run is not None else set()
-        probes_done = sum(1 for job in cell.plan if job.key in done_keys)
+        stored = store.probe_recipes(cell.config_hash) if store is not None and run is not None else {}
+        probes_done = sum(1 for job in cell.plan if job.done_in(stored))
         if run is None:
             state, status, owner = "left", "pending", None
         else:

@@ -9,14 +9,17 @@ Tables::
               heartbeat, pretext metrics and timings (``trained`` is when its pretext run ended);
               ``in_study`` is 0 for a cell the study file no longer names (kept for its results)
     attempts  one row per time a worker took a cell: when, who, from which step, how it ended
-    plan      the probe results a cell is expected to produce (dataset, output, probe, labels)
-    probes    the probe results: top-1 on val and test in percent, regularisation chosen, the full
-              record as JSON; unique per (run, dataset, output, probe, labels)
+    plan      the probe results a cell is expected to produce (dataset, output, probe, labels) and
+              the probe recipe each is asked with (``recipe``: store_format.probe_recipe_id)
+    probes    the current probe results: top-1 on val and test in percent, regularisation chosen,
+              the full record as JSON, its recipe id; unique per (run, dataset, output, probe, labels)
+    superseded_probes  results of a recipe the plan no longer asks for (an edited ``l2_grid`` or
+              ``sgd`` section): kept, but not current, so not in ``probes()``, the CSV or the report
     curves    pretext training curves (metrics.jsonl), one row per (run, step, metric)
 
 Every accuracy in the store is in percent, and its column says so (``*_percent``). Format 1 (the
-first release) kept probe accuracies as fractions; such a store is upgraded in place, in one
-transaction, the first time this version opens it. A store of an unknown format, or a file that is
+first release) kept probe accuracies as fractions, and formats 1 and 2 no recipe ids; such a store
+is upgraded in place, in one transaction, the first time this version opens it. A store of an unknown format, or a file that is
 not a readable SQLite store, is refused with one line naming the file and what to do; it is never
 modified.
 
@@ -38,13 +41,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pretextlab.errors import PretextlabError
-from pretextlab.study.store_format import STORE_FILE, StoreFile
+from pretextlab.study.store_format import KEY_SQL, RESULT_COLUMNS, STORE_FILE, StoreFile, make_current, probe_recipe_id
 
 RUN_STATUSES = ("pending", "running", "finished", "failed", "interrupted")
 # Seconds without a heartbeat after which a 'running' cell held by another machine counts as abandoned.
 DEFAULT_STALE_SECONDS = 300.0
 
 ProbeKey = tuple[str, str, str, str]  # (dataset, output, probe, labels)
+# A planned probe: its key, or its key and the recipe id it is asked with (None: any recipe will do).
+PlannedProbe = ProbeKey | tuple[str, str, str, str, str | None]
 
 # The CSV export's columns, each accuracy named with its unit.
 CSV_COLUMNS = (
@@ -116,10 +121,14 @@ class ResultsStore(StoreFile):
         representation_size: int | None,
         config: dict[str, Any],
         run_dir: str,
-        plan: Iterable[ProbeKey] = (),
+        plan: Iterable[PlannedProbe] = (),
     ) -> None:
         """Add a cell (pending) with its planned probes; an existing cell keeps its status and results,
-        and its plan becomes exactly ``plan`` (the study file's evaluations may have changed)."""
+        and its plan becomes exactly ``plan`` (the study file's evaluations may have changed).
+
+        A current result of another recipe than its planned probe's is superseded (kept, no longer
+        current), and a superseded result of the planned recipe becomes current again, so a study
+        whose recipe changed back reuses what it had instead of probing again."""
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO runs (config_hash, task, network, width, representation_size, config_json, run_dir, created) "
@@ -129,18 +138,23 @@ class ResultsStore(StoreFile):
             # The study directory may have moved since the cell was first registered.
             db.execute("UPDATE runs SET run_dir = ? WHERE config_hash = ?", (run_dir, config_hash))
             db.execute("DELETE FROM plan WHERE config_hash = ?", (config_hash,))
+            rows = [(config_hash, *key, None)[:6] for key in plan]
             db.executemany(
-                "INSERT OR IGNORE INTO plan (config_hash, dataset, output, probe, labels) VALUES (?, ?, ?, ?, ?)",
-                [(config_hash, *key) for key in plan],
+                "INSERT OR IGNORE INTO plan (config_hash, dataset, output, probe, labels, recipe) VALUES (?, ?, ?, ?, ?, ?)", rows
             )
-            # A finished cell whose plan has grown (a new evaluation) has work left again.
+            for row in rows:
+                if row[5] is not None:
+                    make_current(db, row[:5], row[5])
+            # A finished cell whose plan has grown (a new evaluation) or changed recipe has work left again.
             db.execute(
                 "UPDATE runs SET status = 'pending' WHERE config_hash = ? AND status = 'finished' AND EXISTS ("
                 "SELECT 1 FROM plan p WHERE p.config_hash = runs.config_hash AND NOT EXISTS ("
                 "SELECT 1 FROM probes q WHERE q.config_hash = p.config_hash AND q.dataset = p.dataset "
-                "AND q.output = p.output AND q.probe = p.probe AND q.labels = p.labels))",
+                "AND q.output = p.output AND q.probe = p.probe AND q.labels = p.labels "
+                "AND (p.recipe IS NULL OR q.recipe IS p.recipe)))",
                 (config_hash,),
             )
+
 
     def retire(self, keep: Iterable[str]) -> list[str]:
         """The study file's grid is now ``keep``: cells outside it that never started are removed;
@@ -152,7 +166,7 @@ class ResultsStore(StoreFile):
                 db.execute("UPDATE runs SET in_study = ? WHERE config_hash = ?", (int(config_hash in keep), config_hash))
             rows = db.execute(
                 "SELECT config_hash FROM runs WHERE status = 'pending' AND config_hash NOT IN (SELECT config_hash FROM attempts) "
-                "AND config_hash NOT IN (SELECT config_hash FROM probes)"
+                "AND config_hash NOT IN (SELECT config_hash FROM probes) AND config_hash NOT IN (SELECT config_hash FROM superseded_probes)"
             ).fetchall()
             gone = [r[0] for r in rows if r[0] not in keep]
             for config_hash in gone:
@@ -246,17 +260,26 @@ class ResultsStore(StoreFile):
     # -- results ---------------------------------------------------------------------------------
 
     def add_probe_result(self, config_hash: str, dataset: str, record: dict[str, Any]) -> bool:
-        """Store one probe result; returns False when that (run, dataset, output, probe, labels) was already there.
+        """Store one probe result as current; returns False when it is not: that (run, dataset, output,
+        probe, labels) already had a result of the same recipe, or its plan asks for another recipe
+        (a worker that read an older study file), in which case it is kept as superseded.
 
-        Accuracies are read as ``val_top1_percent`` / ``test_top1_percent``, or as the older fractions
-        ``val_top1`` / ``test_top1``, and stored in percent."""
+        Its recipe is ``probe_recipe_id(record["probe_config"])``; a current result of another
+        recipe is superseded by it. Accuracies are read as ``val_top1_percent`` /
+        ``test_top1_percent``, or as the older fractions ``val_top1`` / ``test_top1``, and stored in percent."""
         for field in ("output", "probe", "labels"):
             if field not in record:
                 raise PretextlabError(f"a probe record needs {field!r}; got keys {', '.join(sorted(record))}")
+        recipe = probe_recipe_id(record.get("probe_config"))
+        key = (config_hash, dataset, record["output"], record["probe"], record["labels"])
         with self.transaction() as db:
+            planned = db.execute(f"SELECT recipe FROM plan WHERE {KEY_SQL}", key).fetchone()
+            stale = planned is not None and planned[0] is not None and planned[0] != recipe
+            if not stale:
+                make_current(db, key, recipe)  # another recipe's current result is moved aside
+            table, extra = ("superseded_probes", ", superseded") if stale else ("probes", "")
             cursor = db.execute(
-                "INSERT OR IGNORE INTO probes (config_hash, dataset, output, probe, labels, val_top1_percent, test_top1_percent, chosen_json, "
-                "feature_dim, train_images, seconds, record_json, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR IGNORE INTO {table} ({RESULT_COLUMNS}{extra}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' if extra else ''})",
                 (
                     config_hash,
                     dataset,
@@ -271,9 +294,11 @@ class ResultsStore(StoreFile):
                     record.get("seconds"),
                     json.dumps(record, sort_keys=True, default=str),
                     time.time(),
+                    recipe,
+                    *((time.time(),) if extra else ()),
                 ),
             )
-            return cursor.rowcount == 1
+            return table == "probes" and cursor.rowcount == 1
 
     def add_curve_points(self, config_hash: str, records: Iterable[dict[str, Any]]) -> int:
         """Store the numeric metrics of metrics.jsonl records; returns how many points were new."""
@@ -316,8 +341,17 @@ class ResultsStore(StoreFile):
         return rows
 
     def probe_keys(self, config_hash: str) -> set[ProbeKey]:
-        rows = self._rows("SELECT dataset, output, probe, labels FROM probes WHERE config_hash = ?", (config_hash,))
-        return {(r["dataset"], r["output"], r["probe"], r["labels"]) for r in rows}
+        return set(self.probe_recipes(config_hash))
+
+    def probe_recipes(self, config_hash: str) -> dict[ProbeKey, str | None]:
+        """Each current result's key -> its recipe id (None: unknown, stored before format 3)."""
+        rows = self._rows("SELECT dataset, output, probe, labels, recipe FROM probes WHERE config_hash = ?", (config_hash,))
+        return {(r["dataset"], r["output"], r["probe"], r["labels"]): r["recipe"] for r in rows}
+
+    def superseded(self, config_hash: str | None = None) -> list[dict[str, Any]]:
+        """Results of recipes the plan no longer asks for, oldest first (kept; never current)."""
+        where, params = ("WHERE config_hash = ?", (config_hash,)) if config_hash else ("", ())
+        return self._rows(f"SELECT * FROM superseded_probes {where} ORDER BY superseded, created", params)
 
     def planned(self, config_hash: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE config_hash = ?", (config_hash,)) if config_hash else ("", ())

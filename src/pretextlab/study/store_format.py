@@ -3,12 +3,14 @@ older formats, and how an unreadable file is recognised and reported."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from pretextlab import __version__
 from pretextlab.errors import PretextlabError
@@ -16,9 +18,53 @@ from pretextlab.errors import PretextlabError
 STORE_FILE = "results.sqlite"
 BUSY_TIMEOUT_MS = 120_000
 
-SCHEMA_VERSION = 2
-# Formats this version can open: 1 is upgraded in place (see migrate_1_to_2).
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+# Formats this version can open: 1 and 2 are upgraded in place (migrate_1_to_2, migrate_2_to_3).
+READABLE_VERSIONS = (1, 2, 3)
+# A probe config's fields that change how fast, not what, it computes: left out of its recipe id.
+# The same fields as evaluate.probe_run.NOT_IN_RECIPE (a test pins it); named here so the store
+# needs no evaluation code (nor torch) to read or upgrade a file.
+NOT_IN_PROBE_RECIPE = ("device", "resident")
+
+
+def probe_recipe_id(probe_config: Mapping[str, Any] | None) -> str | None:
+    """A short hash of a probe's resolved config (``EvalConfig.probe_config()`` as a dict, which
+    evaluate stores in every record as ``probe_config``): two results with the same id came from the
+    same probe recipe. None when the config is unknown (records written before it was stored)."""
+    if not isinstance(probe_config, Mapping):
+        return None
+    recipe = {k: v for k, v in probe_config.items() if k not in NOT_IN_PROBE_RECIPE}
+    # JSON turns tuples into lists, so a config and its stored record give the same text.
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# Results of a recipe the study no longer asks for (format 3): kept, never shown as current.
+SUPERSEDED_TABLE = """
+CREATE TABLE IF NOT EXISTS superseded_probes (
+    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
+    dataset TEXT NOT NULL,
+    output TEXT NOT NULL,
+    probe TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    val_top1_percent REAL,
+    test_top1_percent REAL,
+    chosen_json TEXT,
+    feature_dim INTEGER,
+    train_images INTEGER,
+    seconds REAL,
+    record_json TEXT NOT NULL,
+    created REAL NOT NULL,
+    recipe TEXT,
+    superseded REAL NOT NULL,
+    UNIQUE (config_hash, dataset, output, probe, labels, recipe)
+);
+"""
+# The columns a result row has in both tables (probes' id aside), in one order for moving rows.
+RESULT_COLUMNS = (
+    "config_hash, dataset, output, probe, labels, val_top1_percent, test_top1_percent, chosen_json, feature_dim, "
+    "train_images, seconds, record_json, created, recipe"
+)
+KEY_SQL = "config_hash = ? AND dataset = ? AND output = ? AND probe = ? AND labels = ?"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -63,6 +109,7 @@ CREATE TABLE IF NOT EXISTS plan (
     output TEXT NOT NULL,
     probe TEXT NOT NULL,
     labels TEXT NOT NULL,
+    recipe TEXT,
     UNIQUE (config_hash, dataset, output, probe, labels)
 );
 CREATE TABLE IF NOT EXISTS probes (
@@ -80,6 +127,7 @@ CREATE TABLE IF NOT EXISTS probes (
     seconds REAL,
     record_json TEXT NOT NULL,
     created REAL NOT NULL,
+    recipe TEXT,
     UNIQUE (config_hash, dataset, output, probe, labels)
 );
 CREATE TABLE IF NOT EXISTS curves (
@@ -90,7 +138,8 @@ CREATE TABLE IF NOT EXISTS curves (
     value REAL NOT NULL,
     UNIQUE (config_hash, step, name)
 );
-"""
+""" + SUPERSEDED_TABLE
+
 
 
 def unreadable(path: Path, reason: str) -> PretextlabError:
@@ -122,6 +171,39 @@ def migrate_1_to_2(db: "Transaction") -> None:
     db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('migrated_from', '1')")
     db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
+
+
+def migrate_2_to_3(db: "Transaction") -> None:
+    """Format 2 -> 3, inside the opening transaction: planned probes and results gain the probe
+    recipe's id, and superseded results a table of their own. A stored result's id comes from the
+    ``probe_config`` its record holds; a record without one (format 1 kept none) gets NULL, an
+    unknown recipe, which a planned probe with a known recipe never counts as done."""
+    db.execute("ALTER TABLE plan ADD COLUMN recipe TEXT")
+    db.execute("ALTER TABLE probes ADD COLUMN recipe TEXT")
+    db.executescript_safe(SUPERSEDED_TABLE)
+    rows = db.execute("SELECT id, record_json FROM probes").fetchall()
+    db.executemany(
+        "UPDATE probes SET recipe = ? WHERE id = ?",
+        [(probe_recipe_id(json.loads(record).get("probe_config")), row_id) for row_id, record in rows],
+    )
+    db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('migrated_from', '2')")
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
+
+
+def make_current(db: "Transaction", key: Sequence[str], recipe: str | None) -> None:
+    """The current result of ``key`` (config_hash, dataset, output, probe, labels) becomes the one
+    of ``recipe``: another recipe's is moved to superseded_probes, and a superseded one of
+    ``recipe`` comes back (none if there is none)."""
+    current = db.execute(f"SELECT recipe FROM probes WHERE {KEY_SQL}", key).fetchone()
+    if current is None or current[0] != recipe:
+        if current is not None:
+            db.execute(f"INSERT OR REPLACE INTO superseded_probes ({RESULT_COLUMNS}, superseded) "
+                       f"SELECT {RESULT_COLUMNS}, ? FROM probes WHERE {KEY_SQL}", (time.time(), *key))
+            db.execute(f"DELETE FROM probes WHERE {KEY_SQL}", key)
+        kept = f"FROM superseded_probes WHERE {KEY_SQL} AND recipe = ?"
+        db.execute(f"INSERT INTO probes ({RESULT_COLUMNS}) SELECT {RESULT_COLUMNS} {kept}", (*key, recipe))
+        db.execute(f"DELETE {kept}", (*key, recipe))
 
 
 class Transaction:
@@ -193,8 +275,11 @@ class StoreFile:
                     db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
                     return
                 version = self._version(db, tables)
+                # Each step in turn, all in this one transaction: a failed upgrade leaves format 1 or 2.
                 if version == 1:
                     migrate_1_to_2(db)
+                if version <= 2:
+                    migrate_2_to_3(db)
 
     def _version(self, db: "Transaction | sqlite3.Connection", tables: set[str]) -> int:
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if "meta" in tables else None
