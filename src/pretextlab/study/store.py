@@ -350,20 +350,21 @@ class ResultsStore(StoreFile):
 
     def superseded(self, config_hash: str | None = None) -> list[dict[str, Any]]:
         """Results of recipes the plan no longer asks for, oldest first (kept; never current)."""
-        where, params = ("WHERE config_hash = ?", (config_hash,)) if config_hash else ("", ())
-        return self._rows(f"SELECT * FROM superseded_probes {where} ORDER BY superseded, created", params)
+        return self._table("superseded_probes", "superseded, created", config_hash)
 
     def planned(self, config_hash: str | None = None) -> list[dict[str, Any]]:
-        where, params = ("WHERE config_hash = ?", (config_hash,)) if config_hash else ("", ())
-        return self._rows(f"SELECT * FROM plan {where} ORDER BY config_hash, dataset, output, probe, labels", params)
+        return self._table("plan", "config_hash, dataset, output, probe, labels", config_hash)
 
     def attempts(self, config_hash: str | None = None) -> list[dict[str, Any]]:
-        where, params = ("WHERE config_hash = ?", (config_hash,)) if config_hash else ("", ())
-        return self._rows(f"SELECT * FROM attempts {where} ORDER BY id", params)
+        return self._table("attempts", "id", config_hash)
 
     def curves(self, config_hash: str | None = None) -> list[dict[str, Any]]:
+        return self._table("curves", "config_hash, name, step", config_hash)
+
+    def _table(self, table: str, order: str, config_hash: str | None) -> list[dict[str, Any]]:
+        """Every row of ``table``, or one cell's, in ``order``."""
         where, params = ("WHERE config_hash = ?", (config_hash,)) if config_hash else ("", ())
-        return self._rows(f"SELECT * FROM curves {where} ORDER BY config_hash, name, step", params)
+        return self._rows(f"SELECT * FROM {table} {where} ORDER BY {order}", params)
 
     def cell_state(self, run: dict[str, Any], stale_seconds: float = DEFAULT_STALE_SECONDS) -> str:
         """done / running / left for one row of ``runs()`` (left covers pending, interrupted, failed)."""

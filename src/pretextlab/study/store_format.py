@@ -38,9 +38,9 @@ def probe_recipe_id(probe_config: Mapping[str, Any] | None) -> str | None:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-# Results of a recipe the study no longer asks for (format 3): kept, never shown as current.
-SUPERSEDED_TABLE = """
-CREATE TABLE IF NOT EXISTS superseded_probes (
+# A probe result's columns, the same in probes (the current results, with an id) and
+# superseded_probes (results of a recipe the study no longer asks for: kept, never current).
+_RESULT_COLUMN_DEFS = """
     config_hash TEXT NOT NULL REFERENCES runs(config_hash),
     dataset TEXT NOT NULL,
     output TEXT NOT NULL,
@@ -54,16 +54,15 @@ CREATE TABLE IF NOT EXISTS superseded_probes (
     seconds REAL,
     record_json TEXT NOT NULL,
     created REAL NOT NULL,
-    recipe TEXT,
+    recipe TEXT"""
+# Their names in that order, for moving a row from one table to the other.
+RESULT_COLUMNS = ", ".join(line.split()[0] for line in _RESULT_COLUMN_DEFS.strip().splitlines())
+SUPERSEDED_TABLE = f"""
+CREATE TABLE IF NOT EXISTS superseded_probes ({_RESULT_COLUMN_DEFS},
     superseded REAL NOT NULL,
     UNIQUE (config_hash, dataset, output, probe, labels, recipe)
 );
 """
-# The columns a result row has in both tables (probes' id aside), in one order for moving rows.
-RESULT_COLUMNS = (
-    "config_hash, dataset, output, probe, labels, val_top1_percent, test_top1_percent, chosen_json, feature_dim, "
-    "train_images, seconds, record_json, created, recipe"
-)
 KEY_SQL = "config_hash = ? AND dataset = ? AND output = ? AND probe = ? AND labels = ?"
 
 _SCHEMA = """
@@ -113,21 +112,7 @@ CREATE TABLE IF NOT EXISTS plan (
     UNIQUE (config_hash, dataset, output, probe, labels)
 );
 CREATE TABLE IF NOT EXISTS probes (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
-    dataset TEXT NOT NULL,
-    output TEXT NOT NULL,
-    probe TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    val_top1_percent REAL,
-    test_top1_percent REAL,
-    chosen_json TEXT,
-    feature_dim INTEGER,
-    train_images INTEGER,
-    seconds REAL,
-    record_json TEXT NOT NULL,
-    created REAL NOT NULL,
-    recipe TEXT,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,""" + _RESULT_COLUMN_DEFS + """,
     UNIQUE (config_hash, dataset, output, probe, labels)
 );
 CREATE TABLE IF NOT EXISTS curves (
@@ -139,7 +124,6 @@ CREATE TABLE IF NOT EXISTS curves (
     UNIQUE (config_hash, step, name)
 );
 """ + SUPERSEDED_TABLE
-
 
 
 def unreadable(path: Path, reason: str) -> PretextlabError:
