@@ -4,36 +4,40 @@ from __future__ import annotations
 
 import html
 import re
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from pretextlab.report.document import Block, Cell, anchor
 
 
-def _md_cell(cell: Cell) -> str:
-    text = cell.text.replace("|", "\\|")
-    if cell.link:
-        text = f"[{text}](#{anchor(cell.link)})"
-    if cell.bold:
-        text = f"**{text}**"
-    if cell.underline:
-        text = f"<ins>{text}</ins>"
-    return text
+@dataclass(frozen=True)
+class _Inline:
+    """How one output format marks up a table cell's text: its escaping, link, bold and underline."""
+
+    escape: Callable[[str], str]
+    link: str  # a str.format template with {text} and {href}
+    bold: str
+    underline: str
+
+    def cell(self, cell: Cell) -> str:
+        text = self.escape(cell.text)
+        if cell.link:
+            text = self.link.format(text=text, href=anchor(cell.link))
+        if cell.bold:
+            text = self.bold.format(text=text)
+        if cell.underline:
+            text = self.underline.format(text=text)
+        return text
 
 
-def _html_inline(cell: Cell) -> str:
-    text = html.escape(cell.text)
-    if cell.link:
-        text = f'<a href="#{anchor(cell.link)}">{text}</a>'
-    if cell.bold:
-        text = f"<b>{text}</b>"
-    if cell.underline:
-        text = f"<u>{text}</u>"
-    return text
+# Markdown underlines with <ins> (GitHub renders it; there is no Markdown underline).
+_MARKDOWN = _Inline(lambda text: text.replace("|", "\\|"), "[{text}](#{href})", "**{text}**", "<ins>{text}</ins>")
+_HTML = _Inline(html.escape, '<a href="#{href}">{text}</a>', "<b>{text}</b>", "<u>{text}</u>")
 
 
 def _html_cell(cell: Cell, align: str) -> str:
     classes = " ".join(c for c in ("num" if align == "right" else "", "missing" if cell.missing else "") if c)
-    return f'<td class="{classes}">{_html_inline(cell)}</td>' if classes else f"<td>{_html_inline(cell)}</td>"
+    return f'<td class="{classes}">{_HTML.cell(cell)}</td>' if classes else f"<td>{_HTML.cell(cell)}</td>"
 
 
 def render_markdown(blocks: Sequence[Block]) -> str:
@@ -48,7 +52,7 @@ def render_markdown(blocks: Sequence[Block]) -> str:
             out.append("| " + " | ".join(h.replace("|", "\\|") for h in table.header) + " |")
             out.append("|" + "|".join("---:" if a == "right" else ":---" for a in table.alignment()) + "|")
             for row in table.rows:
-                out.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
+                out.append("| " + " | ".join(_MARKDOWN.cell(c) for c in row) + " |")
             out.append("")
         elif block.kind == "image":
             out.append(f"![{block.text}]({block.path})\n")
@@ -61,7 +65,7 @@ def render_markdown(blocks: Sequence[Block]) -> str:
         elif block.kind == "anchor":
             out.append(f'<a id="{block.text}"></a>\n')
         elif block.kind == "list":
-            out.append("\n".join("- " + "".join(_md_cell(c) for c in item) for item in block.items) + "\n")
+            out.append("\n".join("- " + "".join(_MARKDOWN.cell(c) for c in item) for item in block.items) + "\n")
     return "\n".join(out)
 
 
@@ -183,7 +187,7 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
             elif block.kind == "code":
                 out.append(f"<pre>{html.escape(block.text)}</pre>")
             elif block.kind == "list":
-                out.append("<ul>\n" + "\n".join("<li>" + "".join(_html_inline(c) for c in item) + "</li>" for item in block.items) + "\n</ul>")
+                out.append("<ul>\n" + "\n".join("<li>" + "".join(_HTML.cell(c) for c in item) + "</li>" for item in block.items) + "\n</ul>")
         return out
 
     return (
