@@ -195,6 +195,13 @@ def _style(data: StudyData, style: FigureStyle | None) -> FigureStyle:
     return style if style is not None else FigureStyle.for_study(data)
 
 
+def _task_panels(data: StudyData, series: dict[tuple[str, str], list[Any]]) -> tuple[Figure, list[tuple[Any, str, list[list[Any]]]]]:
+    """One panel per task with results and, for each, its networks' point lists in the study's order."""
+    tasks = [t for t in data.tasks if any(k[0] == t for k in series)]
+    figure, axes = _panels(len(tasks))
+    return figure, [(ax, t, [series[(t, n)] for n in data.networks if series.get((t, n))]) for ax, t in zip(axes, tasks)]
+
+
 def figure_by_output(data: StudyData, dataset: str, probe: str, path: Path, style: FigureStyle | None = None) -> FigureResult:
     title = f"{dataset}: {probe} test top-1 by output (largest width per network)"
     style = _style(data, style)
@@ -213,15 +220,11 @@ def figure_by_output(data: StudyData, dataset: str, probe: str, path: Path, styl
     if not points:
         checks = _placeholder(path, title, "output", "test top-1 (%)", f"no {probe} results on {dataset} yet", style)
         return FigureResult("by_output", title, path, 0, checks=checks)
-    tasks = [t for t in data.tasks if any(k[0] == t for k in series)]
-    figure, axes = _panels(len(tasks))
-    for ax, task in zip(axes, tasks):
-        for network in data.networks:
-            pts = series.get((task, network))
-            if pts:
-                config_hash = pts[0][2]
-                _run_line(ax, style.of(data.runs[config_hash]), config_hash,
-                          [outputs.index(o) for o, _, _ in pts], [v for _, v, _ in pts])
+    figure, panels = _task_panels(data, series)
+    for ax, task, lines in panels:
+        for pts in lines:
+            config_hash = pts[0][2]
+            _run_line(ax, style.of(data.runs[config_hash]), config_hash, [outputs.index(o) for o, _, _ in pts], [v for _, v, _ in pts])
         ax.set_xticks(range(len(outputs)), outputs, rotation=30, ha="right")
         _label_panel(ax, TASK_TITLES.get(task, task), "output", "test top-1 (%)")
     _outside_legend(figure)
@@ -244,16 +247,13 @@ def figure_by_width(data: StudyData, dataset: str, output: str, probe: str, path
         checks = _placeholder(path, title, "widening factor k", "test top-1 (%)", f"no {probe} results at {output} on {dataset} yet", style)
         return FigureResult("by_width", title, path, 0, checks=checks)
     widths = sorted({w for s in series.values() for w, _, _ in s})
-    tasks = [t for t in data.tasks if any(k[0] == t for k in series)]
-    figure, axes = _panels(len(tasks))
-    for ax, task in zip(axes, tasks):
-        for network in data.networks:
-            pts = series.get((task, network))
-            if pts:
-                # The network's line joins its widths; each point is a run, in that run's marker.
-                ax.plot([w for w, _, _ in pts], [v for _, v, _ in pts], "-", color=style.of(data.runs[pts[0][2]]).color, alpha=0.6)
-                for w, v, h in pts:
-                    _run_line(ax, style.of(data.runs[h]), h, [w], [v], line=False)
+    figure, panels = _task_panels(data, series)
+    for ax, task, lines in panels:
+        for pts in lines:
+            # The network's line joins its widths; each point is a run, in that run's marker.
+            ax.plot([w for w, _, _ in pts], [v for _, v, _ in pts], "-", color=style.of(data.runs[pts[0][2]]).color, alpha=0.6)
+            for w, v, h in pts:
+                _run_line(ax, style.of(data.runs[h]), h, [w], [v], line=False)
         ax.set_xscale("log", base=2)
         ax.set_xticks(widths, [str(w) for w in widths])
         ax.minorticks_off()
