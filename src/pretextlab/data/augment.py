@@ -13,7 +13,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 from pretextlab.errors import PretextlabError
 
@@ -99,6 +98,9 @@ def crop_and_resize(x: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int,
     rois = torch.cat([torch.arange(x.shape[0], device=x.device, dtype=x.dtype)[:, None], boxes.to(x.dtype)], dim=1)
     # aligned=True puts pixel centres at +0.5 (as F.interpolate with align_corners=False); the
     # adaptive sampling ratio averages ceil(box/size) samples per output pixel, an antialias.
+    # Imported here, not at the top: importing torchvision loads its model zoo (~1.5 s), which
+    # every `pretextlab` command would otherwise pay at start-up for the one op used from it.
+    from torchvision.ops import roi_align
     return roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 

@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.ops import roi_align
 
 from pretextlab.data import augment
 from pretextlab.errors import PretextlabError
@@ -74,6 +73,9 @@ def crops_per_image(
     )
     source = torch.arange(batch, device=images.device).repeat_interleave(copies)
     rois = torch.cat([source[:, None].to(images.dtype), boxes.to(images.dtype)], dim=1)
+    # Imported here, not at the top: importing torchvision loads its model zoo (~1.5 s), which
+    # every `pretextlab` command would otherwise pay at start-up for the one op used from it.
+    from torchvision.ops import roi_align
     return roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
