@@ -156,3 +156,25 @@ def test_a_format_1_result_has_no_known_recipe_so_only_a_plan_without_one_counts
         assert [p["output"] for p in store.superseded()] == ([] if current else ["pre_logits"])
         status = {r["config_hash"]: r["status"] for r in store.runs()}["a1b2c3d4e5f6"]
         assert status == ("finished" if current else "pending")
+
+
+def test_two_evaluations_planning_one_result_with_different_settings_are_refused(tmp_path):
+    """One stored result per (dataset, output, probe, labels): if two evaluations overlap there with
+    different settings, keeping the first silently would report one recipe's number under the other's."""
+    from pretextlab.errors import PretextlabError
+
+    base = {
+        "name": "overlap",
+        "pretext": {"dataset": "fashion-mnist", "limit": 200, "val_size": 40, "epochs": 0.5, "batch_size": 16},
+        "grids": [{"tasks": ["rotation"], "networks": ["resnet50v1"], "widths": [1]}],
+        "downstream": {"fm": {"dataset": "fashion-mnist", "limit": 200, "test_limit": 100}},
+    }
+    first = {"outputs": ["block3", "pre_logits"], "probes": ["lbfgs"], "l2_grid": [1.0, 0.1]}
+    clash = {"outputs": ["pre_logits"], "probes": ["lbfgs"], "l2_grid": [0.01]}
+    with pytest.raises(PretextlabError, match=r"two evaluations ask for the lbfgs probe of pre_logits on fm .*different settings"):
+        expand_cells(parse_study({**base, "evaluations": [first, clash]}, out=tmp_path / "a"))
+    # The same settings twice plan the result once; disjoint outputs are no clash.
+    [cell] = expand_cells(parse_study({**base, "evaluations": [first, dict(first)]}, out=tmp_path / "b"))
+    assert sorted(job.output for job in cell.plan) == ["block3", "pre_logits"]
+    [cell] = expand_cells(parse_study({**base, "evaluations": [first, {**clash, "outputs": ["block2"]}]}, out=tmp_path / "c"))
+    assert sorted(job.output for job in cell.plan) == ["block2", "block3", "pre_logits"]

@@ -105,11 +105,20 @@ def expand_cells(study: Study) -> list[Cell]:
                                 run_dir=study.directory / RUNS_DIR / config_hash,
                                 plan=[],
                             )
-                        known = {job.key for job in cell.plan}
+                        known = {job.key: job for job in cell.plan}
                         for job in _plan(study, task, network, width, size, outputs_cache):
-                            if job.key not in known:
+                            first = known.setdefault(job.key, job)
+                            if first is job:
                                 cell.plan.append(job)
-                                known.add(job.key)
+                            elif first.recipe != job.recipe:
+                                # One stored result per key: silently keeping the first recipe
+                                # would report one evaluation's number under the other's settings.
+                                raise PretextlabError(
+                                    f"two evaluations ask for the {job.stored_probe} probe of "
+                                    f"{job.output} on {job.dataset} with labels {job.labels.tag} for "
+                                    f"{cell.label} with different settings (l2_grid or sgd): give them the "
+                                    "same settings, or restrict one with where: / outputs: / labels: so they do not overlap"
+                                )
     return list(cells.values())
 
 
