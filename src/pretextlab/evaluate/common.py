@@ -10,6 +10,10 @@ is *zeroed* everywhere (scale 0), not divided by 1. Dividing by 1 would leave it
 (which need not be constant) in the input, where they pass through weights the data never
 trained: noise for an SGD probe's random initial weights, and roundoff times a possibly huge value
 for L-BFGS. Zeroing makes the result exactly what it would be without that column.
+
+A probe can also run data-parallel (``Shard``): each rank of an initialised process group holds
+rows ``Shard.rows(N)`` of the training split, and every sum over rows (column moments, loss,
+gradient, correct predictions) is all-reduced, so every rank computes what one process would.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pretextlab.errors import PretextlabError
 
@@ -105,47 +110,101 @@ class ProbeData:
         return checked_splits(self.train, self.val, self.test, self.num_classes)
 
 
-def check_finite(features: np.ndarray, name: str) -> None:
-    for start in range(0, len(features), CHUNK_ROWS):
-        if not np.isfinite(features[start : start + CHUNK_ROWS]).all():
-            raise non_finite_error(name)
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a data-parallel probe: rank ``rank`` of ``world`` (1: the whole data,
+    no communication). Every rank must make the same calls in the same order (collectives), which
+    run on ``device`` (CUDA for NCCL, the CPU for gloo) whatever device a tensor lives on."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def of_process_group(cls) -> "Shard":
+        """The default process group's rank and size (torchrun's job, a study cell's DDP job)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            raise PretextlabError("a sharded probe needs an initialised process group (torch.distributed.init_process_group, e.g. under torchrun)")
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    def rows(self, count: int) -> slice:
+        """This rank's contiguous block of ``count`` rows (sizes differ by at most one)."""
+        return slice(count * self.rank // self.world, count * (self.rank + 1) // self.world)
+
+    def _collective(self, tensor: torch.Tensor, operation: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+        if self.world == 1:
+            return tensor
+        if tensor.device == self.device:
+            operation(tensor)
+        else:
+            moved = tensor.to(self.device)
+            operation(moved)
+            tensor.copy_(moved)
+        return tensor
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over ranks, in place."""
+        return self._collective(tensor, dist.all_reduce)
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank, in place: one copy of what a single process decides."""
+        return self._collective(tensor, lambda t: dist.broadcast(t, src=0))
 
 
-def standardisation(features: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+SINGLE = Shard()
+
+
+def check_finite(features: np.ndarray, name: str, shard: Shard = SINGLE) -> None:
+    bad = any(not np.isfinite(features[start : start + CHUNK_ROWS]).all() for start in range(0, len(features), CHUNK_ROWS))
+    # Every rank raises together (one rank raising alone would leave the others in a collective).
+    if shard.sum_(torch.tensor([float(bad)], dtype=torch.float64)).item() > 0:
+        raise non_finite_error(name)
+
+
+def standardisation(features: np.ndarray, name: str, shard: Shard = SINGLE) -> tuple[np.ndarray, np.ndarray]:
     """Column mean and 1/std in float64, by chunks (no float64 copy of the whole matrix); constant
     columns get 1/std = 0 (see the module doc). A NaN or inf anywhere makes the sums non-finite, so
-    this is the finiteness check of the split too."""
-    total = np.zeros(features.shape[1])
-    squares = np.zeros(features.shape[1])
+    this is the finiteness check of the split too. With a ``shard``, ``features`` are this rank's
+    rows and the sums and row count are all-reduced: the moments of the whole split."""
+    dim = features.shape[1]
+    sums = np.zeros(2 * dim + 1)  # column sums, column sums of squares, rows
     for start in range(0, len(features), CHUNK_ROWS):
         chunk = np.asarray(features[start : start + CHUNK_ROWS], dtype=np.float64)
-        total += chunk.sum(0)
-        squares += np.square(chunk).sum(0)
+        sums[:dim] += chunk.sum(0)
+        sums[dim : 2 * dim] += np.square(chunk).sum(0)
+    sums[-1] = len(features)
+    sums = shard.sum_(torch.from_numpy(sums)).numpy()
+    total, squares, count = sums[:dim], sums[dim : 2 * dim], sums[-1]
     if not (np.isfinite(total).all() and np.isfinite(squares).all()):
         raise non_finite_error(name)
-    mean = total / len(features)
-    std = np.sqrt(np.maximum(squares / len(features) - mean**2, 0.0))
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     constant = std < 1e-12 * np.maximum(1.0, np.abs(mean))
     inv_std = np.where(constant, 0.0, 1.0 / np.where(constant, 1.0, std))
     return mean, inv_std
 
 
 class Standardised:
-    """One split as a probe reads it: standardised float32 rows on the device, either all held
-    there (``resident``) or loaded per request from the caller's array (never written to)."""
+    """One split as a probe reads it: standardised rows (float32 unless ``dtype`` says otherwise)
+    on the device, either all held there (``resident``) or loaded per request from the caller's
+    array (never written to)."""
 
     def __init__(
-        self, features: np.ndarray, moments: tuple[np.ndarray, np.ndarray] | None, device: torch.device, resident: bool = False
+        self, features: np.ndarray, moments: tuple[np.ndarray, np.ndarray] | None, device: torch.device, resident: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.features = features
         self.device = device
+        self.dtype = dtype
         self.mean = self.inv_std = None
         if moments is not None:
-            self.mean = torch.from_numpy(moments[0]).to(device=device, dtype=torch.float32)
-            self.inv_std = torch.from_numpy(moments[1]).to(device=device, dtype=torch.float32)
+            self.mean = torch.from_numpy(moments[0]).to(device=device, dtype=dtype)
+            self.inv_std = torch.from_numpy(moments[1]).to(device=device, dtype=dtype)
         self.whole: torch.Tensor | None = None
         if resident:
-            whole = torch.empty(features.shape, dtype=torch.float32, device=device)
+            whole = torch.empty(features.shape, dtype=dtype, device=device)
             for start in range(0, len(features), CHUNK_ROWS):
                 whole[start : start + CHUNK_ROWS] = self.load(features[start : start + CHUNK_ROWS])
             self.whole = whole
@@ -155,7 +214,7 @@ class Standardised:
 
     def load(self, rows: np.ndarray) -> torch.Tensor:
         # np.array copies, so the caller's (often read-only, memory-mapped) array is never touched.
-        x = torch.from_numpy(np.array(rows, dtype=np.float32)).to(self.device)
+        x = torch.from_numpy(np.array(rows, dtype=np.float32)).to(device=self.device, dtype=self.dtype)
         if self.mean is not None:
             x = x.sub_(self.mean).mul_(self.inv_std)
         return x
@@ -174,16 +233,20 @@ class Standardised:
                 yield self.load(self.features[start : start + CHUNK_ROWS])
 
 
-def split_moments(features: np.ndarray, name: str, standardize: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    """The train split's standardisation (None when off, after checking it is finite)."""
+def split_moments(features: np.ndarray, name: str, standardize: bool, shard: Shard = SINGLE) -> tuple[np.ndarray, np.ndarray] | None:
+    """The train split's standardisation (None when off, after checking it is finite); with a
+    ``shard``, ``features`` are this rank's rows of it."""
     if standardize:
-        return standardisation(features, name)
-    check_finite(features, name)
+        return standardisation(features, name, shard)
+    check_finite(features, name, shard)
     return None
 
 
-def accuracy_percent(logits_of: Callable[[torch.Tensor], torch.Tensor], split: Standardised, labels: np.ndarray | torch.Tensor) -> float:
-    """Top-1 accuracy in percent of ``logits_of`` over ``split``, chunk by chunk, without gradients."""
+def accuracy_percent(
+    logits_of: Callable[[torch.Tensor], torch.Tensor], split: Standardised, labels: np.ndarray | torch.Tensor, shard: Shard = SINGLE
+) -> float:
+    """Top-1 accuracy in percent of ``logits_of`` over ``split``, chunk by chunk, without gradients;
+    with a ``shard``, ``split`` and ``labels`` are this rank's rows and the counts are all-reduced."""
     labels = torch.as_tensor(labels).to(split.device)
     correct = torch.zeros((), dtype=torch.int64, device=split.device)
     start = 0
@@ -191,4 +254,5 @@ def accuracy_percent(logits_of: Callable[[torch.Tensor], torch.Tensor], split: S
         for chunk in split.chunks():
             correct += (logits_of(chunk).argmax(1) == labels[start : start + len(chunk)]).sum()
             start += len(chunk)
-    return 100.0 * int(correct) / len(labels)
+    counts = shard.sum_(torch.tensor([int(correct), len(labels)], dtype=torch.int64, device=split.device))
+    return 100.0 * int(counts[0]) / int(counts[1])

@@ -17,6 +17,13 @@ iterations instead of hundreds.
 from the previous solution, chooses the value with the best validation accuracy (ties go to the
 stronger one) and reports the test accuracy of that one fit. Accuracies are in percent (0-100), as
 every table and bar shows them, and named so (``val_top1_percent``).
+
+Beyond one device's memory (ImageNet's 1.23M x 9000 training features are 44 GB in float32) the
+probe runs data-parallel, ``shard=Shard.of_process_group()`` on every rank: each rank holds its
+block of training rows, the standardisation's column sums, the whitening's second-moment matrix
+and every closure's loss and gradient are all-reduced, and the preconditioner and each fit's
+solution are rank 0's, broadcast; so the L2 chosen and the accuracies are those of one process
+(equal up to the order of float sums) and a rank holds 1/world of the features.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from tqdm.auto import tqdm
 
 from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
-from pretextlab.evaluate.common import ProbeData, ProbeResult, Standardised, accuracy_percent, check_finite, split_moments
+from pretextlab.evaluate.common import (
+    SINGLE, ProbeData, ProbeResult, Shard, Standardised, accuracy_percent, check_finite, split_moments,
+)
 
 DEFAULT_L2_GRID: tuple[float, ...] = tuple(10.0**k for k in range(1, -7, -1))  # 1e1 ... 1e-6, strongest first
 EIGH_FLOAT64_MAX_DIM = 4096
@@ -76,10 +85,11 @@ class LbfgsResult(ProbeResult):
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """float32 on ``device``; a float64 tensor stays float64 (the exactness checks fit in float64)."""
     if not isinstance(x, torch.Tensor):
         array = np.asarray(x, dtype=np.float32)
         x = torch.from_numpy(array if array.flags.writeable else array.copy())
-    return x.to(device=device, dtype=torch.float32)
+    return x.to(device=device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 class _Converged(Exception):
@@ -104,17 +114,26 @@ class Whitening:
     strength: float = 30.0
 
     @classmethod
-    def of(cls, x: torch.Tensor, strength: float = 30.0) -> "Whitening":
+    def of(cls, x: torch.Tensor, strength: float = 30.0, shard: Shard = SINGLE) -> "Whitening":
         """From the (standardised) training features, all rows: the directions of small variance
-        are the ones that slow L-BFGS down, and a row sample estimates them too poorly to help."""
-        second_moment = torch.mm(x.t(), x).div_(len(x))
-        # float64 where it is cheap (D <= 4096 takes seconds); float32 halves the O(D^3) cost beyond.
-        dtype = torch.float64 if x.shape[1] <= EIGH_FLOAT64_MAX_DIM else torch.float32
-        try:
-            eigenvalues, eigenvectors = torch.linalg.eigh(second_moment.to(dtype))
-        except RuntimeError:  # rare non-convergence in float32: float64 always converges here
-            eigenvalues, eigenvectors = torch.linalg.eigh(second_moment.double())
-        return cls(eigenvalues.clamp_min(0.0).float(), eigenvectors.float(), strength)
+        are the ones that slow L-BFGS down, and a row sample estimates them too poorly to help.
+        With a ``shard``, ``x`` is this rank's rows: the matrix is all-reduced, decomposed on rank
+        0 and broadcast, so every rank fits in the same coordinates."""
+        rows = shard.sum_(torch.tensor([len(x)], dtype=torch.float64))
+        second_moment = shard.sum_(torch.mm(x.t(), x)).div_(float(rows))
+        dim = x.shape[1]
+        eigenvalues = torch.empty(dim, dtype=x.dtype, device=x.device)
+        eigenvectors = torch.empty(dim, dim, dtype=x.dtype, device=x.device)
+        if shard.rank == 0:
+            # float64 where it is cheap (D <= 4096 takes seconds); float32 halves the O(D^3) cost beyond.
+            dtype = torch.float64 if dim <= EIGH_FLOAT64_MAX_DIM else x.dtype
+            try:
+                values, vectors = torch.linalg.eigh(second_moment.to(dtype))
+            except RuntimeError:  # rare non-convergence in float32: float64 always converges here
+                values, vectors = torch.linalg.eigh(second_moment.double())
+            eigenvalues.copy_(values.clamp_min(0.0))
+            eigenvectors.copy_(vectors)
+        return cls(shard.broadcast_(eigenvalues), shard.broadcast_(eigenvectors), strength)
 
     def scales(self, l2: float) -> torch.Tensor:
         floor = 1e-6 * max(float(self.eigenvalues.mean()), 1e-12)  # for l2 = 0: still invertible
@@ -131,6 +150,7 @@ def fit_logistic_regression(
     history_size: int,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     whitening: Whitening | None = None,
+    shard: Shard = SINGLE,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Minimise mean cross-entropy + l2/2 ||W||^2 over (W (C, D), b (C,)) with full-batch L-BFGS.
 
@@ -140,21 +160,24 @@ def fit_logistic_regression(
     where every entry of the gradient of the objective in (W, b) is at most ``tolerance`` (as
     scikit-learn's lbfgs ``tol``), or after ``max_iter`` iterations. Returns (W, b, info) with info:
     iterations, function_evals, loss, grad_max (largest gradient entry at the end), converged,
-    seconds.
+    seconds. With a ``shard``, (x, y) are this rank's rows: the data term's sums are all-reduced
+    at every evaluation and the result is rank 0's (every rank computes the same steps).
     """
     started = time.perf_counter()
     device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     x = _as_tensor(x, device)
     targets = (y if isinstance(y, torch.Tensor) else torch.tensor(np.asarray(y), dtype=torch.int64)).to(device=device, dtype=torch.int64)
-    n, dim = x.shape
-    one_hot = torch.zeros(n, num_classes, device=device)
-    one_hot[torch.arange(n, device=device), targets] = 1.0
+    rows, dim = x.shape
+    dtype = x.dtype
+    n = int(shard.sum_(torch.tensor([rows], dtype=torch.int64)))
+    one_hot = torch.zeros(rows, num_classes, device=device, dtype=dtype)
+    one_hot[torch.arange(rows, device=device), targets] = 1.0
     basis = scale = None
     if whitening is not None:
-        basis = whitening.eigenvectors.to(device=device, dtype=torch.float32)
-        scale = whitening.scales(l2).to(device=device, dtype=torch.float32)
-    weight0 = torch.zeros(num_classes, dim, device=device) if init is None else init[0].detach().to(device=device, dtype=torch.float32)
-    bias0 = torch.zeros(num_classes, device=device) if init is None else init[1].detach().to(device=device, dtype=torch.float32)
+        basis = whitening.eigenvectors.to(device=device, dtype=dtype)
+        scale = whitening.scales(l2).to(device=device, dtype=dtype)
+    weight0 = torch.zeros(num_classes, dim, device=device, dtype=dtype) if init is None else init[0].detach().to(device=device, dtype=dtype)
+    bias0 = torch.zeros(num_classes, device=device, dtype=dtype) if init is None else init[1].detach().to(device=device, dtype=dtype)
     # The optimised variable: W itself, or U with W = (U * scale) @ basis.T.
     variable = (weight0.clone() if basis is None else torch.mm(weight0, basis).div_(scale)).requires_grad_(True)
     bias = bias0.clone().requires_grad_(True)
@@ -181,10 +204,19 @@ def fit_logistic_regression(
             weight = weight_of(variable)
             logits = torch.addmm(bias, x, weight.t())
             log_norm = torch.logsumexp(logits, dim=1, keepdim=True)
-            data_loss = (log_norm.squeeze(1) - (logits * one_hot).sum(1)).sum(dtype=torch.float64) * inv_n
+            data_loss = (log_norm.squeeze(1) - (logits * one_hot).sum(1)).sum(dtype=torch.float64)
             residual = torch.exp(logits.sub_(log_norm)).sub_(one_hot)  # softmax - onehot, in place
-            weight_grad = torch.addmm(weight, residual.t(), x, beta=l2, alpha=inv_n)
-            bias.grad = residual.sum(0).mul_(inv_n)
+            if shard.world == 1:
+                weight_grad = torch.addmm(weight, residual.t(), x, beta=l2, alpha=inv_n)
+                bias.grad = residual.sum(0).mul_(inv_n)
+            else:
+                # The loss sum stays float64 (the line search compares losses); the gradient's sums
+                # travel in the fit's dtype, in one message.
+                data_loss = shard.sum_(data_loss.view(1))[0]
+                sums = shard.sum_(torch.cat([torch.mm(residual.t(), x).view(-1), residual.sum(0)])).mul_(inv_n)
+                weight_grad = sums[: weight.numel()].view_as(weight).add_(weight, alpha=l2)
+                bias.grad = sums[weight.numel() :]
+            data_loss = data_loss * inv_n
             loss = data_loss + 0.5 * l2 * weight.pow(2).sum(dtype=torch.float64)
             grad_max = max(float(weight_grad.abs().max()), float(bias.grad.abs().max()))
             last.update(evals=last["evals"] + 1, loss=float(loss), grad_max=grad_max)
@@ -211,7 +243,8 @@ def fit_logistic_regression(
     }
     with torch.no_grad():
         weight = weight_of(variable.detach())
-    return weight, bias.detach(), info
+    # Every rank took the same steps on the same all-reduced values; rank 0's copy makes it certain.
+    return shard.broadcast_(weight), shard.broadcast_(bias.detach()), info
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -229,30 +262,45 @@ def lbfgs_probe(
 
     Each split is (features float (N, D), labels int (N,)); features may be memmaps. Accuracies in
     the result are percent. ``label`` names what is probed (e.g. the layer) on the progress bar.
+    Data-parallel over ranks: ``fit_lbfgs_probe(..., shard=...)`` (``distributed_probe``).
     """
+    return fit_lbfgs_probe(data, config, progress=progress, label=label)[0]
+
+
+def fit_lbfgs_probe(
+    data: ProbeData, config: LbfgsConfig | None = None, *, progress: bool = True, label: str = "", shard: Shard = SINGLE,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[LbfgsResult, torch.Tensor, torch.Tensor]:
+    """``lbfgs_probe``, also returning the chosen classifier (W (C, D), b (C,)) in standardised
+    coordinates; ``dtype`` float64 fits in double precision (for exactness checks). With a
+    ``shard`` every rank calls this with the same whole splits and loads only its rows."""
     started = time.perf_counter()
     config = config or LbfgsConfig()
     splits, num_classes = data.checked(), data.num_classes
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits["train"], splits["val"], splits["test"]
+    # This rank's rows of every split: the training rows it holds, the val/test rows it scores.
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
+        (x[shard.rows(len(x))], y[shard.rows(len(y))]) for x, y in (splits["train"], splits["val"], splits["test"])
+    )
     device = resolve_device(config.device)
-    moments = split_moments(train_x, "train", config.standardize)
-    check_finite(val_x, "val")
-    check_finite(test_x, "test")
-    x = Standardised(train_x, moments, device, resident=True).whole
+    moments = split_moments(train_x, "train", config.standardize, shard)
+    check_finite(val_x, "val", shard)
+    check_finite(test_x, "test", shard)
+    x = Standardised(train_x, moments, device, resident=True, dtype=dtype).whole
     assert x is not None
-    val_set, test_set = Standardised(val_x, moments, device), Standardised(test_x, moments, device)
+    val_set, test_set = (Standardised(split_x, moments, device, dtype=dtype) for split_x in (val_x, test_x))
     y = torch.tensor(train_y, dtype=torch.int64, device=device)
-    whitening = Whitening.of(x) if config.precondition else None
+    whitening = Whitening.of(x, shard=shard) if config.precondition else None
     per_setting: list[dict[str, float]] = []
     best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None
     init = None
-    bar = tqdm(config.l2_grid, desc=f"L-BFGS probe {label}".rstrip(), unit="l2", disable=not progress)
+    bar = tqdm(config.l2_grid, desc=f"L-BFGS probe {label}".rstrip(), unit="l2", disable=not progress or shard.rank != 0)
     for l2 in bar:
         weight, bias, info = fit_logistic_regression(
-            x, y, num_classes, l2, config.max_iter, config.tolerance, config.history_size, init=init, whitening=whitening
+            x, y, num_classes, l2, config.max_iter, config.tolerance, config.history_size, init=init, whitening=whitening,
+            shard=shard,
         )
         init = (weight, bias)
-        val_top1 = accuracy_percent(_linear(weight, bias), val_set, val_y)
+        val_top1 = accuracy_percent(_linear(weight, bias), val_set, val_y, shard)
         per_setting.append(
             {
                 "l2": l2,
@@ -269,22 +317,27 @@ def lbfgs_probe(
             best = (l2, val_top1, weight.clone(), bias.clone())
     assert best is not None
     chosen_l2, val_top1, weight, bias = best
-    test_top1 = accuracy_percent(_linear(weight, bias), test_set, test_y)
-    return LbfgsResult(
+    test_top1 = accuracy_percent(_linear(weight, bias), test_set, test_y, shard)
+    settings: dict[str, Any] = {
+        "l2_grid": list(config.l2_grid),
+        "max_iter": config.max_iter,
+        "tolerance": config.tolerance,
+        "history_size": config.history_size,
+        "standardize": config.standardize,
+        "precondition": config.precondition,
+        "device": str(device),
+    }
+    if shard.world > 1:
+        # How the work was split (not part of the recipe: the numbers are those of one process).
+        settings.update(world_size=shard.world, rank_train_rows=int(len(x)), rank_feature_bytes=x.numel() * x.element_size())
+    result = LbfgsResult(
         probe="lbfgs",
         val_top1_percent=val_top1,
         test_top1_percent=test_top1,
         chosen={"l2": chosen_l2},
         per_setting=per_setting,
         seconds=time.perf_counter() - started,
-        train_size=int(len(train_y)),
-        settings={
-            "l2_grid": list(config.l2_grid),
-            "max_iter": config.max_iter,
-            "tolerance": config.tolerance,
-            "history_size": config.history_size,
-            "standardize": config.standardize,
-            "precondition": config.precondition,
-            "device": str(device),
-        },
+        train_size=int(len(splits["train"][1])),
+        settings=settings,
     )
+    return result, weight, bias
