@@ -26,7 +26,9 @@ PAPER_DECAY_EPOCHS = (15.0, 25.0)
 
 # Fields that do not change what a run computes: left out of the hash and of resume's comparison.
 # ``data_dir`` is not one of them: two image folders are two datasets (resolve makes it a real path).
-_RUNTIME_FIELDS = frozenset({"device", "workers", "checkpoint_every", "compile"})
+# The kNN monitor and the live logs only watch the run (issue 17): they change no weight.
+_RUNTIME_FIELDS = frozenset({"device", "workers", "checkpoint_every", "compile",
+                             "monitor_every", "monitor_outputs", "monitor_labels", "monitor_images", "wandb"})
 
 # Keys that config.json files written by earlier versions hold but that are no longer options:
 # ``extra`` was never read. They are dropped on load.
@@ -151,6 +153,15 @@ class TrainConfig(_built_in_task_options()):
     val_batches: int | None = option(None, "cap on the validation batches scored per epoch", metavar="N")
     checkpoint_every: int | None = option(None, "also checkpoint every N steps inside an epoch", metavar="N")
     log_every: int = option(10, "log metrics every N steps", metavar="N")
+    monitor_every: int | None = option(
+        None, "kNN monitor (weighted kNN top-1 on frozen features, k=20 and 200) every N steps; default: at each "
+        "epoch's end; 0: off", metavar="STEPS",
+    )
+    monitor_outputs: tuple[str, ...] = option(("pre_logits",), "the named outputs the kNN monitor reads", metavar="OUTPUT")
+    monitor_labels: int = option(1000, "the kNN monitor's labelled bank: a class-balanced subset of the training split "
+                                 "(at most a tenth of it)", metavar="N")
+    monitor_images: int = option(1000, "held-out (validation split) images the kNN monitor scores", metavar="N")
+    wandb: str | None = option(None, "also log to this Weights & Biases project (pip install pretextlab[wandb])", metavar="PROJECT")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -300,6 +311,7 @@ _LOWER_BOUNDS = (
     ("val_batches", 1, True, "batches"),
     ("checkpoint_every", 1, True, "steps"),
     ("log_every", 1, True, "steps"),
+    ("monitor_every", 0, True, "steps; 0 turns the kNN monitor off"), ("monitor_labels", 1, True, "images"), ("monitor_images", 1, True, "images"),
 )
 _UPPER_BOUNDS = (("momentum", 1, False),)
 

@@ -13,7 +13,6 @@ import errno
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +25,8 @@ from pretextlab.data import BatchLoader, DatasetSplits, ImageSet, batches_per_ep
 from pretextlab.errors import PretextlabError
 from pretextlab.training.checkpoint import has_checkpoint, load_checkpoint, write_checkpoint
 from pretextlab.training.distributed import all_reduce_sum, barrier, distributed_context
+from pretextlab.training.knn_monitor import KnnMonitor, build_monitor
+from pretextlab.training.live_log import LiveLog, Window, timed
 from pretextlab.training.model import PretextModel, place_model, resolve_device
 from pretextlab.training.run_dir import (
     RunFiles,
@@ -44,17 +45,6 @@ from pretextlab.training.validation import MIN_VAL_SCORED, pretext_score
 
 def _percent(value: float | None) -> str:
     return "not scored" if value is None else f"{value:.2f}%"
-
-
-@dataclass
-class _Window:
-    """Training statistics since the last metrics line."""
-
-    loss: float = 0.0
-    right: int = 0
-    scored: int = 0
-    steps: int = 0
-    started: float = 0.0
 
 
 class Trainer:
@@ -87,6 +77,7 @@ class Trainer:
         self.stop_requested: int | None = None  # set by a signal handler on this rank
         self.stopping = False  # agreed by all ranks at the last step
         self.lock = RunLock(self.files)
+        self.live: LiveLog | None = None  # rank 0's TensorBoard / W&B mirror of metrics.jsonl, open during fit
         try:
             self._setup(resume, force, splits)
         except BaseException:
@@ -102,6 +93,7 @@ class Trainer:
             val_size=self.config.val_size, limit=self.config.limit, test_limit=self.config.test_limit, seed=self.config.seed,
         )
         self._build()
+        self.monitor: KnnMonitor | None = build_monitor(self.config, self.network, self.splits, self.device, self.dist.is_main)
         self.steps_per_epoch = batches_per_epoch(len(self.splits.train), self.config.batch_size, True, self.world_size)
         if self.steps_per_epoch < 1:
             raise PretextlabError(
@@ -163,6 +155,8 @@ class Trainer:
         )
 
     def save_checkpoint(self) -> None:
+        if self.live is not None:
+            self.live.flush()  # the dashboards show what the checkpoint holds
         if self.rank == 0:
             try:
                 write_checkpoint(self.files, self._checkpoint_state())
@@ -189,6 +183,8 @@ class Trainer:
                 append_metrics(self.files, record)
             except OSError as error:
                 raise self._write_failed(error, self.files.metrics) from None
+            if self.live is not None:
+                self.live.log(record)
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -278,9 +274,14 @@ class Trainer:
         try:
             if self.files.summary.exists() and self.step >= self.total_steps:
                 return json.loads(self.files.summary.read_text())
+            if self.rank == 0:
+                self.live = LiveLog(self.files.root, self.step, self.config.to_dict(), self.config.wandb)
             with stop_on_sigterm(self._request_stop):
                 return self._fit()
         finally:
+            if self.live is not None:
+                self.live.close()
+                self.live = None
             self.lock.release()
 
     def _fit(self) -> dict[str, Any]:
@@ -289,14 +290,15 @@ class Trainer:
             total=self.total_steps, initial=self.step, desc=f"{self.config.task}/{self.config.network}", unit="step",
             disable=not self.progress or self.rank != 0, dynamic_ncols=True,
         )
-        window = _Window(started=time.perf_counter())
+        window = Window(started=time.perf_counter())
         val_accuracy: float | None = None
         validated = False
         try:
             while self.step < self.total_steps:
-                for batch in self._epoch_batches():
+                for batch, waited in timed(self._epoch_batches()):
                     if self.step >= self.total_steps:
                         break
+                    window.data_wait += waited
                     self._step_on(batch, window)
                     bar.update(1)
                     if window.steps and (self.step % self.config.log_every == 0 or self.step == self.total_steps):
@@ -306,6 +308,8 @@ class Trainer:
                         val_accuracy, validated = self._end_epoch(), True
                     elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                         self.save_checkpoint()
+                    if self.config.monitor_every and self.step % self.config.monitor_every == 0:
+                        self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **self._monitor()})
                     if self.stopping:
                         self._stop(checkpointed=end_of_epoch)
         finally:
@@ -314,7 +318,7 @@ class Trainer:
             val_accuracy = self.pretext_accuracy(self.splits.val)
         return self._finish(val_accuracy, time.perf_counter() - started)
 
-    def _step_on(self, batch: Any, window: _Window) -> None:
+    def _step_on(self, batch: Any, window: Window) -> None:
         self.skipped += batch.skipped
         if len(batch.labels) >= 2:
             loss, right, scored = self.train_step(batch.images)
@@ -324,19 +328,12 @@ class Trainer:
         # the step still counts so step numbers stay equal to batch positions.
         self.step += 1
 
-    def _log_window(self, window: _Window, bar: Any) -> _Window:
-        elapsed = time.perf_counter() - window.started
-        record = {
-            "step": self.step,
-            "epoch": self.step / self.steps_per_epoch,
-            "lr": learning_rate(self.config, self.step - 1, self.steps_per_epoch, self.world_size),
-            "loss": window.loss / window.steps,
-            "pretext_accuracy_percent": 100.0 * window.right / window.scored if window.scored else None,
-            "images_per_s": window.steps * self.config.batch_size * self.world_size / max(elapsed, 1e-9),
-        }
+    def _log_window(self, window: Window, bar: Any) -> Window:
+        lr = learning_rate(self.config, self.step - 1, self.steps_per_epoch, self.world_size)
+        record = window.record(self.step, self.steps_per_epoch, lr, self.config.batch_size * self.world_size)
         self._log(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=_percent(record["pretext_accuracy_percent"]), lr=f"{record['lr']:.3g}")
-        return _Window(started=time.perf_counter())
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=_percent(record["pretext_accuracy_percent"]), lr=f"{lr:.3g}")
+        return Window(started=time.perf_counter())
 
     def _end_epoch(self) -> float | None:
         """Validate, log and checkpoint at the end of an epoch (or of the run)."""
@@ -348,12 +345,17 @@ class Trainer:
             "val_pretext_scored": self.val_scored,
             "skipped_images": self.skipped,
             "skipped_val_images": self.skipped_val,
+            **(self._monitor() if self.config.monitor_every is None else {}),
         })
         if self.rank == 0:
             # stderr, beside the progress bar: stdout carries the JSON summary only
             notice(f"epoch {self.step / self.steps_per_epoch:.2f}: val pretext accuracy {_percent(val_accuracy)}")
         self.save_checkpoint()
         return val_accuracy
+
+    def _monitor(self) -> dict[str, float]:
+        """The kNN monitor's fields (rank 0; {} on the others): frozen features, no gradient, no random draw."""
+        return {} if self.monitor is None else self.monitor.measure(self.network, self.task.eval_views, self.dtype)
 
     def _request_stop(self, signum: int) -> None:
         self.stop_requested = signum
