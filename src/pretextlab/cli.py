@@ -1,4 +1,4 @@
-"""The one `pretextlab` command: networks, train, evaluate, demo."""
+"""The one `pretextlab` command: networks, train, evaluate, export, demo."""
 
 from __future__ import annotations
 
@@ -82,6 +82,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "results": [{**{k: r.get(k) for k in fields}, **{k: r[k] for k in ("sgd_preset", "train_split", "val_split") if k in r}}
                     for r in results],
     }, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from pretextlab.models.export import export_network, record_path
+    from pretextlab.training import load_trained_identity
+
+    config, network, _, identity = load_trained_identity(args.run)
+    # Issue 17 item 3: every export names the very checkpoint its weights are (step, SHA-256).
+    provenance = {"run": os.path.abspath(args.run), "config_hash": config.config_hash(), "task": config.task,
+                  "checkpoint": dataclasses.asdict(identity)}
+    record = export_network(network, args.format, args.out, provenance)
+    sidecar = str(record_path(args.out))
+    print(f"wrote {args.out} ({args.format}; {record['load']}) and {sidecar}", file=sys.stderr)
+    print(json.dumps({"run": str(args.run), "format": args.format, "out": str(args.out), "record": sidecar,
+                      "network": record["network"], "target": record.get("target"), "checkpoint": provenance["checkpoint"]}, indent=2))
     return 0
 
 
@@ -178,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="a trained run's network as torchvision / timm weights or a safetensors file")
+    p.add_argument("run", help="a train run directory")
+    p.add_argument("--format", required=True, choices=("torchvision", "timm", "safetensors"),
+                   help="torchvision / timm: that library's resnet50 (resnet50v1 k=4) or vgg19_bn features (vgg19bn k=8) "
+                        "key layout; safetensors: any network, loaded back with pretextlab.models.load_exported")
+    p.add_argument("--out", required=True, help="the file to write (.pth, or .safetensors); its record goes beside it as FILE.json")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="Rotation on Fashion-MNIST, then the L-BFGS probe against two baselines")
     p.add_argument("--task", default="rotation")

@@ -5,8 +5,8 @@
     network_info("vgg19bn").outputs      # declared metadata: no network is built to read it
 
 See registry.py for the contract and the registry, one file per family for the layers (each
-registers itself with ``@register_network``), and torchvision_convert.py for weights to and from
-torchvision.
+registers itself with ``@register_network``), torchvision_convert.py for weights to and from
+torchvision, and export.py for exported files (``export_network``, ``load_exported``).
 """
 
 from pretextlab.models.registry import (
@@ -26,12 +26,14 @@ from pretextlab.models.registry import (
 from pretextlab.models.resnet import ResNet50  # noqa: E402
 from pretextlab.models.revnet import RevNet50, ReversibleUnit, batch_stats_without_update  # noqa: E402
 from pretextlab.models.vgg import VGG19BN  # noqa: E402
+from pretextlab.models.export import EXPORT_FORMATS, export_network, load_exported  # noqa: E402
 
 NETWORKS: tuple[str, ...] = network_names()
 DEFAULT_WIDTHS: dict[str, int] = {name: network_info(name).default_width for name in NETWORKS}
 
 __all__ = [
     "DEFAULT_WIDTHS",
+    "EXPORT_FORMATS",
     "NETWORKS",
     "NETWORK_REGISTRY",
     "Network",
@@ -43,6 +45,8 @@ __all__ = [
     "batch_stats_without_update",
     "build_network",
     "check_final_relu",
+    "export_network",
+    "load_exported",
     "network_info",
     "network_names",
     "networks_table",

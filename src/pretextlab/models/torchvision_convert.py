@@ -1,4 +1,4 @@
-"""Weights between this package's networks and torchvision's: the start of the export/import path.
+"""Weights between this package's networks and torchvision's (and timm's, which names them the same).
 
 ResNet50 v1 at k=4 has exactly torchvision ``resnet50``'s layers (its fc aside), only named
 differently; these functions rename the state-dict entries both ways:
@@ -17,7 +17,17 @@ is exported as a zero bias). torchvision's classifier is Linear layers with bias
 no BatchNorm, while the study's fc6/fc7 are bias-free convs followed by BN, so they have no
 torchvision counterpart and keep their own weights (load the converted dict with ``strict=False``).
 
-Tensors are renamed, not copied (except the VGG running means that absorb a conv bias).
+timm's ``resnet50`` has torchvision's entry names and shapes exactly (its fc aside), and timm's
+``vgg19_bn`` the same ``features.*``, so these dicts load into timm as they are (models/export.py).
+
+BatchNorm's epsilon is not in a state dict: torchvision and timm build every BN with eps 1e-5,
+while ``--bn-init released`` networks use TF's 1e-3 (models/registry.py). ``bn_eps=1e-5`` in the
+``*_to_torchvision`` functions re-expresses each running variance as running_var + eps - 1e-5, so
+eval mode (what an exported backbone is loaded for) computes the same function; train mode
+normalises with batch statistics and differs only by the epsilon itself.
+
+Tensors are renamed, not copied (except the VGG running means that absorb a conv bias and
+running variances re-expressed for another epsilon).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import re
 from typing import Mapping
 
 import torch
+from torch import nn
 
 from pretextlab.errors import PretextlabError
 from pretextlab.models.resnet import ResNet50
@@ -113,13 +124,28 @@ def _check_resnet50v1(network: object) -> ResNet50:
     return network
 
 
-def resnet50v1_to_torchvision(network: ResNet50) -> dict[str, torch.Tensor]:
+def _state_for_eps(network: nn.Module, bn_eps: float | None) -> dict[str, torch.Tensor]:
+    """``network``'s state dict, each BatchNorm's running variance re-expressed for epsilon
+    ``bn_eps`` (None: as it is): var + eps - bn_eps keeps (x - mean) / sqrt(var + eps) in eval mode."""
+    state = network.state_dict()
+    if bn_eps is None:
+        return state
+    for name, module in network.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.eps != bn_eps and module.running_var is not None:
+            key = f"{name}.running_var" if name else "running_var"
+            state[key] = state[key] + (module.eps - bn_eps)
+    return state
+
+
+def resnet50v1_to_torchvision(network: ResNet50, bn_eps: float | None = None) -> dict[str, torch.Tensor]:
     """A width-4 resnet50v1's weights as a torchvision resnet50 state dict, fc excluded.
 
     Load it with ``torchvision_model.load_state_dict(d, strict=False)`` (only fc.* stays missing).
+    ``bn_eps``: the epsilon of the BatchNorms the dict will be loaded into (torchvision's 1e-5), when
+    it differs from the network's (module docstring); None leaves the running variances as they are.
     """
     network = _check_resnet50v1(network)
-    return {_resnet_key_to_torchvision(key): tensor for key, tensor in network.state_dict().items()}
+    return {_resnet_key_to_torchvision(key): tensor for key, tensor in _state_for_eps(network, bn_eps).items()}
 
 
 def _vgg_feature_indices() -> list[tuple[int, int, int]]:
@@ -164,10 +190,11 @@ def vgg19bn_from_torchvision(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     return converted
 
 
-def vgg19bn_to_torchvision(network: VGG19BN) -> dict[str, torch.Tensor]:
+def vgg19bn_to_torchvision(network: VGG19BN, bn_eps: float | None = None) -> dict[str, torch.Tensor]:
     """A width-8 vgg19bn's conv blocks as torchvision vgg19_bn ``features.*`` entries.
 
     Load with ``strict=False``: the classifier stays missing (fc6/fc7 have no torchvision form).
+    ``bn_eps`` as for ``resnet50v1_to_torchvision``.
     """
     if not isinstance(network, VGG19BN):
         raise PretextlabError(f"expected a vgg19bn network, got {getattr(network, 'name', type(network).__name__)}")
@@ -175,7 +202,7 @@ def vgg19bn_to_torchvision(network: VGG19BN) -> dict[str, torch.Tensor]:
         raise PretextlabError(
             f"torchvision vgg19_bn is vgg19bn at width 8, this network has width {network.width}: only width 8 converts"
         )
-    state = network.state_dict()
+    state = _state_for_eps(network, bn_eps)
     converted = {}
     for block, layer, index in _vgg_feature_indices():
         weight = state[f"blocks.{block}.{layer}.conv.weight"]
