@@ -114,13 +114,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     from pretextlab.study import load_study, run_study
 
+    if args.cost and not args.dry_run:
+        raise PretextlabError("--cost only estimates, it runs nothing: use it with --dry-run")
     study = load_study(args.file, out=args.out)
     # People read the status tables on stderr; stdout is one JSON line for scripts.
     outcome = run_study(study, executor=args.executor, dry_run=args.dry_run, wait=not args.no_wait,
                         progress=not args.no_progress, echo=lambda line: print(line, file=sys.stderr))
     counts = {state: sum(1 for s in outcome.statuses if s.state == state) for state in ("done", "running", "left")}
-    print(json.dumps({"study": study.name, "directory": str(study.directory), "dry_run": args.dry_run,
-                      "cells": len(outcome.statuses), **counts, "job_ids": outcome.job_ids, "errors": outcome.errors}))
+    shown = {"study": study.name, "directory": str(study.directory), "dry_run": args.dry_run,
+             "cells": len(outcome.statuses), **counts, "job_ids": outcome.job_ids, "errors": outcome.errors}
+    if args.cost:
+        from pretextlab.study.cost import format_cost, study_cost
+
+        shown["cost"] = study_cost(study, [s.cell for s in outcome.statuses], args.cost_inputs, args.device_check)
+        print(format_cost(shown["cost"]), file=sys.stderr)
+    print(json.dumps(shown))
     return 0 if outcome.ok else 1
 
 
@@ -215,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="run a study's grid (a YAML file): skip what is done, resume what was interrupted")
     p.add_argument("file", help="the study file, e.g. configs/mini-fashion.yaml")
     p.add_argument("--dry-run", action="store_true", help="only show what is done / running / left")
+    p.add_argument("--cost", action="store_true",
+                   help="with --dry-run: each cell's GPU-hours, checkpoint and feature-cache bytes, probe memory (docs/scale.md)")
+    p.add_argument("--cost-inputs", default=None, metavar="JSON",
+                   help="the measured inputs of --cost (default: benchmarks/results/cost_inputs.json)")
+    p.add_argument("--device-check", default=None, metavar="JSON",
+                   help="measured GPU throughput for --cost (default: benchmarks/results/device_check.json when it exists)")
     p.add_argument("--executor", choices=("inline", "local", "slurm"), default=None,
                    help="inline: one cell after another here; local/slurm: parallel jobs through submitit (default: the study file's)")
     p.add_argument("--out", default=None, help="the study directory (default: the study file's out, else runs/studies/NAME)")
