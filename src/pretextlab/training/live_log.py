@@ -84,13 +84,21 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _wandb_run(project: str, run_dir: Path, config: dict[str, Any], resume: bool) -> Any:
+def check_wandb(project: str | None) -> Any:
+    """The wandb module when ``project`` is set (None otherwise); one clear error when it is not installed."""
+    if project is None:
+        return None
     try:
         import wandb
     except ImportError:
         raise PretextlabError(
             f"--wandb {project}: the wandb package is not installed: pip install pretextlab[wandb] (or drop --wandb)"
         ) from None
+    return wandb
+
+
+def _wandb_run(project: str, run_dir: Path, config: dict[str, Any], resume: bool) -> Any:
+    wandb = check_wandb(project)
     # One W&B run per run directory: a resumed session continues it (offline: another file of it).
     run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
     where = os.environ.get("WANDB_DIR") or str(run_dir)

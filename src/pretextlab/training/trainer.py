@@ -26,7 +26,7 @@ from pretextlab.errors import PretextlabError
 from pretextlab.training.checkpoint import has_checkpoint, load_checkpoint, write_checkpoint
 from pretextlab.training.distributed import all_reduce_sum, barrier, distributed_context
 from pretextlab.training.knn_monitor import KnnMonitor, build_monitor
-from pretextlab.training.live_log import LiveLog, Window, timed
+from pretextlab.training.live_log import LiveLog, Window, check_wandb, timed
 from pretextlab.training.model import PretextModel, place_model, resolve_device
 from pretextlab.training.run_dir import (
     RunFiles,
@@ -126,6 +126,7 @@ class Trainer:
     def _check_run_dir(self, resume: bool, force: bool) -> dict[str, Any]:
         """Refuse an unusable --out or a conflicting run; the config record to write once the run starts."""
         check_out_dir(self.files.root)
+        check_wandb(self.config.wandb)
         if self.files.root.is_dir():
             self.lock.acquire()
         return check_resumable(self.files, config_record(self.config, self.world_size), resume, force)
