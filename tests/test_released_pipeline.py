@@ -214,7 +214,7 @@ def test_a_config_json_written_before_the_options_loads_resumes_and_hashes_as_it
     assert config_differences(old, new.to_dict()) == []
     released = resolve(TrainConfig(dataset="folder", data_dir="/nonexistent"))
     assert config_differences(old, released.to_dict()) == [
-        "bn_init: 'pytorch' -> 'released'", "crop_source: 'center-square' -> 'full-image'",
+        "bn_init: 'pytorch' -> 'released'", "crop_resize: 'pillow-box' -> 'crop-then-resize'", "crop_source: 'center-square' -> 'full-image'",
         "rotation_augmentation: 'jitter' -> 'released'", "weight_decay_scope: 'conv-kernels' -> 'released'",
     ]
 

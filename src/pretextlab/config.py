@@ -41,6 +41,7 @@ _RETIRED_KEYS = frozenset({"extra"})
 # keep their meaning and their hash.
 LEGACY_VALUES: dict[str, Any] = {
     "crop_source": "center-square", "bn_init": "pytorch",
+    "crop_resize": "pillow-box",  # crops cut while decoding, resized by Pillow with its filter reaching past the box
     "permutations": None,  # Jigsaw's generated set (--permutations FILE reads the published one)
     "exemplar_group_images": 0,  # Exemplar's triplet loss over the whole per-device batch
     "exemplar_eval_input": "standardized",  # Exemplar's frozen features read standardised images
@@ -111,6 +112,12 @@ class TrainConfig(_built_in_task_options()):
         None, "training crops: full-image (the released recipe: a random box of the whole image, cut while decoding) or "
         "center-square (crops of the decoded centre square); default: full-image for folder, center-square for fashion-mnist",
         choices=("full-image", "center-square"),
+    )
+    crop_resize: str | None = option(
+        None, "how a crop cut while decoding becomes the network input: crop-then-resize (the box's own pixels, as the "
+        "released code; default with --crop-source full-image) or pillow-box (Pillow's resize(box=...), whose filter "
+        "reads past the box: runs recorded before this option)",
+        choices=("crop-then-resize", "pillow-box"),
     )
     limit: int | None = option(None, "use a class-balanced subset of N training images", metavar="N")
     test_limit: int | None = option(None, "use a class-balanced subset of N test images", metavar="N")
@@ -245,6 +252,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
             f"--crop-source full-image cuts crops while decoding image files (--dataset folder); {c.dataset} is held in "
             "memory: use --crop-source center-square"
         )
+    if c.crop_resize is None:
+        # Read only by crops cut while decoding (data/decode.py); other runs get the legacy value,
+        # which the hash leaves out, so their hash is unchanged.
+        c.crop_resize = "crop-then-resize" if c.crop_source == "full-image" else LEGACY_VALUES["crop_resize"]
     if c.bn_init is None:
         # TF's defaults for folder datasets (the paper's scale); PyTorch's keep the Fashion-MNIST demo's numbers.
         c.bn_init = "released" if c.dataset == "folder" else "pytorch"

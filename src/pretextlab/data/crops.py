@@ -26,7 +26,7 @@ center-square`` (the behaviour of runs recorded before the option existed).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -36,6 +36,11 @@ from pretextlab.errors import PretextlabError
 CROP_SOURCES = ("full-image", "center-square")
 # Decode modes of a DecodePlan: a random inception box per copy, or the whole image squashed.
 DECODE_MODES = ("inception", "squash")
+# How a box becomes S x S (data/decode.py): "crop-then-resize" resizes the box's own pixels, as the
+# released code does (slim's tf.slice, then tf.image.resize_images); "pillow-box" is Pillow's
+# resize(box=...), whose filter also reads pixels just outside the box: the crops of runs recorded
+# before the option existed (config.LEGACY_VALUES).
+RESIZE_MODES = ("crop-then-resize", "pillow-box")
 
 # slim inception_preprocessing.py distorted_bounding_box_crop's defaults, which preprocess_for_train
 # uses unchanged (the released configs pass no box and no ranges).
@@ -136,14 +141,22 @@ class DecodePlan:
     size: int
     copies: int = 1
     crop: InceptionCrop = InceptionCrop()
+    resize: str = RESIZE_MODES[0]
 
     def __post_init__(self) -> None:
         if self.mode not in DECODE_MODES:
             raise PretextlabError(f"unknown decode mode {self.mode!r}: choose one of {', '.join(DECODE_MODES)}")
+        if self.resize not in RESIZE_MODES:
+            raise PretextlabError(f"unknown crop resize {self.resize!r}: choose one of {', '.join(RESIZE_MODES)}")
         if self.size < 1 or self.copies < 1:
             raise PretextlabError(f"a decode plan needs size >= 1 and copies >= 1, got {self.size} and {self.copies}")
         if self.mode == "squash" and self.copies != 1:
             raise PretextlabError("a squash decode plan makes one view per image (copies=1)")
+
+
+def with_resize(plan: DecodePlan | None, resize: str | None) -> DecodePlan | None:
+    """A task's plan with the run's ``crop_resize`` (None: the plan's own); no plan stays none."""
+    return plan if plan is None or resize is None else replace(plan, resize=resize)
 
 
 @dataclass(frozen=True)

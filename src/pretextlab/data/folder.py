@@ -10,11 +10,10 @@ it and counts it, and training goes on.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pretextlab.data.crops import CropBox, CropRequest, DecodePlan, crop_rng, sample_crop_box
+from pretextlab.data.decode import decode_box, decode_boxes, to_rgb
 from pretextlab.data.imageset import ImageSet, as_indices
 from pretextlab.errors import PretextlabError
 
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 TRAIN_DIR = "train"
 TEST_DIR = "val"  # the official validation set, which the study uses as its test set
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def image_extensions() -> frozenset[str]:
@@ -152,30 +151,12 @@ def scan_split(root: str | os.PathLike, split: str, class_names: Sequence[str] |
     )
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
-        # Pillow's own conversion clips 16-bit values at 255 (a white image); scale them instead.
-        values = np.asarray(image).astype(np.float32)
-        if image.mode == "F":
-            values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
-        else:
-            values = values / 257.0
-        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if image.mode in ("P", "PA") or (image.mode in ("L", "RGB", "1") and "transparency" in image.info):
-        # Palette transparency: going through RGBA avoids Pillow's per-image warning.
-        return image.convert("RGBA").convert("RGB")
-    return image.convert("RGB")
-
-
 def decode_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """Decode one file to uint8 (3, size, size): shorter side to ``size``, centre crop. Raises on bad files."""
     with Image.open(path) as image:
         # JPEG only: decode at 1/2, 1/4 or 1/8 scale while both sides stay >= size (much faster).
         image.draft("RGB", (size, size))
-        image = _to_rgb(image)
+        image = to_rgb(image)
         width, height = image.size
         side = min(width, height)
         left, top = (width - side) / 2.0, (height - side) / 2.0
@@ -185,48 +166,12 @@ def decode_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def _drafted(image: Image.Image, boxes: Sequence[CropBox], size: int) -> list[tuple[float, float, float, float]]:
-    """Ask a JPEG to decode at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps every box at
-    least ``size`` pixels on each side; returns the boxes in the decoded image's pixels."""
-    full_w, full_h = image.size
-    # draft keeps the decoded image >= the requested size, so each box, scaled alike, stays >= size.
-    need_w = max(math.ceil(full_w * size / box.width) for box in boxes)
-    need_h = max(math.ceil(full_h * size / box.height) for box in boxes)
-    image.draft("RGB", (need_w, need_h))
-    sx, sy = image.size[0] / full_w, image.size[1] / full_h
-    return [(b.left * sx, b.top * sy, (b.left + b.width) * sx, (b.top + b.height) * sy) for b in boxes]
-
-
-def decode_boxes(
-    path: str | os.PathLike, boxes_of: Callable[[int, int], Sequence[CropBox]], size: int, draft: bool = True
-) -> torch.Tensor:
-    """Decode the file once and cut the boxes ``boxes_of(height, width)`` (in full-resolution
-    pixels), each resized to ``size`` x ``size`` (aspect not kept): uint8 (len(boxes), 3, size, size).
-    The boxes are chosen from the file's header before decoding, so a JPEG decodes only at the
-    scale its boxes need (``draft=False``: always at full size). Raises on bad files."""
-    with Image.open(path) as image:
-        width, height = image.size
-        boxes = list(boxes_of(height, width))
-        if draft:
-            regions = _drafted(image, boxes, size)
-        else:
-            regions = [(b.left, b.top, b.left + b.width, b.top + b.height) for b in boxes]
-        image = _to_rgb(image)
-        views = np.stack([np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=r), dtype=np.uint8) for r in regions])
-    return torch.from_numpy(views).permute(0, 3, 1, 2).contiguous()
-
-
-def decode_box(path: str | os.PathLike, box_of: Callable[[int, int], CropBox], size: int, draft: bool = True) -> torch.Tensor:
-    """``decode_boxes`` for one box: uint8 (3, size, size)."""
-    return decode_boxes(path, lambda h, w: [box_of(h, w)], size, draft)[0]
-
-
 def decode_planned(path: str | os.PathLike, plan: DecodePlan, seed: int, request: CropRequest) -> torch.Tensor:
     """The views ``plan`` asks for of one file, decoded once: (3, S, S) for ``squash``, (copies, 3,
     S, S) for ``inception`` (each copy's box from ``crops.crop_rng``, so it depends on nothing but
     the request)."""
     if plan.mode == "squash":
-        return decode_box(path, lambda h, w: CropBox(0, 0, h, w), plan.size)
+        return decode_box(path, lambda h, w: CropBox(0, 0, h, w), plan.size, resize=plan.resize)
 
     def boxes(height: int, width: int) -> list[CropBox]:
         return [
@@ -234,7 +179,7 @@ def decode_planned(path: str | os.PathLike, plan: DecodePlan, seed: int, request
             for copy in range(plan.copies)
         ]
 
-    return decode_boxes(path, boxes, plan.size)
+    return decode_boxes(path, boxes, plan.size, resize=plan.resize)
 
 
 class FolderImageSet(ImageSet):

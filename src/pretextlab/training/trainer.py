@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from pretextlab import atomic
 from pretextlab.config import TrainConfig, resolve
 from pretextlab.data import BatchLoader, DatasetSplits, ImageSet, batches_per_epoch, load_dataset
+from pretextlab.data.crops import with_resize
 from pretextlab.errors import PretextlabError
 from pretextlab.training.checkpoint import has_checkpoint, load_checkpoint, write_checkpoint
 from pretextlab.training.distributed import all_reduce_sum, barrier, distributed_context
@@ -218,7 +219,8 @@ class Trainer:
             self.splits.train, self.config.batch_size, shuffle=True, seed=self.config.seed, epoch=epoch,
             start_batch=start, drop_last=True, workers=self.config.workers, pin_memory=self.device.type == "cuda",
             rank=self.rank, world_size=self.world_size,
-            plan=self.task.decode_plan(True),  # issue 16: crops cut while decoding (data/crops.py)
+            # issue 16: crops cut while decoding (data/crops.py), resized as the run's config says
+            plan=with_resize(self.task.decode_plan(True), self.config.crop_resize),
         ))
 
     def train_step(self, images: torch.Tensor) -> tuple[float, int, int]:

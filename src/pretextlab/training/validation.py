@@ -9,6 +9,7 @@ import torch
 
 from pretextlab.config import TrainConfig
 from pretextlab.data import BatchLoader, ImageSet
+from pretextlab.data.crops import with_resize
 from pretextlab.tasks import PretextTask
 from pretextlab.training.distributed import DistributedContext, all_reduce_sum
 
@@ -41,7 +42,7 @@ def pretext_score(
     right = scored = skipped = 0
     loader = BatchLoader(
         images, config.batch_size, shuffle=False, drop_last=False, workers=config.workers,
-        rank=dist.rank, world_size=dist.world_size, plan=task.decode_plan(False),
+        rank=dist.rank, world_size=dist.world_size, plan=with_resize(task.decode_plan(False), config.crop_resize),
     )
     for index, batch in enumerate(loader):
         if config.val_batches is not None and index >= config.val_batches:
