@@ -108,3 +108,34 @@ def test_monitor_every_n_steps_and_a_wrong_output_is_one_clear_error(tmp_path):
     assert not (tmp_path / "bad" / "config.json").exists()
     with pytest.raises(PretextlabError, match="--monitor-every must be >= 0"):
         Trainer(TrainConfig(**TINY, monitor_every=-1), tmp_path / "bad2", progress=False)
+
+
+def _knn_records(epochs: int, start: float) -> list[dict]:
+    return [{"step": 10 * e, "epoch": float(e), "val_pretext_accuracy_percent": 50.0 + e,
+             knn_field("pre_logits", 20): start + e, knn_field("block3", 20): start + 2 * e, knn_field("pre_logits", 200): start}
+            for e in range(1, epochs + 1)]
+
+
+def test_the_monitor_is_drawn_in_the_report_and_the_demo_figures(tmp_path):
+    from PIL import Image
+
+    from pretextlab.demo import plot_training_curve
+    from pretextlab.report.data import StudyData
+    from pretextlab.report.curves import figure_pretext_training
+    from pretextlab.study.store import ResultsStore
+
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        for config_hash, task in (("a" * 12, "rotation"), ("b" * 12, "exemplar")):
+            store.register_run(config_hash, task=task, network="resnet50v1", width=1, representation_size=None,
+                               config={"task": task}, run_dir=str(tmp_path / config_hash), plan=[])
+            store.add_curve_points(config_hash, _knn_records(3, 20.0))
+        data = StudyData.load(store)
+    result = figure_pretext_training(data, tmp_path / "curves.png")
+    knn_panels = [i for i, ax in enumerate(result.checks["axes"]) if ax["ylabel"].startswith("kNN top-1")]
+    assert len(knn_panels) == 2 and "kNN monitor" in result.checks["title"]
+    # Each run drawn in its task's kNN panel, once per monitored output (k=20 only).
+    drawn = sorted((d["run"], d["panel"]) for d in result.checks["runs"] if d["panel"] in knn_panels)
+    assert drawn == [("a" * 12, knn_panels[0])] * 2 + [("b" * 12, knn_panels[1])] * 2
+    # The demo's curve gains a third panel (15 in wide at 110 dpi, not 10) when the run has monitor rows.
+    with Image.open(plot_training_curve(_knn_records(2, 30.0), tmp_path / "demo.png", "t")) as image:
+        assert image.size[0] == 15 * 110

@@ -22,6 +22,7 @@ from pretextlab.data import augment, load_dataset
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.probe_run import EvalConfig, PixelNetwork, evaluate_run, probe_representation
 from pretextlab.training import Trainer, build_model, read_metrics
+from pretextlab.training.knn_monitor import KNN_KS, knn_series
 
 # Per task, settings that fit 2 CPU cores in a few minutes; everything else is the study's recipe.
 DEMO_TRAINING: dict[str, dict[str, Any]] = {
@@ -31,6 +32,8 @@ DEMO_TRAINING: dict[str, dict[str, Any]] = {
     "rotation": dict(
         network="revnet50", width=2, final_relu=False, image_size=32, epochs=6, limit=20000, batch_size=64,
         base_lr=0.3, crop_scale=(0.6, 1.0), color_jitter=0.0, channels_last=True, reversible_backward=False,
+        # The kNN monitor at the probed outputs each epoch (issue 17): the curve shows when pre_logits stop improving.
+        monitor_outputs=("block2", "block3", "pre_logits"),
     ),
     "exemplar": dict(network="resnet50v1", width=1, image_size=32, epochs=2, batch_size=32, copies=4, crop_scale=(0.3, 1.0)),
     "jigsaw": dict(network="resnet50v1", width=1, image_size=56, epochs=2, batch_size=32, patch_size=16),
@@ -77,7 +80,8 @@ def plot_training_curve(metrics: list[dict[str, Any]], path: Path, title: str) -
 
     steps = [m for m in metrics if "loss" in m]
     vals = [m for m in metrics if m.get("val_pretext_accuracy_percent") is not None]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    knn = knn_series(metrics)
+    fig, (ax_loss, ax_acc, *ax_knn) = plt.subplots(1, 3 if knn else 2, figsize=(15 if knn else 10, 3.8))
     ax_loss.plot([m["epoch"] for m in steps], [m["loss"] for m in steps], label="training loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("pretext loss")
@@ -89,6 +93,8 @@ def plot_training_curve(metrics: list[dict[str, Any]], path: Path, title: str) -
     ax_acc.set_ylabel("pretext accuracy (%)")
     ax_acc.set_title("pretext accuracy")
     ax_acc.legend()
+    if knn:  # the kNN monitor (issue 17): is the representation still getting better?
+        plot_knn_panel(ax_knn[0], knn)
     fig.suptitle(title)
     fig.tight_layout()
     atomic.write_bytes(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
@@ -96,6 +102,18 @@ def plot_training_curve(metrics: list[dict[str, Any]], path: Path, title: str) -
     atomic.write_bytes(path.with_suffix(".svg"), lambda handle: fig.savefig(handle, format="svg", metadata={"Date": None}))
     plt.close(fig)
     return path
+
+
+def plot_knn_panel(ax: Any, series: dict[tuple[str, int], list[tuple[float, float]]]) -> None:
+    """The kNN monitor's top-1 per output (a colour each), k=20 solid and k=200 dashed."""
+    outputs = list(dict.fromkeys(output for output, _ in series))
+    for (output, k), points in sorted(series.items()):
+        ax.plot([e for e, _ in points], [v for _, v in points], "o-" if k == KNN_KS[0] else "s--",
+                color=f"C{outputs.index(output)}", label=f"{output}, k={k}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("kNN top-1 on the validation split (%)")
+    ax.set_title("kNN monitor (frozen features)")
+    ax.legend(fontsize="small")
 
 
 def demo_run_name(train_config: TrainConfig) -> str:

@@ -1,4 +1,4 @@
-"""The report's training-curve figures: SGD probe convergence and pretext training accuracy."""
+"""The report's training-curve figures: SGD probe convergence, pretext training accuracy and the kNN monitor."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pretextlab.report.figures import (
     _style,
 )
 from pretextlab.report.tables import data_table, percent_text
+from pretextlab.training.knn_monitor import KNN_KS, parse_knn_field
 
 # Keys a probe record may keep its per-epoch curve under, and the accuracy keys inside a point with
 # the factor to percent (records before the unit-suffixed names held fractions under "val_top1").
@@ -29,6 +30,8 @@ PRETEXT_TRAIN_NAMES = ("pretext_accuracy_percent", "pretext_accuracy")
 PRETEXT_VAL_NAMES = ("val_pretext_accuracy_percent", "val_pretext_accuracy")
 # Two outputs of one run in one SGD panel: same colour and marker, told apart by the marker's fill.
 FILLS = ("full", "none", "left", "bottom", "right", "top")
+# The kNN monitor's outputs of one run in one panel: told apart by the line (first output solid).
+OUTPUT_LINES = ("-", "--", ":", "-.")
 
 
 def _curve(record: dict[str, Any]) -> list[tuple[float, float]]:
@@ -91,6 +94,28 @@ def figure_sgd_convergence(data: StudyData, dataset: str, path: Path, style: Fig
                         data_table(["run", "output", "epochs", "SGD val %", "L-BFGS val %"], rows), checks=checks)
 
 
+def _knn_curves(data: StudyData) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per run, each monitored output's kNN top-1 (k=20, percent) by epoch."""
+    by_run: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for point in data.curves:
+        key = parse_knn_field(point["name"])
+        if key is not None and key[1] == KNN_KS[0] and point["epoch"] is not None:
+            by_run.setdefault(point["config_hash"], {}).setdefault(key[0], []).append((point["epoch"], point["value"]))
+    return by_run
+
+
+def _draw_knn(ax: Any, data: StudyData, style: FigureStyle, task: str, knn: dict[str, dict[str, list[tuple[float, float]]]]) -> None:
+    outputs = list(dict.fromkeys(o for h, series in knn.items() if data.runs[h]["task"] == task for o in series))
+    for config_hash, series in knn.items():
+        if data.runs[config_hash]["task"] == task:
+            for output, points in series.items():
+                points = sorted(points)
+                _run_line(ax, style.of(data.runs[config_hash]), config_hash, [e for e, _ in points], [v for _, v in points],
+                          label=False, linestyle=OUTPUT_LINES[outputs.index(output) % len(OUTPUT_LINES)], markersize=4)
+    lines = ", ".join(f"{o} {OUTPUT_LINES[i % len(OUTPUT_LINES)]}" for i, o in enumerate(outputs))
+    _label_panel(ax, f"kNN monitor, k={KNN_KS[0]} ({lines})", "epoch", "kNN top-1, validation split (%)")
+
+
 def figure_pretext_training(data: StudyData, path: Path, style: FigureStyle | None = None) -> FigureResult:
     title = "Pretext training: accuracy on the training batches (lines) and on the held-out split (dots)"
     style = _style(data, style)
@@ -103,7 +128,15 @@ def figure_pretext_training(data: StudyData, path: Path, style: FigureStyle | No
         checks = _placeholder(path, title, "epoch", "pretext accuracy (%)", "no pretext training curves recorded yet", style)
         return FigureResult("pretext_training", title, path, 0, checks=checks)
     tasks = [t for t in data.tasks if any(data.runs[h]["task"] == t for h in by_run)]
-    figure, axes = _panels(len(tasks))
+    knn = _knn_curves(data)
+    figure, axes = _panels(len(tasks), height=6.8 if knn else 3.4)
+    if knn:  # a second row: the kNN monitor (issue 17) under each task's pretext accuracy
+        figure.clear()
+        grid = figure.subplots(2, len(tasks), squeeze=False)
+        axes = list(grid[0])
+        for ax, task in zip(grid[1], tasks):
+            _draw_knn(ax, data, style, task, knn)
+        title += "; below: the kNN monitor on frozen features"
     for ax, task in zip(axes, tasks):
         for config_hash, series in by_run.items():
             if data.runs[config_hash]["task"] != task:

@@ -12,8 +12,9 @@ training moves: a run with the monitor ends with the weights of one without it (
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +43,23 @@ Views = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 def knn_field(output: str, k: int) -> str:
     """The metrics.jsonl field of the monitor's top-1 at ``output`` for ``k`` neighbours (percent)."""
     return f"knn_{output}_k{k}_top1_percent"
+
+
+def parse_knn_field(name: str) -> tuple[str, int] | None:
+    """(output, k) of a ``knn_field`` name; None for any other metric."""
+    match = re.fullmatch(r"knn_(.+)_k(\d+)_top1_percent", name)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def knn_series(records: Iterable[dict[str, Any]]) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    """Each (output, k)'s (epoch, top-1 %) points in metrics.jsonl records (the figures' input)."""
+    series: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for record in records:
+        for name, value in record.items():
+            key = parse_knn_field(name)
+            if key is not None and isinstance(value, (int, float)) and record.get("epoch") is not None:
+                series.setdefault(key, []).append((float(record["epoch"]), float(value)))
+    return series
 
 
 def weighted_knn_top1(
