@@ -45,6 +45,27 @@ def feature_files(tmp_path_factory) -> Path:
     return folder
 
 
+def test_half_precision_storage_reads_back_rounded_and_refuses_what_float16_cannot_hold(tmp_path):
+    from pretextlab.errors import PretextlabError
+    from pretextlab.evaluate.cache_files import Bfloat16Rows
+    from pretextlab.evaluate.features import encoded
+
+    values = np.array([[1.0, -3.140625, 1e30, 2.0**-130], [0.1, 65504.0, -1e-3, 7.0]], dtype=np.float32)
+    bits = encoded(values, "bfloat16", "x")
+    assert bits.dtype == np.uint16 and bits.nbytes == values.nbytes // 2
+    np.save(tmp_path / "b.npy", bits)
+    rows = Bfloat16Rows(np.load(tmp_path / "b.npy", mmap_mode="r"))
+    expected = torch.from_numpy(values).to(torch.bfloat16).float().numpy()  # round to nearest even
+    assert rows.shape == (2, 4) and rows.dtype == np.float32
+    np.testing.assert_array_equal(rows[np.arange(2)], expected)
+    np.testing.assert_array_equal(np.asarray(rows[1:], dtype=np.float64), expected[1:])  # a slice stays lazy
+    assert isinstance(rows[1:], Bfloat16Rows)
+    half = encoded(values[1:], "float16", "x")
+    assert half.dtype == np.float16 and half[0, 1] == 65504.0
+    with pytest.raises(PretextlabError, match="beyond float16's range.*--feature-dtype bfloat16"):
+        encoded(values, "float16", "the train features of pre_logits")
+
+
 @pytest.mark.slow  # two torchrun processes start (about 2 s of CPU each): 10-17 s on the shared 2 cores
 def test_two_ranks_choose_and_score_as_one_process_with_half_the_rows_each(feature_files, tmp_path):
     settings = dict(l2_grid=[1e-1, 1e-2, 1e-3], max_iter=60, device="cpu")
@@ -81,3 +102,61 @@ def test_two_ranks_choose_and_score_as_one_process_with_half_the_rows_each(featu
     assert held == [300 * 196 * 8, 301 * 196 * 8]
     assert sum(held) == whole_bytes
     assert [rank["result"]["settings"]["world_size"] for rank in ranks] == [2, 2]
+
+
+TRAIN = dict(
+    task="rotation", network="resnet50v1", width=1, image_size=32, limit=320, val_size=32, test_limit=32,
+    epochs=0.5, batch_size=32, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1,
+)
+EVAL_FLAGS = ["--limit", "300", "--val-size", "100", "--test-limit", "200", "--device", "cpu", "--l2-grid", "1e-2",
+              "--batch-size", "64", "--feature-dtype", "bfloat16", "--no-progress"]
+
+
+@pytest.mark.slow  # a tiny training run, then evaluate in 2 torchrun ranks and in one process: ~25 s on 2 cores
+def test_torchrun_evaluate_fills_one_cache_shard_by_shard_that_one_process_reuses(tmp_path):
+    import shutil
+
+    from pretextlab.config import TrainConfig
+    from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run
+    from pretextlab.training import Trainer
+
+    run = tmp_path / "run"
+    Trainer(TrainConfig(**TRAIN), run, progress=False).fit()
+    alone = tmp_path / "alone"
+    shutil.copytree(run, alone)
+    done = subprocess.run(
+        # "--": torchrun would take --run for an abbreviation of its own --run-path.
+        _torchrun("-m", "pretextlab", "--", "evaluate", "--run", str(run), *EVAL_FLAGS), capture_output=True, text=True, env=ENV,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)  # one JSON document: rank 0's alone
+    [sharded] = report["results"]
+    assert len(list((run / "probes").glob("*.json"))) == 1
+    # One cache per split, complete with its checksums, no rank's progress file left.
+    [train_dir] = [d for d in (run / "features").glob("*/train")]
+    meta = json.loads((train_dir / "meta.json").read_text())
+    state = meta["outputs"]["pre_logits"]
+    assert meta["feature_dtype"] == "bfloat16" and "sharded" not in meta and not list(train_dir.glob("shard*"))
+    assert state["complete"] and state["rows_done"] == 200 and state["integrity"]["crc32"]
+    cached = np.load(train_dir / "pre_logits.npy", mmap_mode="r")
+    assert cached.dtype == np.uint16 and cached.shape == (200, state["dim"])  # bfloat16: 2 bytes a value
+    written = {p.name: p.stat().st_mtime_ns for p in train_dir.iterdir()}
+
+    # One process on the same run reuses that cache (nothing rewritten) and finds the same result.
+    config = EvalConfig(limit=300, val_size=100, test_limit=200, device="cpu", l2_grid=(1e-2,), batch_size=64,
+                        feature_dtype="bfloat16")
+    [reused] = evaluate_run(run, config, progress=False, log=lambda message: None)
+    assert {p.name: p.stat().st_mtime_ns for p in train_dir.iterdir()} == written
+    assert (reused["chosen"], reused["test_top1_percent"]) == (sharded["chosen"], sharded["test_top1_percent"])
+    # One process extracting alone writes the same rows (same batches; float32 sums may differ in
+    # their last bit, which bfloat16 rounding can move by one bfloat16 step at most).
+    [single] = evaluate_run(alone, config, progress=False, log=lambda message: None)
+    [alone_dir] = [d for d in (alone / "features").glob("*/train")]
+    from pretextlab.evaluate.cache_files import Bfloat16Rows
+
+    ours, theirs = (Bfloat16Rows(np.load(d / "pre_logits.npy", mmap_mode="r"))[np.arange(200)] for d in (train_dir, alone_dir))
+    np.testing.assert_allclose(ours, theirs, rtol=2**-7, atol=1e-30)
+    # float32 probes on (nearly) the same features: a test image's prediction may flip at most.
+    assert abs(single["test_top1_percent"] - reused["test_top1_percent"]) <= 100 / 200
+    assert reused["chosen"] == single["chosen"] == {"l2": 0.01}

@@ -64,6 +64,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pretextlab.evaluate.probe_run import evaluate_run
 
     results = evaluate_run(args.run, _eval_config(args), progress=not args.no_progress)
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports (and stored the results)
+        return 0
     # People read the table on stderr; stdout is one JSON document for scripts.
     print(f"{'output':<12} {'dims':>6} {'probe':<7} {'labels':<8} {'val top-1 %':>11} {'test top-1 %':>12}  chosen", file=sys.stderr)
     for r in results:

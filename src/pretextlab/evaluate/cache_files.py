@@ -7,6 +7,10 @@ space is reserved up front (``posix_fallocate``), so a full disk fails at once w
 names the path and the bytes needed, instead of a SIGBUS in the middle of writing a memmap. One
 lock per cache folder serialises processes sharing it: a second one waits, then reuses what the
 first made and adds only what is still missing, so neither overwrites the other's record.
+
+Features are stored as float32, or in half the bytes as float16 or bfloat16 (``FEATURE_DTYPES``;
+numpy has no bfloat16, so its files hold the uint16 bit patterns and ``Bfloat16Rows`` reads them
+back as float32, exactly). Probes always compute in float32 on what they read.
 """
 
 from __future__ import annotations
@@ -30,6 +34,43 @@ LABELS_FILE = "labels.npy"
 LOCK_FILE = ".lock"
 CACHE_VERSION = 2  # 2: per-output checksums; a version-1 cache is rebuilt
 CHECKSUM_BLOCK_BYTES = 1 << 24  # rows are checksummed in blocks of about 16 MiB
+FEATURE_DTYPES = ("float32", "bfloat16", "float16")
+_STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
+
+
+def storage_dtype(feature_dtype: str) -> type:
+    """The numpy dtype a cache file of ``feature_dtype`` features holds."""
+    if feature_dtype not in _STORAGE:
+        raise PretextlabError(f"unknown --feature-dtype {feature_dtype!r}: choose one of {', '.join(FEATURE_DTYPES)}")
+    return _STORAGE[feature_dtype]
+
+
+class Bfloat16Rows:
+    """A read-only (N, D) array of bfloat16 values kept as uint16 bit patterns (a memmap), read as
+    float32: a row slice stays lazy (like a memmap's), any other index decodes its rows."""
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, bits: np.ndarray) -> None:
+        self.bits = bits
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    def __getitem__(self, index: Any) -> "Bfloat16Rows | np.ndarray":
+        if isinstance(index, slice):
+            return Bfloat16Rows(self.bits[index])
+        # bfloat16 is the top half of a float32: shifting its bits back up is exact.
+        return (np.asarray(self.bits[index]).astype(np.uint32) << 16).view(np.float32)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        values = self[np.arange(len(self))]
+        return values if dtype is None else values.astype(dtype, copy=False)
 
 
 def say(message: str) -> None:
@@ -66,9 +107,10 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     return meta
 
 
-def check_meta(meta: dict[str, Any], split_dir: Path, num_images: int, labels_sha: str, budget: int) -> None:
-    expected = {"version": CACHE_VERSION, "num_images": num_images, "labels_sha": labels_sha, "budget": budget}
-    found = {key: meta.get(key) for key in expected}
+def check_meta(meta: dict[str, Any], split_dir: Path, num_images: int, labels_sha: str, budget: int, feature_dtype: str = "float32") -> None:
+    expected = {"version": CACHE_VERSION, "num_images": num_images, "labels_sha": labels_sha, "budget": budget, "feature_dtype": feature_dtype}
+    # A record written before --feature-dtype holds float32 features.
+    found = {key: meta.get(key, "float32" if key == "feature_dtype" else None) for key in expected}
     if found != expected:
         differences = ", ".join(f"{k}: cached {found[k]!r} vs now {expected[k]!r}" for k in expected if found[k] != expected[k])
         raise PretextlabError(
@@ -118,8 +160,8 @@ def _size(count: int) -> str:
     return f"{count} bytes"
 
 
-def _block_rows(dim: int) -> int:
-    return max(1, CHECKSUM_BLOCK_BYTES // (4 * max(1, dim)))
+def _block_rows(dim: int, itemsize: int) -> int:
+    return max(1, CHECKSUM_BLOCK_BYTES // (itemsize * max(1, dim)))
 
 
 def _checksums(array: np.ndarray, rows: int, block: int) -> list[int]:
@@ -131,7 +173,7 @@ def integrity(split_dir: Path, output: str, rows: int, dim: int) -> dict[str, An
     path = split_dir / f"{output}.npy"
     features = np.load(path, mmap_mode="r")
     labels = np.load(split_dir / LABELS_FILE, mmap_mode="r")
-    block = _block_rows(dim)
+    block = _block_rows(dim, features.dtype.itemsize)
     return {
         "bytes": path.stat().st_size,
         "block_rows": block,
@@ -140,7 +182,7 @@ def integrity(split_dir: Path, output: str, rows: int, dim: int) -> dict[str, An
     }
 
 
-def damage(split_dir: Path, output: str, state: dict[str, Any], num_images: int) -> str | None:
+def damage(split_dir: Path, output: str, state: dict[str, Any], num_images: int, feature_dtype: str = "float32") -> str | None:
     """Why a complete output's cache cannot be reused (None: it is intact)."""
     path = split_dir / f"{output}.npy"
     record = state.get("integrity")
@@ -151,7 +193,7 @@ def damage(split_dir: Path, output: str, state: dict[str, Any], num_images: int)
     if path.stat().st_size != record.get("bytes"):
         return f"{path.name} has {path.stat().st_size} bytes, {record.get('bytes')} were written"
     rows, dim = int(state["rows_done"]), int(state["dim"])
-    features = open_store(path, (num_images, dim), np.float32)
+    features = open_store(path, (num_images, dim), storage_dtype(feature_dtype))
     labels = open_store(split_dir / LABELS_FILE, (num_images,), np.int64)
     if features is None or labels is None:
         return f"{path.name if features is None else LABELS_FILE} is unreadable or has the wrong shape"

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from pretextlab.errors import PretextlabError
+from pretextlab.evaluate.cache_files import Bfloat16Rows
 
 CHUNK_ROWS = 8192  # rows per chunk when standardising or scoring, to bound temporary memory
 
@@ -58,7 +59,7 @@ def checked_split(split: Any, name: str, num_classes: int) -> tuple[np.ndarray, 
     if not isinstance(split, (tuple, list)) or len(split) != 2:
         raise PretextlabError(f"{name} must be a pair (features (N, D), labels (N,)), got {type(split).__name__}")
     features, labels = split
-    if not isinstance(features, np.ndarray):  # np.memmap is an ndarray and stays one (no copy)
+    if not isinstance(features, (np.ndarray, Bfloat16Rows)):  # a memmap (or bfloat16 cache) stays one (no copy)
         features = np.asarray(features)
     labels = np.asarray(labels)
     if features.ndim != 2:
@@ -151,6 +152,18 @@ class Shard:
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``tensor`` on every rank, in place: one copy of what a single process decides."""
         return self._collective(tensor, lambda t: dist.broadcast(t, src=0))
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's picklable ``value`` on every rank (a plan, or an error all ranks must raise)."""
+        if self.world == 1:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0, device=self.device)
+        return holder[0]
+
+    def barrier(self) -> None:
+        """Every rank waits here until all have arrived (e.g. all rows of a file are written)."""
+        self.sum_(torch.zeros(1, device=self.device))
 
 
 SINGLE = Shard()

@@ -8,12 +8,17 @@ store; every rank returns the same numbers.
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.distributed as dist
 
-from pretextlab.evaluate.common import ProbeData, Shard
+from pretextlab.devices import resolve_device
+from pretextlab.evaluate.common import SINGLE, ProbeData, Shard
 from pretextlab.evaluate.lbfgs import LbfgsConfig, LbfgsResult, fit_lbfgs_probe
+from pretextlab.training.distributed import distributed_context
 
-__all__ = ["sharded_lbfgs_fit", "sharded_lbfgs_probe"]
+__all__ = ["process_shard", "sharded_lbfgs_fit", "sharded_lbfgs_probe"]
 
 
 def sharded_lbfgs_probe(data: ProbeData, config: LbfgsConfig | None = None, progress: bool = True, label: str = "") -> LbfgsResult:
@@ -27,3 +32,14 @@ def sharded_lbfgs_fit(
     """``fit_lbfgs_probe`` sharded over the default process group: the result and the chosen
     classifier (W, b), the same on every rank."""
     return fit_lbfgs_probe(data, config, progress=progress, label=label, shard=Shard.of_process_group(), dtype=dtype)
+
+
+def process_shard(device: str = "auto") -> Shard:
+    """This process's shard: the initialised process group's (a study cell's DDP job), torchrun's
+    (WORLD_SIZE > 1: the group is initialised here, NCCL on CUDA, gloo on CPU), else one process."""
+    if dist.is_available() and dist.is_initialized():
+        return Shard.of_process_group() if dist.get_world_size() > 1 else SINGLE
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return SINGLE
+    distributed_context(resolve_device(device).type)
+    return Shard.of_process_group()

@@ -2,7 +2,7 @@
 
 Cache layout, one folder per (preprocessing key, split)::
 
-    cache_dir/<preprocessing_key>/<split>/<output>.npy   float32 (N, D), written in row order
+    cache_dir/<preprocessing_key>/<split>/<output>.npy   float32 (N, D) (or --feature-dtype), written in row order
     cache_dir/<preprocessing_key>/<split>/labels.npy     int64 (N,)
     cache_dir/<preprocessing_key>/<split>/meta.json      how many batches/rows of each output are done
     cache_dir/<preprocessing_key>/<split>/.lock          held (flock) by the one process extracting
@@ -15,7 +15,8 @@ the images change (``probe_run`` puts the checkpoint's step and content hash in 
 checks only the image count, labels and pooling budget.
 
 Nothing damaged is used, a full disk is a clear error, and processes sharing a cache take turns:
-see ``cache_files``. The pooling rule is ``pooling``'s.
+see ``cache_files`` (also for float16/bfloat16 storage). The pooling rule is ``pooling``'s. Under
+torchrun the ranks fill one cache together: ``sharded_features``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from pretextlab import atomic
 from pretextlab.data import BatchLoader, ImageSet
 from pretextlab.devices import resolve_device
 from pretextlab.evaluate.cache_files import (
-    CACHE_VERSION, LABELS_FILE, META_FILE, cache_lock, check_meta, create_store, damage, integrity, open_store, read_meta, say,
+    CACHE_VERSION, LABELS_FILE, META_FILE, Bfloat16Rows, cache_lock, check_meta, create_store, damage, integrity, open_store,
+    read_meta, say, storage_dtype,
 )
 from pretextlab.evaluate.pooling import POOL_BUDGET, _check_budget, pool_size, pool_to_budget, pooled_dim
 from pretextlab.errors import PretextlabError
@@ -51,11 +53,12 @@ Views = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 class FeatureSet:
     """The cached features of one split at one output.
 
-    ``features`` is float32 (N, D), normally a read-only ``np.memmap`` over ``path``, so several
-    large splits never need to sit in RAM at once; index it (``features[rows]``) to load rows.
+    ``features`` reads as float32 (N, D), normally a read-only ``np.memmap`` over ``path`` (a
+    ``Bfloat16Rows`` over one for bfloat16 storage), so several large splits never need to sit in
+    RAM at once; index it (``features[rows]``) to load rows.
     """
 
-    features: np.ndarray
+    features: np.ndarray | Bfloat16Rows
     labels: np.ndarray  # int64 (N,)
     output: str
     split: str
@@ -75,6 +78,19 @@ def _labels_digest(labels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+def encoded(values: np.ndarray, feature_dtype: str, what: str) -> np.ndarray:
+    """float32 features as the cache stores them (``cache_files.storage_dtype``), rounded to nearest."""
+    if feature_dtype == "bfloat16":
+        return torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, reported below as an error
+        stored = values.astype(storage_dtype(feature_dtype), copy=False)
+    if feature_dtype == "float16" and not np.isfinite(stored).all() and np.isfinite(values).all():
+        raise PretextlabError(
+            f"{what} has values beyond float16's range (|x| > 65504): use --feature-dtype bfloat16 (float32's range) or float32"
+        )
+    return stored
+
+
 def _complete_sets(split_dir: Path, meta: dict[str, Any], outputs: Sequence[str], split: str) -> dict[str, FeatureSet]:
     labels_all = np.load(split_dir / LABELS_FILE, mmap_mode="r")
     sets = {}
@@ -82,10 +98,47 @@ def _complete_sets(split_dir: Path, meta: dict[str, Any], outputs: Sequence[str]
         rows = int(meta["outputs"][output]["rows_done"])
         path = split_dir / f"{output}.npy"
         features = np.load(path, mmap_mode="r")
+        if meta.get("feature_dtype") == "bfloat16":
+            features = Bfloat16Rows(features)
         sets[output] = FeatureSet(
             features=features[:rows], labels=np.array(labels_all[:rows], dtype=np.int64), output=output, split=split, path=path
         )
     return sets
+
+
+def checked_request(
+    network: nn.Module, images: ImageSet, outputs: Sequence[str], cache_dir: str | Path, split: str, preprocessing_key: str,
+    batch_size: int, budget: int, feature_dtype: str,
+) -> tuple[list[str], int, Path]:
+    """An extraction's arguments checked before anything is created: (outputs, budget, split folder)."""
+    outputs = list(outputs)
+    if not outputs:
+        raise PretextlabError("no outputs asked for: name at least one, e.g. ('pre_logits',)")
+    for output in outputs:
+        _check_name(output, "an output name")
+    if len(set(outputs)) != len(outputs):
+        raise PretextlabError(f"outputs are repeated in {outputs}: name each once")
+    _check_name(split, "split")
+    _check_name(preprocessing_key, "preprocessing_key")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise PretextlabError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    budget = _check_budget(budget)
+    storage_dtype(feature_dtype)  # a clear error for an unknown name, before anything is created
+    if len(images) == 0:
+        raise PretextlabError(f"the {split} split has no images: nothing to extract features from")
+    known = getattr(network, "output_names", None)
+    if known is not None:
+        unknown = [o for o in outputs if o not in known]
+        if unknown:
+            raise PretextlabError(f"the network has no output {', '.join(unknown)}: choose from {', '.join(known)}")
+    return outputs, budget, Path(cache_dir) / preprocessing_key / split
+
+
+def make_folder(split_dir: Path) -> None:
+    try:
+        split_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PretextlabError(f"cannot create the feature cache folder {split_dir} ({error.strerror})") from error
 
 
 def extract_features(
@@ -101,6 +154,7 @@ def extract_features(
     progress: bool = True,
     budget: int = POOL_BUDGET,
     workers: int = 0,
+    feature_dtype: str = "float32",
 ) -> dict[str, FeatureSet]:
     """Pooled, view-averaged features of every image of ``images`` at each of ``outputs``, cached.
 
@@ -111,61 +165,51 @@ def extract_features(
     are read back, not recomputed. A resumed extraction keeps the batch size it started with, so
     its batches are the same. ``network`` is moved to ``device`` (and to channels_last on CUDA);
     its train/eval mode is restored. Another process extracting into the same folder is waited for.
+    ``feature_dtype`` (float32, bfloat16, float16) is how the cache stores them; the preprocessing
+    key must differ between dtypes (``probe_run`` puts a non-float32 dtype in it).
     """
-    outputs = list(outputs)
-    if not outputs:
-        raise PretextlabError("no outputs asked for: name at least one, e.g. ('pre_logits',)")
-    for output in outputs:
-        _check_name(output, "an output name")
-    if len(set(outputs)) != len(outputs):
-        raise PretextlabError(f"outputs are repeated in {outputs}: name each once")
-    _check_name(split, "split")
-    _check_name(preprocessing_key, "preprocessing_key")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise PretextlabError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-    budget = _check_budget(budget)
-    if len(images) == 0:
-        raise PretextlabError(f"the {split} split has no images: nothing to extract features from")
-    known = getattr(network, "output_names", None)
-    if known is not None:
-        unknown = [o for o in outputs if o not in known]
-        if unknown:
-            raise PretextlabError(f"the network has no output {', '.join(unknown)}: choose from {', '.join(known)}")
-
-    split_dir = Path(cache_dir) / preprocessing_key / split
-    try:
-        split_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise PretextlabError(f"cannot create the feature cache folder {split_dir} ({error.strerror})") from error
+    outputs, budget, split_dir = checked_request(
+        network, images, outputs, cache_dir, split, preprocessing_key, batch_size, budget, feature_dtype
+    )
+    make_folder(split_dir)
     with cache_lock(split_dir):
         return _extract_locked(
-            network, views, images, outputs, split_dir, split, int(batch_size), device, progress, budget, workers
+            network, views, images, outputs, split_dir, split, int(batch_size), device, progress, budget, workers, feature_dtype
         )
+
+
+def cache_record(
+    split_dir: Path, images: ImageSet, outputs: list[str], split: str, batch_size: int, budget: int, feature_dtype: str,
+) -> tuple[dict[str, Any], list[str]]:
+    """The folder's record (checked against these images and settings; a new one if none) with
+    damaged outputs dropped, and the outputs still to extract. Called under the folder's lock."""
+    labels_sha = _labels_digest(images.labels)
+    num_images = len(images)
+    meta = read_meta(split_dir / META_FILE)
+    if meta is None:
+        meta = {
+            "version": CACHE_VERSION, "num_images": num_images, "labels_sha": labels_sha, "budget": budget,
+            "batch_size": batch_size, "outputs": {}, "feature_dtype": feature_dtype,
+        }
+    else:
+        check_meta(meta, split_dir, num_images, labels_sha, budget, feature_dtype)
+    for output in outputs:
+        state = meta["outputs"].get(output)
+        if state and state.get("complete"):
+            problem = damage(split_dir, output, state, num_images, feature_dtype)
+            if problem is not None:
+                say(f"the cached {split} features of {output} in {split_dir} are damaged ({problem}): rebuilding them")
+                del meta["outputs"][output]
+    return meta, [o for o in outputs if not meta["outputs"].get(o, {}).get("complete", False)]
 
 
 def _extract_locked(
     network: nn.Module, views: Views, images: ImageSet, outputs: list[str], split_dir: Path, split: str,
-    batch_size: int, device: str | torch.device, progress: bool, budget: int, workers: int,
+    batch_size: int, device: str | torch.device, progress: bool, budget: int, workers: int, feature_dtype: str,
 ) -> dict[str, FeatureSet]:
     meta_path = split_dir / META_FILE
-    labels_sha = _labels_digest(images.labels)
     num_images = len(images)
-    meta = read_meta(meta_path)
-    if meta is None:
-        meta = {
-            "version": CACHE_VERSION, "num_images": num_images, "labels_sha": labels_sha, "budget": budget,
-            "batch_size": batch_size, "outputs": {},
-        }
-    else:
-        check_meta(meta, split_dir, num_images, labels_sha, budget)
-    for output in outputs:
-        state = meta["outputs"].get(output)
-        if state and state.get("complete"):
-            problem = damage(split_dir, output, state, num_images)
-            if problem is not None:
-                say(f"the cached {split} features of {output} in {split_dir} are damaged ({problem}): rebuilding them")
-                del meta["outputs"][output]
-    pending = [o for o in outputs if not meta["outputs"].get(o, {}).get("complete", False)]
+    meta, pending = cache_record(split_dir, images, outputs, split, batch_size, budget, feature_dtype)
     if not pending:
         return _complete_sets(split_dir, meta, outputs, split)
 
@@ -173,7 +217,7 @@ def _extract_locked(
     stores: dict[str, np.memmap] = {}
     for output, state in progress_of.items():
         if state["batches_done"] > 0:
-            store = open_store(split_dir / f"{output}.npy", (num_images, state["dim"]), np.float32)
+            store = open_store(split_dir / f"{output}.npy", (num_images, state["dim"]), storage_dtype(feature_dtype))
             if store is None:
                 say(f"{split_dir / (output + '.npy')} is missing or does not match its record: extracting {output} again")
                 progress_of[output] = {"batches_done": 0, "rows_done": 0, "dim": None, "complete": False}
@@ -229,13 +273,13 @@ def _extract_locked(
                     state = progress_of[output]
                     if output not in stores:
                         state["dim"] = int(values.shape[1])
-                        stores[output] = create_store(split_dir / f"{output}.npy", (num_images, state["dim"]), np.float32)
+                        stores[output] = create_store(split_dir / f"{output}.npy", (num_images, state["dim"]), storage_dtype(feature_dtype))
                     if state["rows_done"] != row:
                         raise PretextlabError(
                             f"the cache of {output} in {split_dir} is out of step with the images (row {state['rows_done']} "
                             f"recorded, {row} expected): delete that folder to rebuild it"
                         )
-                    stores[output][row : row + count] = values
+                    stores[output][row : row + count] = encoded(values, feature_dtype, f"the {split} features of {output}")
                 labels_store[row : row + count] = batch.labels.numpy()
             for output in writing:
                 progress_of[output]["batches_done"] = batch_index + 1

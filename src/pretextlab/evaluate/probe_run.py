@@ -39,9 +39,12 @@ from pretextlab.data import DatasetSplits, few_label_subset, label_budget_tag, l
 from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.augmented import TrainViews, augmented_sgd_probe, augmented_views, whole_training_split
-from pretextlab.evaluate.common import ProbeData
+from pretextlab.evaluate.cache_files import FEATURE_DTYPES
+from pretextlab.evaluate.common import SINGLE, ProbeData, Shard
+from pretextlab.evaluate.distributed_probe import process_shard
 from pretextlab.evaluate.features import extract_features
-from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
+from pretextlab.evaluate.lbfgs import LbfgsConfig, fit_lbfgs_probe
+from pretextlab.evaluate.sharded_features import extract_features_sharded
 from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
 from pretextlab.evaluate.sgd_config import PRESETS as SGD_PRESETS
 from pretextlab.evaluate.sgd_config import SCHEDULES as SGD_SCHEDULES
@@ -112,6 +115,9 @@ class EvalConfig:
         "whole training split, scored on the test split) or precomputed (cached central-crop features, "
         "standardised, train minus the held-out split; fast) (default: paper for folder, precomputed otherwise)",
         choices=SGD_PRESETS)
+    feature_dtype: str = option(
+        "float32", "how the feature cache stores features: float32, or bfloat16 / float16 in half the bytes (probes "
+        "compute in float32 on what they read)", choices=FEATURE_DTYPES)
 
     def resolved_sgd_preset(self) -> str:
         if self.sgd_preset is not None:
@@ -156,6 +162,8 @@ class EvalConfig:
             "probe": self.probe, "probe_config": probe, **preset, "dataset": self.dataset, "data_dir": self.data_dir,
             "val_size": self.val_size, "limit": self.limit, "test_limit": self.test_limit,
             "labels_per_class": self.labels_per_class, "label_fraction": self.label_fraction, "seed": self.seed,
+            # Rounded features change the number; float32 records keep their hashes.
+            **({"feature_dtype": self.feature_dtype} if self.feature_dtype != "float32" else {}),
         }
 
     def label_tag(self) -> str:
@@ -201,6 +209,7 @@ def probe_representation(
     probe_checkpoint_dir: Path | None = None,
     log: Log = _stderr,
     train_views: TrainViews | None = None,
+    shard: Shard = SINGLE,
 ) -> dict[str, dict[str, Any]]:
     """Features of every split at ``outputs`` (one pass per split, cached), then one probe per output.
 
@@ -208,9 +217,16 @@ def probe_representation(
     small for its accuracy to mean much (``MIN_SCORED_IMAGES``, ``MIN_SCORED_PER_CLASS``).
     An SGD recipe with ``features="augmented"`` trains from ``train_views(uint8 batch, generator)``
     (``augmented.augmented_views`` of the run's task) instead of cached training features.
+    With a ``shard`` of world > 1 (every rank of a process group calls this alike) the ranks extract
+    the features together and fit the L-BFGS probe data-parallel (``distributed_probe``).
     """
     if config.probe not in PROBES:
         raise PretextlabError(f"unknown probe {config.probe!r}: choose one of {', '.join(PROBES)}")
+    if shard.world > 1 and config.probe != "lbfgs":
+        raise PretextlabError(f"--probe {config.probe} runs in one process: launch it without torchrun (only lbfgs is data-parallel)")
+    if config.feature_dtype != "float32":  # features rounded otherwise are cached apart
+        preprocessing_key = f"{preprocessing_key}-{config.feature_dtype}"
+    extract = functools.partial(extract_features_sharded, shard=shard) if shard.world > 1 else extract_features
     probe_config = config.probe_config()
     sgd = probe_config if isinstance(probe_config, SgdConfig) else None
     # The released probe trains on "trainval" (train + held-out) and follows and scores "test"
@@ -236,7 +252,7 @@ def probe_representation(
     wanted += [("val", followed_images, followed_split)] if not whole else []
     wanted += [("test", splits.test, "test")]
     features = {
-        name: extract_features(
+        name: extract(
             network,
             views,
             images,
@@ -248,6 +264,7 @@ def probe_representation(
             device=config.device,
             progress=progress,
             workers=config.workers,
+            feature_dtype=config.feature_dtype,
         )
         for name, images, split in wanted
     }
@@ -278,7 +295,7 @@ def probe_representation(
         else:
             data = ProbeData((train_set.features, train_set.labels), val, test, splits.num_classes)
             if isinstance(probe_config, LbfgsConfig):
-                result = lbfgs_probe(data, config=probe_config, progress=progress, label=output)
+                result = fit_lbfgs_probe(data, probe_config, progress=progress, label=output, shard=shard)[0]
             else:
                 checkpoint = None
                 if probe_checkpoint_dir is not None:
@@ -327,6 +344,9 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True,
     from pretextlab.training import load_trained_identity
 
     run_dir = Path(run_dir)
+    # Under torchrun (or in a DDP job) every rank probes its share; rank 0 alone logs and stores.
+    shard = process_shard(config.device)
+    log = log if shard.rank == 0 else (lambda message: None)
     device = resolve_device(config.device)
     run_config, network, task, identity = load_trained_identity(run_dir, device)
     checkpoint = {"step": identity.step, "sha256": identity.sha256, "total_steps": identity.total_steps, "finished": identity.finished}
@@ -350,8 +370,10 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True,
     results = probe_representation(
         network, task.eval_views, splits, outputs, run_dir / FEATURES_DIR, key, config, progress=progress,
         probe_checkpoint_dir=run_dir / PROBES_DIR / "checkpoints", log=log,
-        train_views=functools.partial(augmented_views, task),
+        train_views=functools.partial(augmented_views, task), shard=shard,
     )
+    if shard.rank != 0:
+        return []
     # Two folder datasets (ImageNet, Places205) must not share result files: name them by folder.
     dataset_tag = dataset if dataset != "folder" else f"folder-{Path(config.data_dir or run_config.data_dir or 'data').name}"
     recipe_hash = _key(config.recipe(), checkpoint, splits.describe())
