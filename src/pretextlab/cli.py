@@ -127,6 +127,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     counts = {state: sum(1 for s in outcome.statuses if s.state == state) for state in ("done", "running", "left")}
     shown = {"study": study.name, "directory": str(study.directory), "dry_run": args.dry_run,
              "cells": len(outcome.statuses), **counts, "job_ids": outcome.job_ids, "errors": outcome.errors}
+    if outcome.jobs is not None:
+        shown["jobs"] = outcome.jobs
     if args.cost:
         from pretextlab.study.cost import format_cost, study_cost
 

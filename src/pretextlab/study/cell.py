@@ -1,12 +1,16 @@
 """One cell's work: claim it in the store, train (or resume) its pretext run, fit its missing probes,
-with a heartbeat while it runs; also the entry point of a cluster job."""
+with a heartbeat while it runs; on one process or on every rank of a multi-rank job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,9 @@ from pretextlab.study.grid import Cell, expand_cells, probe_eval_config
 from pretextlab.study.model import LabelBudget, SgdSettings, Study
 from pretextlab.study.schema import HEARTBEAT_SECONDS, load_study
 from pretextlab.study.store import ResultsStore, worker_id
+
+# torchrun's env:// rendezvous variables (a multi-rank cell's job sets them, cell_job.job_ranks).
+TORCH_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 class _Heartbeat:
@@ -52,20 +59,20 @@ def _finished_summary(cell: Cell) -> dict[str, Any] | None:
     return summary if summary.get("config_hash") == cell.config_hash else None
 
 
-def _train_cell(cell: Cell, store: ResultsStore, attempt: int, progress: bool) -> None:
-    from pretextlab.training import Trainer, read_metrics
+def _train_cell(cell: Cell, trained: bool, store: ResultsStore | None, attempt: int, progress: bool) -> tuple[dict[str, Any] | None, float | None]:
+    """Train (or resume) the cell's pretext run on every rank unless it has finished; returns its
+    summary and training seconds (rank 0; None elsewhere or when nothing trained)."""
+    from pretextlab.training import Trainer
 
-    summary = _finished_summary(cell)
-    seconds = None
-    if summary is None:
-        # resume=True continues from the checkpoint when there is one and starts afresh otherwise.
-        trainer = Trainer(cell.config, cell.run_dir, resume=True, progress=progress)
+    if trained:
+        return _finished_summary(cell), None
+    # resume=True continues from the checkpoint when there is one and starts afresh otherwise.
+    trainer = Trainer(cell.config, cell.run_dir, resume=True, progress=progress)
+    if store is not None:
         store.set_attempt_start_step(attempt, trainer.step)
-        started = time.perf_counter()
-        summary = trainer.fit()
-        seconds = time.perf_counter() - started
-    store.record_training(cell.config_hash, summary, seconds)
-    store.add_curve_points(cell.config_hash, read_metrics(cell.run_dir))
+    started = time.perf_counter()
+    summary = trainer.fit()
+    return summary, time.perf_counter() - started
 
 
 def _probe_cell(study: Study, cell: Cell, store: ResultsStore, progress: bool) -> None:
@@ -90,38 +97,118 @@ def _probe_cell(study: Study, cell: Cell, store: ResultsStore, progress: bool) -
         store.add_probe_seconds(cell.config_hash, time.perf_counter() - started)
 
 
-def run_cell(study: Study, cell: Cell, progress: bool = True) -> str:
+@dataclass(frozen=True)
+class JobRanks:
+    """This process's place in the job running a cell: its rank of ``world_size`` processes, the
+    nodes and hosts the job spans, the cluster job ('slurm:123_4'; None for an inline cell)."""
+
+    rank: int = 0
+    world_size: int = 1
+    nodes: int = 1
+    hosts: str = ""
+    job: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _join_group(cell: Cell, ranks: JobRanks) -> None:
+    """Several ranks: the process group the trainer uses (torchrun's env:// variables, set by the job)."""
+    if ranks.world_size > 1:
+        from pretextlab.devices import resolve_device
+        from pretextlab.training.distributed import distributed_context
+
+        distributed_context(resolve_device(cell.config.device).type)
+
+
+def _share(value: Any, ranks: JobRanks) -> Any:
+    """Rank 0's ``value`` on every rank: rank 0 alone talks to the store, the others follow its decision."""
+    if ranks.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _leave_group(ranks: JobRanks) -> None:
+    """After training the ranks part: the group goes, and with it torchrun's variables, so evaluate
+    (which joins a group when WORLD_SIZE > 1) runs as one process on rank 0."""
+    if ranks.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    for name in TORCH_RENDEZVOUS:
+        os.environ.pop(name, None)
+
+
+def run_cell(study: Study, cell: Cell, progress: bool = True, ranks: JobRanks | None = None) -> str:
     """Train (or resume) one cell and fit its missing probes; returns finished, skipped or failed.
 
     A cell another live worker holds, or one already finished, is skipped. An exception from the
     cell's own work marks it failed (the message is kept in the store) and is re-raised; an
-    interruption (Ctrl-C, SIGTERM) marks it interrupted, so the next run resumes it.
+    interruption (Ctrl-C, SIGTERM, a requeue's exit) marks it interrupted, so the next run resumes it.
+
+    With ``ranks`` of a multi-rank job, every rank calls this: they train as one DDP run (the same
+    path as torchrun: global batch, lr scaling, SyncBN option, rank-0 writes); rank 0 alone claims,
+    beats and records, so the store holds the cell once, with its ranks and nodes. Probes run on rank 0
+    alone after the others have left (they return "trained"): evaluate_run is one process today.
+    Seam for the data-parallel probe (evaluate/distributed_probe.py, issue 19): once evaluate_run
+    shards a cell's extraction and L-BFGS over an initialised group, call _probe_cell on every rank
+    before _leave_group, storing on rank 0 only.
     """
     from pretextlab.training import Preempted
 
-    owner = worker_id()
-    with ResultsStore(study.store_path) as store:
-        attempt = store.claim(cell.config_hash, owner, study.runtime.stale_seconds)
+    ranks = ranks or JobRanks(hosts=socket.gethostname())
+    _join_group(cell, ranks)
+    owner = worker_id(ranks.job)
+    store = ResultsStore(study.store_path) if ranks.is_main else None
+    try:
+        attempt = trained = None
+        if store is not None:
+            attempt = store.claim(cell.config_hash, owner, study.runtime.stale_seconds,
+                                  ranks=ranks.world_size, nodes=ranks.nodes, hosts=ranks.hosts)
+            trained = _finished_summary(cell) is not None
+        attempt, trained = _share((attempt, trained), ranks)
         if attempt is None:
+            _leave_group(ranks)
             return "skipped"
         try:
-            with _Heartbeat(study.store_path, cell.config_hash, owner):
-                _train_cell(cell, store, attempt, progress)
+            with _Heartbeat(study.store_path, cell.config_hash, owner) if store else contextlib.nullcontext():
+                summary, seconds = _train_cell(cell, trained, store, attempt, progress)
+                _leave_group(ranks)
+                if store is None:
+                    return "trained"
+                from pretextlab.training import read_metrics
+
+                store.record_training(cell.config_hash, summary, seconds)
+                store.add_curve_points(cell.config_hash, read_metrics(cell.run_dir))
                 _probe_cell(study, cell, store, progress)
-        except (KeyboardInterrupt, Preempted) as stop:
-            store.end_attempt(cell.config_hash, attempt, "interrupted", error=str(stop) or type(stop).__name__)
+        except (KeyboardInterrupt, SystemExit, Preempted) as stop:
+            if store is not None:
+                store.end_attempt(cell.config_hash, attempt, "interrupted", error=str(stop) or type(stop).__name__)
             raise
         except BaseException as error:
-            store.end_attempt(cell.config_hash, attempt, "failed", error=f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=8)}")
+            if store is not None:
+                store.end_attempt(cell.config_hash, attempt, "failed", error=f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=8)}")
             raise
+        assert store is not None
         store.end_attempt(cell.config_hash, attempt, "finished")
         return "finished"
+    finally:
+        if store is not None:
+            store.close()
 
 
-def run_cell_job(study_file: str, out: str, config_hash: str) -> str:
-    """A cluster job's entry point: re-read the study file and run one of its cells."""
+def run_cell_job(study_file: str, out: str, config_hash: str, ranks: JobRanks | None = None) -> str:
+    """A cluster job's work: re-read the study file and run one of its cells (on this rank)."""
     study = load_study(study_file, out=out)
     cells = {cell.config_hash: cell for cell in expand_cells(study)}
     if config_hash not in cells:
         raise PretextlabError(f"{study_file} has no cell {config_hash} any more: the study file changed after submission")
-    return run_cell(study, cells[config_hash], progress=False)
+    return run_cell(study, cells[config_hash], progress=False, ranks=ranks)

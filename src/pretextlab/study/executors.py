@@ -3,13 +3,17 @@ submitit's local or Slurm executor."""
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import time
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
 from pretextlab.errors import PretextlabError
-from pretextlab.study.cell import run_cell, run_cell_job
+from pretextlab.study.cell import run_cell
+from pretextlab.study.cell_job import CellJob
 from pretextlab.study.grid import Cell
 from pretextlab.study.model import Study
 
@@ -36,6 +40,63 @@ def _make_executor(study: Study, kind: str) -> Any:
     except (ValueError, TypeError, NameError) as error:
         raise PretextlabError(f"executor.parameters {parameters} are not valid for submitit's {kind} executor: {error}") from error
     return executor
+
+
+def job_shape(study: Study, kind: str, cells: int) -> dict[str, Any]:
+    """What ``cells`` jobs on the ``kind`` executor would ask for, from executor.parameters:
+    nodes x tasks_per_node ranks each (one DDP rank per task), GPUs per node, time limit in minutes."""
+    p = study.executor.parameters
+    nodes, tasks = int(p.get("nodes", 1)), int(p.get("tasks_per_node", 1))
+    timeout = p.get("timeout_min", p.get("slurm_time", LOCAL_TIMEOUT_MIN if kind == "local" else None))
+    return {
+        "executor": kind, "jobs": cells, "nodes": nodes, "tasks_per_node": tasks, "ranks_per_job": nodes * tasks,
+        "gpus_per_node": int(p.get("gpus_per_node", 0)), "timeout_min": timeout,
+        "partition": p.get("slurm_partition"), "gpus_total": cells * nodes * int(p.get("gpus_per_node", 0)),
+    }
+
+
+def format_job_shape(shape: dict[str, Any]) -> str:
+    """One line for people, e.g. '116 slurm jobs, each 1 node x 8 tasks (8 DDP ranks), 8 GPUs/node, ...'."""
+    time_limit = "submitit's default time limit" if shape["timeout_min"] is None else f"time limit {shape['timeout_min']} min"
+    where = f" on partition {shape['partition']}" if shape["partition"] else ""
+    return (
+        f"{shape['jobs']} {shape['executor']} job(s){where}, each {shape['nodes']} node(s) x {shape['tasks_per_node']} "
+        f"task(s) ({shape['ranks_per_job']} DDP rank(s)), {shape['gpus_per_node']} GPU(s) per node "
+        f"({shape['gpus_total']} GPUs if all run at once), {time_limit}"
+    )
+
+
+# Slurm job states after which no task will write a result any more (a requeued job is PENDING again).
+SLURM_ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT")
+# Seconds a job may have ended before its result files show (a shared file system's delay).
+RESULT_GRACE_SECONDS = 30.0
+
+
+def _slurm_state(job_id: str) -> str | None:
+    """The job's state from slurmctld (scontrol works where sacct has no accounting database);
+    None when slurmctld no longer knows the job or cannot be asked."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"\bJobState=(\w+)", shown.stdout)
+    return match.group(1) if shown.returncode == 0 and match else None
+
+
+def _wait(job: Any, kind: str) -> str | None:
+    """Wait for ``job``'s results; returns the Slurm state it ended in when it ended without them
+    (killed outright, node failure), which submitit alone would wait for forever without sacct."""
+    ended_at = None
+    while not job.done():
+        state = _slurm_state(job.job_id) if kind == "slurm" else None
+        if state in SLURM_ENDED:
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at > RESULT_GRACE_SECONDS:
+                return state
+        else:
+            ended_at = None
+        time.sleep(1)
+    return None
 
 
 def run_inline(study: Study, cells: list[Cell], progress: bool) -> tuple[dict[str, str], dict[str, str]]:
@@ -67,8 +128,9 @@ def run_submitit(
     submitter = _make_executor(study, kind)
     if study.path is None:
         raise PretextlabError("a study run on an executor needs a study file the jobs can read: use load_study(path)")
+    echo(f"submitting {format_job_shape(job_shape(study, kind, len(cells)))}")
     jobs = submitter.map_array(
-        run_cell_job, [str(study.path)] * len(cells), [str(study.directory)] * len(cells), [c.config_hash for c in cells]
+        CellJob(), [str(study.path)] * len(cells), [str(study.directory)] * len(cells), [c.config_hash for c in cells]
     )
     job_ids = [job.job_id for job in jobs]
     echo(f"submitted {len(jobs)} job(s) to the {kind} executor on {socket.gethostname()}: {', '.join(job_ids)}")
@@ -77,8 +139,17 @@ def run_submitit(
     if not wait:
         return ran, errors, job_ids
     for cell, job in tqdm(list(zip(cells, jobs)), desc=f"study {study.name}", unit="cell", disable=not progress):
+        ended = _wait(job, kind)
+        if ended:
+            ran[cell.config_hash] = "failed"
+            errors[cell.config_hash] = (
+                f"{cell.label}: job {job.job_id} ended {ended} without a result (killed?); its logs are in {job.paths.folder}. "
+                "Run `pretextlab study FILE` again: the cell resumes from its checkpoint"
+            )
+            continue
         try:
-            ran[cell.config_hash] = job.result()
+            # Every rank of a multi-task job returns; rank 0's outcome is the cell's.
+            ran[cell.config_hash] = job.results()[0]
         except Exception as error:  # submitit re-raises the job's failure here, with its log paths
             ran[cell.config_hash] = "failed"
             text = str(error).strip()

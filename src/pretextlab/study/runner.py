@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from pretextlab.study.checks import _choices
-from pretextlab.study.executors import run_inline, run_submitit
+from pretextlab.study.executors import format_job_shape, job_shape, run_inline, run_submitit
 from pretextlab.study.grid import expand_cells
 from pretextlab.study.model import EXECUTORS, Study
 from pretextlab.study.status import CellStatus, format_status, register, study_status
@@ -19,6 +19,7 @@ class StudyOutcome:
     ran: dict[str, str]  # config hash -> finished / skipped / failed
     errors: dict[str, str]
     job_ids: list[str] = field(default_factory=list)
+    jobs: dict[str, Any] | None = None  # local/slurm: what the jobs ask for (executors.job_shape)
 
     @property
     def ok(self) -> bool:
@@ -57,6 +58,10 @@ def run_study(
     echo(format_status(statuses))
     left = [s.cell for s in statuses if s.state == "left"]
     outcome = StudyOutcome(statuses=statuses, ran={}, errors={})
+    if kind != "inline":
+        outcome.jobs = job_shape(study, kind, len(left))
+        if dry_run:
+            echo(f"would submit {format_job_shape(outcome.jobs)}")
     if dry_run or not left:
         return outcome
 

@@ -127,6 +127,20 @@ def _downstream_types(settings: dict[str, Any], context: str) -> None:
         _optional_number(settings["seed"], f"{context}.seed", whole=True, minimum=0, expected="a whole number >= 0")
 
 
+def _check_job_shape(parameters: dict[str, Any]) -> None:
+    """A cell's job: nodes x tasks_per_node DDP ranks (submitit's names), one rank per GPU."""
+    for key, least in (("nodes", 1), ("tasks_per_node", 1), ("gpus_per_node", 0)):
+        value = parameters.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise PretextlabError(f"executor.parameters.{key} must be a whole number >= {least}, got {value!r}")
+    gpus, tasks = parameters.get("gpus_per_node", 0), parameters.get("tasks_per_node", 1)
+    if gpus and gpus != tasks:
+        raise PretextlabError(
+            f"executor.parameters: tasks_per_node ({tasks}) must equal gpus_per_node ({gpus}): a cell's job runs "
+            f"one DDP rank per GPU, so set tasks_per_node: {gpus}"
+        )
+
+
 def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None = None, text: str = "") -> Study:
     """Validate a study (the parsed YAML) and return it; ``out`` overrides the study directory."""
     from pretextlab.data import DATASETS
@@ -249,6 +263,7 @@ def parse_study(data: Any, *, path: Path | None = None, out: str | Path | None =
         raise _wrong_type("executor.kind", executor_section["kind"], f"a string: one of {', '.join(EXECUTORS)}")
     executor = ExecutorSettings(kind=executor_section.get("kind", "inline"), parameters=dict(parameters))
     _choices([executor.kind], EXECUTORS, "executor", "executor.kind")
+    _check_job_shape(executor.parameters)
 
     study = Study(
         name=name,

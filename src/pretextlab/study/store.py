@@ -7,8 +7,10 @@ Tables::
     runs      one row per cell of the grid (keyed by the pretext config's hash): its config, status
               (pending / running / finished / failed / interrupted), the worker holding it and its
               heartbeat, pretext metrics and timings (``trained`` is when its pretext run ended);
+              ``ranks``, ``nodes``, ``hosts``: the job shape of its latest attempt (a DDP cell: N ranks)
               ``in_study`` is 0 for a cell the study file no longer names (kept for its results)
-    attempts  one row per time a worker took a cell: when, who, from which step, how it ended
+    attempts  one row per time a worker took a cell: when, who, from which step, how it ended, on
+              how many ranks and nodes
     plan      the probe results a cell is expected to produce (dataset, output, probe, labels) and
               the probe recipe each is asked with (``recipe``: store_format.probe_recipe_id)
     probes    the current probe results: top-1 on val and test in percent, regularisation chosen,
@@ -18,7 +20,8 @@ Tables::
     curves    pretext training curves (metrics.jsonl), one row per (run, step, metric)
 
 Every accuracy in the store is in percent, and its column says so (``*_percent``). Format 1 (the
-first release) kept probe accuracies as fractions, and formats 1 and 2 no recipe ids; such a store
+first release) kept probe accuracies as fractions, formats 1 and 2 no recipe ids, formats 1 to 3 no
+ranks or nodes; such a store
 is upgraded in place, in one transaction, the first time this version opens it. A store of an unknown format, or a file that is
 not a readable SQLite store, is refused with one line naming the file and what to do; it is never
 modified.
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pretextlab.errors import PretextlabError
+from pretextlab.study.owners import owner_is_dead, same_job, worker_id
 from pretextlab.study.store_format import KEY_SQL, RESULT_COLUMNS, STORE_FILE, StoreFile, make_current, probe_recipe_id
 
 RUN_STATUSES = ("pending", "running", "finished", "failed", "interrupted")
@@ -57,27 +61,6 @@ CSV_COLUMNS = (
     "val_top1_percent", "test_top1_percent", "chosen_l2", "chosen_json", "feature_dim", "train_images", "seconds",
     "run_dir", "pretext_val_accuracy_percent",
 )
-
-
-def worker_id() -> str:
-    """This process as 'host:pid', the owner recorded on the cells it holds."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _owner_is_dead(owner: str | None) -> bool:
-    """True when ``owner`` is a process of this machine that no longer exists."""
-    if not owner or ":" not in owner:
-        return False
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def percent_field(record: dict[str, Any], name: str, old_unit: float) -> float | None:
@@ -177,12 +160,18 @@ class ResultsStore(StoreFile):
 
     # -- claiming and status ---------------------------------------------------------------------
 
-    def claim(self, config_hash: str, owner: str, stale_seconds: float = DEFAULT_STALE_SECONDS) -> int | None:
+    def claim(
+        self, config_hash: str, owner: str, stale_seconds: float = DEFAULT_STALE_SECONDS,
+        *, ranks: int = 1, nodes: int = 1, hosts: str | None = None,
+    ) -> int | None:
         """Take the cell for ``owner`` unless a live worker holds it; returns the attempt id, or None.
+        ``ranks`` processes on ``nodes`` nodes (``hosts``) will run it: recorded on the attempt and the cell.
 
-        A 'running' cell is free again when its heartbeat is older than ``stale_seconds`` or its
-        owner is a process of this machine that has died (a killed run resumes at once).
+        A 'running' cell is free again when its heartbeat is older than ``stale_seconds``, its
+        owner is a process of this machine that has died (a killed run resumes at once), or its
+        owner is the same cluster job (requeued after preemption: its earlier run is gone).
         """
+        hosts = hosts or socket.gethostname()
         now = time.time()
         with self.transaction() as db:
             row = db.execute("SELECT status, owner, heartbeat FROM runs WHERE config_hash = ?", (config_hash,)).fetchone()
@@ -192,7 +181,8 @@ class ResultsStore(StoreFile):
             if status == "finished":
                 return None
             if status == "running" and holder != owner:
-                alive = heartbeat is not None and now - heartbeat < stale_seconds and not _owner_is_dead(holder)
+                alive = heartbeat is not None and now - heartbeat < stale_seconds and not owner_is_dead(holder)
+                alive = alive and not same_job(holder, owner)
                 if alive:
                     return None
                 db.execute(
@@ -200,12 +190,13 @@ class ResultsStore(StoreFile):
                     (now, config_hash, holder),
                 )
             db.execute(
-                "UPDATE runs SET status = 'running', owner = ?, heartbeat = ?, started = COALESCE(started, ?), error = NULL "
-                "WHERE config_hash = ?",
-                (owner, now, now, config_hash),
+                "UPDATE runs SET status = 'running', owner = ?, heartbeat = ?, started = COALESCE(started, ?), error = NULL, "
+                "ranks = ?, nodes = ?, hosts = ? WHERE config_hash = ?",
+                (owner, now, now, ranks, nodes, hosts, config_hash),
             )
             cursor = db.execute(
-                "INSERT INTO attempts (config_hash, owner, started) VALUES (?, ?, ?)", (config_hash, owner, now)
+                "INSERT INTO attempts (config_hash, owner, started, ranks, nodes, hosts) VALUES (?, ?, ?, ?, ?, ?)",
+                (config_hash, owner, now, ranks, nodes, hosts),
             )
             return int(cursor.lastrowid)
 
@@ -372,7 +363,7 @@ class ResultsStore(StoreFile):
             return "done"
         if run["status"] == "running":
             fresh = run["heartbeat"] is not None and time.time() - run["heartbeat"] < stale_seconds
-            if fresh and not _owner_is_dead(run["owner"]):
+            if fresh and not owner_is_dead(run["owner"]):
                 return "running"
         return "left"
 

@@ -18,9 +18,9 @@ from pretextlab.errors import PretextlabError
 STORE_FILE = "results.sqlite"
 BUSY_TIMEOUT_MS = 120_000
 
-SCHEMA_VERSION = 3
-# Formats this version can open: 1 and 2 are upgraded in place (migrate_1_to_2, migrate_2_to_3).
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+# Formats this version can open: 1 to 3 are upgraded in place (migrate_1_to_2, migrate_2_to_3, migrate_3_to_4).
+READABLE_VERSIONS = (1, 2, 3, 4)
 # A probe config's fields that change how fast, not what, it computes: left out of its recipe id.
 # The same fields as evaluate.probe_run.NOT_IN_RECIPE (a test pins it); named here so the store
 # needs no evaluation code (nor torch) to read or upgrade a file.
@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS superseded_probes ({_RESULT_COLUMN_DEFS},
     UNIQUE (config_hash, dataset, output, probe, labels, recipe)
 );
 """
+# Who ran a cell (its latest attempt) and each attempt: ranks in the job (1 for an inline or
+# single-task cell), nodes they ran on, and those hosts (comma-separated).
+RANK_COLUMNS = ("ranks INTEGER", "nodes INTEGER", "hosts TEXT")
+_RANK_SQL = "".join(f",\n    {column}" for column in RANK_COLUMNS)
 KEY_SQL = "config_hash = ? AND dataset = ? AND output = ? AND probe = ? AND labels = ?"
 
 _SCHEMA = """
@@ -91,7 +95,7 @@ CREATE TABLE IF NOT EXISTS runs (
     created REAL NOT NULL,
     started REAL,
     trained REAL,
-    finished REAL
+    finished REAL""" + _RANK_SQL + """
 );
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -100,7 +104,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     started REAL NOT NULL,
     ended REAL,
     outcome TEXT,
-    start_step INTEGER
+    start_step INTEGER""" + _RANK_SQL + """
 );
 CREATE TABLE IF NOT EXISTS plan (
     config_hash TEXT NOT NULL REFERENCES runs(config_hash),
@@ -172,6 +176,23 @@ def migrate_2_to_3(db: "Transaction") -> None:
     )
     db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('migrated_from', '2')")
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
+
+
+def migrate_3_to_4(db: "Transaction") -> None:
+    """Format 3 -> 4, inside the opening transaction: cells and attempts say how many ranks on how
+    many nodes (and which hosts) ran them. An older cell's ranks come from its summary's
+    ``world_size`` when it trained (torchrun runs recorded it); nodes and hosts stay unknown (NULL)."""
+    for table in ("runs", "attempts"):
+        for column in RANK_COLUMNS:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    rows = db.execute("SELECT config_hash, summary_json FROM runs WHERE summary_json IS NOT NULL").fetchall()
+    db.executemany(
+        "UPDATE runs SET ranks = ? WHERE config_hash = ?",
+        [(json.loads(summary).get("world_size", 1), config_hash) for config_hash, summary in rows],
+    )
+    db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('migrated_from', '3')")
     db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
 
 
@@ -264,6 +285,8 @@ class StoreFile:
                     migrate_1_to_2(db)
                 if version <= 2:
                     migrate_2_to_3(db)
+                if version <= 3:
+                    migrate_3_to_4(db)
 
     def _version(self, db: "Transaction | sqlite3.Connection", tables: set[str]) -> int:
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if "meta" in tables else None
