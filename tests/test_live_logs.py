@@ -38,7 +38,7 @@ def _expected(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.mark.slow  # two sessions of a tiny run: ~5 s on 2 quiet cores
-def test_tensorboard_holds_the_metrics_and_a_resume_logs_no_step_twice(tmp_path):
+def test_tensorboard_holds_the_metrics_and_a_resume_logs_no_step_twice(tmp_path, capsys):
     run = tmp_path / "run"
     Trainer(TrainConfig(**TINY), run, progress=False).fit()
     logged = _tensorboard(run)
@@ -47,6 +47,7 @@ def test_tensorboard_holds_the_metrics_and_a_resume_logs_no_step_twice(tmp_path)
             "val/val_pretext_accuracy_percent", "knn/knn_pre_logits_k20_top1_percent",
             "knn/knn_pre_logits_k200_top1_percent"} <= set(logged)
     assert [step for step, _ in logged["train/loss"]] == list(range(1, 9))  # 4 steps an epoch, logged each step
+    assert "epoch 1.00: val pretext accuracy" in (err := capsys.readouterr().err) and "; kNN top-1 (k=20) pre_logits " in err
 
     # A kill that damaged the last checkpoint (step 8): the resume falls back to the one before (step 4),
     # metrics.jsonl drops the lines after it, and TensorBoard's files drop the same steps (purge_step).

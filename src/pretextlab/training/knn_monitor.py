@@ -51,6 +51,13 @@ def parse_knn_field(name: str) -> tuple[str, int] | None:
     return (match.group(1), int(match.group(2))) if match else None
 
 
+def knn_text(fields: dict[str, float]) -> str:
+    """The monitor's k=20 numbers for the epoch's line on stderr ("" when it did not run)."""
+    parsed = [(parse_knn_field(name), value) for name, value in fields.items()]
+    shown = [f"{key[0]} {value:.1f}%" for key, value in parsed if key is not None and key[1] == KNN_KS[0]]
+    return f"; kNN top-1 (k={KNN_KS[0]}) {', '.join(shown)}" if shown else ""
+
+
 def knn_series(records: Iterable[dict[str, Any]]) -> dict[tuple[str, int], list[tuple[float, float]]]:
     """Each (output, k)'s (epoch, top-1 %) points in metrics.jsonl records (the figures' input)."""
     series: dict[tuple[str, int], list[tuple[float, float]]] = {}

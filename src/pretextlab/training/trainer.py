@@ -26,7 +26,7 @@ from pretextlab.data.crops import with_resize
 from pretextlab.errors import PretextlabError
 from pretextlab.training.checkpoint import has_checkpoint, load_checkpoint, write_checkpoint
 from pretextlab.training.distributed import all_reduce_sum, barrier, distributed_context
-from pretextlab.training.knn_monitor import KnnMonitor, build_monitor
+from pretextlab.training.knn_monitor import KnnMonitor, build_monitor, knn_text
 from pretextlab.training.live_log import LiveLog, Window, check_wandb, timed
 from pretextlab.training.model import PretextModel, place_model, resolve_device
 from pretextlab.training.run_dir import (
@@ -341,6 +341,7 @@ class Trainer:
     def _end_epoch(self) -> float | None:
         """Validate, log and checkpoint at the end of an epoch (or of the run)."""
         val_accuracy = self.pretext_accuracy(self.splits.val)
+        monitored = self._monitor() if self.config.monitor_every is None else {}
         self._log({
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
@@ -348,11 +349,11 @@ class Trainer:
             "val_pretext_scored": self.val_scored,
             "skipped_images": self.skipped,
             "skipped_val_images": self.skipped_val,
-            **(self._monitor() if self.config.monitor_every is None else {}),
+            **monitored,
         })
         if self.rank == 0:
             # stderr, beside the progress bar: stdout carries the JSON summary only
-            notice(f"epoch {self.step / self.steps_per_epoch:.2f}: val pretext accuracy {_percent(val_accuracy)}")
+            notice(f"epoch {self.step / self.steps_per_epoch:.2f}: val pretext accuracy {_percent(val_accuracy)}{knn_text(monitored)}")
         self.save_checkpoint()
         return val_accuracy
 
