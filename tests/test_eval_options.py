@@ -29,16 +29,20 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 
 
 def test_every_eval_config_field_is_a_flag_with_help_and_its_default() -> None:
+    from pretextlab.evaluate.backbones import BackboneSpec
+
     actions = {a.dest: a for a in _evaluate_parser()._actions}
-    for f in dataclasses.fields(EvalConfig):
-        assert f.name in actions, f"EvalConfig.{f.name} has no evaluate flag"
+    # BackboneSpec: what `evaluate --backbone` probes instead of a run (issue 17 item 4), defined the same way.
+    options = [*dataclasses.fields(EvalConfig), *dataclasses.fields(BackboneSpec)]
+    for f in options:
+        assert f.name in actions, f"{f.name} has no evaluate flag"
         action = actions[f.name]
         assert action.default == f.default, f.name
         assert action.help and f.metadata["help"] in action.help, f.name
         # The default is said: by add_arguments for a value, in the help's own words for None.
         assert "default" in action.help, f"--{f.name}'s help does not say its default: {action.help!r}"
-    # Only the run and the progress bars are flags outside EvalConfig.
-    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    # Only the run and the progress bars are flags outside EvalConfig and BackboneSpec.
+    fields = {f.name for f in options}
     assert set(actions) - fields == {"help", "run", "no_progress"}
 
 

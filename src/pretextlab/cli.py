@@ -45,10 +45,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from pretextlab.evaluate.backbones import BackboneSpec
     from pretextlab.evaluate.probe_run import EvalConfig
     from pretextlab.options import add_arguments
 
     add_arguments(parser, EvalConfig)
+    add_arguments(parser, BackboneSpec)
 
 
 def _eval_config(args: argparse.Namespace):
@@ -61,9 +63,20 @@ def _eval_config(args: argparse.Namespace):
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pretextlab.evaluate.backbones import BackboneSpec, evaluate_backbone
     from pretextlab.evaluate.probe_run import evaluate_run
+    from pretextlab.options import from_arguments
 
-    results = evaluate_run(args.run, _eval_config(args), progress=not args.no_progress)
+    spec = from_arguments(BackboneSpec, args)
+    if (args.run is None) == (spec.backbone is None):
+        raise PretextlabError("evaluate needs exactly one of --run RUN_DIR or --backbone LIB:NAME (torchvision:resnet50, timm:resnet18)")
+    backbone_only = [f"--{k.replace('_', '-')}" for k in ("weights", "image_size", "out") if getattr(spec, k) is not None]
+    if args.run is not None and backbone_only:
+        raise PretextlabError(f"{', '.join(backbone_only)} go with --backbone; a run's network, weights and directory are its own")
+    if spec.backbone is not None:
+        results = evaluate_backbone(spec, _eval_config(args), progress=not args.no_progress)
+    else:
+        results = evaluate_run(args.run, _eval_config(args), progress=not args.no_progress)
     import os
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports (and stored the results)
@@ -80,7 +93,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     fields = ("output", "probe", "labels", "feature_dim", "val_top1_percent", "test_top1_percent", "chosen",
               "train_images", "val_images", "test_images", "warnings", "result_file")
     print(json.dumps({
-        "run": str(args.run),
+        "run": None if args.run is None else str(args.run),
+        **({"backbone": spec.backbone} if spec.backbone is not None else {}),
         "checkpoint": results[0]["checkpoint"] if results else None,
         # SGD-trained probes also say which recipe (--sgd-preset) and splits made their number.
         "results": [{**{k: r.get(k) for k in fields}, **{k: r[k] for k in ("sgd_preset", "train_split", "val_split") if k in r}}
@@ -169,10 +183,15 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from pretextlab.report import build_report
+    from pretextlab.report.build import build_backbone_report
+    from pretextlab.report.data import is_backbone_dir
     from pretextlab.study import locate_study_store
 
-    report = build_report(locate_study_store(args.file), args.out, main_output=args.main_output, main_probe=args.main_probe,
-                          pdf=args.pdf)
+    if is_backbone_dir(args.file):  # `evaluate --backbone`'s --out: a report of backbones alone
+        report = build_backbone_report([args.file, *args.backbones], args.out)
+    else:
+        report = build_report(locate_study_store(args.file), args.out, main_output=args.main_output,
+                              main_probe=args.main_probe, pdf=args.pdf, backbones=args.backbones)
     print(f"wrote {report.markdown} and {report.html} ({len(report.figures)} figures)", file=sys.stderr)
     shown = {"markdown": str(report.markdown), "html": str(report.html), "figures": len(report.figures),
              "empty_figures": len(report.empty_figures), "missing_cells": report.missing_cells}
@@ -205,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="probe a trained run's frozen features")
-    p.add_argument("--run", required=True, help="a train run directory")
+    p = sub.add_parser("evaluate", help="probe a trained run's (or a torchvision/timm backbone's) frozen features")
+    p.add_argument("--run", default=None, help="a train run directory (or --backbone instead)")
     # Generated from EvalConfig's fields: each option's type, default, choices and help live there.
     _add_eval_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -248,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_results)
 
     p = sub.add_parser("report", help="the study's tables and figures (Markdown + HTML; figures as PNG and SVG) from its results store")
-    p.add_argument("file", help="a study file, a study directory or its results.sqlite")
+    p.add_argument("file", help="a study file, a study directory or its results.sqlite (or an `evaluate --backbone` --out directory)")
     p.add_argument("--out", required=True, help="directory for report.md, report.html and the figures")
+    p.add_argument("--backbones", nargs="+", default=[], metavar="DIR",
+                   help="also tabulate the results of `evaluate --backbone ... --out DIR` (torchvision/timm networks)")
     p.add_argument("--main-output", default="pre_logits", help="the output the main table and width plots read")
     p.add_argument("--main-probe", default="lbfgs", help="the probe the main table and width plots read")
     p.add_argument("--pdf", action="store_true", help="also write each figure as PDF (PNG and SVG are always written)")

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from pretextlab import atomic
 from pretextlab.data import DatasetSplits, few_label_subset, label_budget_tag, load_dataset
 from pretextlab.devices import resolve_device
 from pretextlab.errors import PretextlabError
@@ -44,6 +41,8 @@ from pretextlab.evaluate.common import SINGLE, ProbeData, Shard
 from pretextlab.evaluate.distributed_probe import process_shard
 from pretextlab.evaluate.features import extract_features
 from pretextlab.evaluate.lbfgs import LbfgsConfig, fit_lbfgs_probe
+from pretextlab.evaluate.result_files import content_key as _key
+from pretextlab.evaluate.result_files import dataset_tag, store_results
 from pretextlab.evaluate.sharded_features import extract_features_sharded
 from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
 from pretextlab.evaluate.sgd_config import PRESETS as SGD_PRESETS
@@ -177,10 +176,6 @@ class PixelNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pixels": x.flatten(1)}
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def scoring_warnings(split: str, labels: np.ndarray, num_classes: int) -> list[str]:
@@ -374,26 +369,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True,
     )
     if shard.rank != 0:
         return []
-    # Two folder datasets (ImageNet, Places205) must not share result files: name them by folder.
-    dataset_tag = dataset if dataset != "folder" else f"folder-{Path(config.data_dir or run_config.data_dir or 'data').name}"
-    recipe_hash = _key(config.recipe(), checkpoint, splits.describe())
-    stored = []
-    for output, record in results.items():
-        path = run_dir / PROBES_DIR / f"{dataset_tag}-{output}-{config.probe_tag()}-{config.label_tag()}-{recipe_hash}.json"
-        record.update(
-            run=str(run_dir),
-            run_config_hash=run_config.config_hash(),
-            task=run_config.task,
-            network=run_config.network,
-            width=run_config.width,
-            dataset=dataset,
-            eval_config=dataclasses.asdict(config),
-            data=splits.describe(),
-            checkpoint=checkpoint,
-            recipe_hash=recipe_hash,
-            result_file=str(path),
-        )
-        atomic.write_json(path, record)
-        log(f"stored the {output} result ({record['test_top1_percent']:.2f}% test top-1) in {path}")
-        stored.append(record)
-    return stored
+    fields = dict(run=str(run_dir), run_config_hash=run_config.config_hash(), task=run_config.task,
+                  network=run_config.network, width=run_config.width, dataset=dataset)
+    tag = dataset_tag(dataset, config.data_dir or run_config.data_dir)
+    return store_results(results, run_dir / PROBES_DIR, tag, config, checkpoint, splits, fields, log)

@@ -6,12 +6,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pretextlab import atomic
 from pretextlab.errors import PretextlabError
 from pretextlab.report.curves import figure_pretext_training, figure_sgd_convergence
-from pretextlab.report.data import StudyData, slug
+from pretextlab.report.data import StudyData, backbone_results, slug
 from pretextlab.report.document import MISSING, Block, anchor
 from pretextlab.report.figures import (
     FigureResult,
@@ -25,7 +25,7 @@ from pretextlab.report.figures import (
 )
 from pretextlab.report.findings import findings, findings_list
 from pretextlab.report.render import markdown_blocks, render_html, render_markdown
-from pretextlab.report.tables import main_table, runs_table
+from pretextlab.report.tables import backbones_table, main_table, runs_table
 from pretextlab.study.store import ResultsStore
 
 
@@ -46,9 +46,12 @@ def build_report(
     main_output: str = "pre_logits",
     main_probe: str = "lbfgs",
     pdf: bool = False,
+    backbones: Sequence[str | os.PathLike] = (),
 ) -> Report:
-    """Write report.md, report.html and the figures (PNG and SVG; PDF too with ``pdf``) for whatever the store holds."""
+    """Write report.md, report.html and the figures (PNG and SVG; PDF too with ``pdf``) for whatever the store holds,
+    and a table of the `evaluate --backbone` results in each of ``backbones`` (their --out directories)."""
     store_path = Path(store_path)
+    backbone_records = backbone_results(backbones)  # a wrong directory fails before anything is written
     if not store_path.exists():
         raise PretextlabError(f"no results store at {store_path}: run `pretextlab study FILE` first")
     out_dir = Path(out_dir)
@@ -124,6 +127,8 @@ def build_report(
         for stem, heading, draw in sections:
             add_figure(draw(out_dir / f"{stem}_{dataset_slug}.png"), heading)
 
+    if backbone_records:
+        blocks += _backbone_blocks(backbone_records)
     blocks.append(Block("heading", text="Pretext training", level=2))
     add_figure(figure_pretext_training(data, out_dir / "pretext_training.png", style), "Pretext training curves")
 
@@ -146,6 +151,29 @@ def build_report(
     markdown_path = atomic.write_text(out_dir / "report.md", render_markdown(markdown_blocks(blocks)))
     html_path = atomic.write_text(out_dir / "report.html", render_html(blocks, f"Study {data.name}"))
     return Report(markdown_path, html_path, figures, checks, empty, missing_cells)
+
+
+def _backbone_blocks(records: list[dict[str, Any]]) -> list[Block]:
+    return [
+        Block("heading", text="Backbones", level=2),
+        Block("paragraph", text=(
+            "torchvision and timm networks probed with the study's probes, pooling and recipe (`pretextlab evaluate "
+            "--backbone`); top-1 (%) on each dataset's test split, val on its held-out split. Each result's file "
+            "records the backbone's identity: its weights file's SHA-256, or random init and its seed.")),
+        Block("table", table=backbones_table(records)),
+    ]
+
+
+def build_backbone_report(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Report:
+    """report.md and report.html holding only the `evaluate --backbone` results of ``dirs`` (no study)."""
+    records = backbone_results(dirs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = "Backbones: " + ", ".join(dict.fromkeys(r["backbone"] for r in records))
+    blocks = [Block("heading", text=title, level=1), *_backbone_blocks(records)[1:]]
+    markdown_path = atomic.write_text(out_dir / "report.md", render_markdown(markdown_blocks(blocks)))
+    html_path = atomic.write_text(out_dir / "report.html", render_html(blocks, title))
+    return Report(markdown_path, html_path, {}, {}, [], 0)
 
 
 def _shown_path(path: str, study_dir: Path) -> str:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pretextlab.errors import PretextlabError
 from pretextlab.study.store import ResultsStore
 
 # The paper's orders; names a study adds beyond these follow in the study file's order.
@@ -89,3 +93,42 @@ class StudyData:
         run = self.runs[config_hash]
         size = f" d={run['representation_size']}" if run["representation_size"] else ""
         return f"{run['task']} {run['network']} k={run['width']}{size}"
+
+
+def is_backbone_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the --out directory of `evaluate --backbone` (results in probes/, no study store)."""
+    probes = Path(path) / "probes"
+    return Path(path).is_dir() and probes.is_dir() and any(probes.glob("*.json")) and not (Path(path) / "results.sqlite").exists()
+
+
+def backbone_label(record: dict[str, Any]) -> str:
+    """How a report names the weights a backbone result came from."""
+    identity = record.get("checkpoint") or {}
+    if identity.get("weights") == "random-init":
+        return f"random init (seed {identity.get('init_seed')})"
+    name = Path(record.get("weights_file") or "weights").name
+    return f"{name} (sha256 {str(identity.get('sha256'))[:12]})"
+
+
+def backbone_results(dirs: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
+    """The stored results of `pretextlab evaluate --backbone ... --out DIR` for each DIR, in a stable order."""
+    records = []
+    for folder in dirs:
+        files = sorted((Path(folder) / "probes").glob("*.json"))
+        found = []
+        for path in files:
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                raise PretextlabError(f"cannot read the backbone result {path} ({error}): delete it or evaluate again") from error
+            if isinstance(record, dict) and record.get("backbone"):
+                found.append(record)
+        if not found:
+            raise PretextlabError(
+                f"{folder} holds no `evaluate --backbone` results (DIR/probes/*.json): run "
+                f"`pretextlab evaluate --backbone LIB:NAME --out {folder}` first"
+            )
+        records += found
+    last = {"pre_logits": 1}  # the earlier layers first, as the study's tables list outputs
+    return sorted(records, key=lambda r: (r["backbone"], backbone_label(r), r.get("dataset") or "", r.get("probe") or "",
+                                          r.get("labels") or "", last.get(r.get("output"), 0), r.get("output") or ""))

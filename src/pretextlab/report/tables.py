@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pretextlab.report.data import TASK_TITLES, StudyData
+from pretextlab.report.data import TASK_TITLES, StudyData, backbone_label
 from pretextlab.report.document import MISSING, Block, Cell, Table
 
 
@@ -109,3 +109,16 @@ def runs_table(data: StudyData) -> Table:
 
 def data_table(header: list[str], rows: list[list[Cell]]) -> Block:
     return Block("details", text="the numbers (each links to its run)", children=[Block("table", table=Table(header, rows))])
+
+
+def backbones_table(records: list[dict[str, Any]]) -> Table:
+    """Every `evaluate --backbone` result: which network and weights, where it was probed, how well."""
+    rows = [
+        [Cell(r["backbone"]), Cell(backbone_label(r)), Cell(r.get("dataset") or MISSING), Cell(r["output"]),
+         Cell(r["probe"] + (f" ({r['sgd_preset']})" if r.get("sgd_preset") else "")),
+         Cell(r.get("labels") or "all"), Cell(str(r.get("train_images", MISSING))), Cell(percent_text(r.get("val_top1_percent"))),
+         Cell(percent_text(r.get("test_top1_percent"))), Cell(format_chosen(r.get("chosen")))]
+        for r in records
+    ]
+    header = ["backbone", "weights", "dataset", "output", "probe", "labels", "train images", "val top-1 %", "test top-1 %", "chosen"]
+    return Table(header=header, rows=rows, align=["left"] * 6 + ["right"] * 3 + ["left"])
