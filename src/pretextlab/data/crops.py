@@ -16,7 +16,7 @@ The study's training crops come from the whole image at full resolution (docs/pr
 So the box is sampled here, in the loader worker, from a pure function of (seed, epoch, batch,
 rank, position in the batch, copy): resume replays the same crops, and the JPEG can be decoded at
 the DCT scale (1/2, 1/4, 1/8) that still leaves the *crop* at least as large as the output
-(``Image.draft``). Flips, colour and rotations stay on the batched device ops (``augment``).
+(data/decode.py). Flips, colour and rotations stay on the batched device ops (``augment``).
 
 ``center-square`` (the shorter side to S, the central S x S; folder.py ``decode_image``) is the
 other crop source: evaluation always uses it, and training uses it with ``--crop-source

@@ -1,17 +1,17 @@
 """Decoding one image file's crop boxes to uint8 views: libjpeg-turbo through simplejpeg for JPEGs, Pillow otherwise.
 
-Why two decoders (benchmarks/README.md, "Folder loader"): a 500x375 JPEG costs Pillow ~1.5 ms to
-decode, of which ~0.5 ms is Pillow's own chunked read and its 4-byte-per-pixel unpacking; simplejpeg
-calls the same libjpeg-turbo straight into a numpy array. Both use libjpeg-turbo's defaults
-(accurate integer DCT, fancy upsampling) at the same DCT scale (Pillow's ``draft`` rule: 1, 1/2,
-1/4 or 1/8), so they give the same pixels and the decoder is not part of the recipe. libjpeg-turbo's
-other scales (M/8 with M odd, 3/4) were measured too and left out: their IDCTs have no SIMD code,
-so they decode no faster than 1/1 while they change the pixels.
+Why two decoders (benchmarks/README.md, "Folder loader"): a 500x375 JPEG costs Pillow ~1.15 ms
+of CPU to decode and simplejpeg ~0.8 ms: the difference is Pillow's chunked read and its
+4-byte-per-pixel unpacking, while simplejpeg calls the same libjpeg-turbo straight into a numpy
+array. Both use libjpeg-turbo's defaults (accurate integer DCT, fancy upsampling) at the same DCT
+scale (Pillow's ``draft`` rule: 1, 1/2, 1/4 or 1/8), so they give the same pixels and the decoder
+is not part of the recipe. libjpeg-turbo's other scales (M/8 with M odd, 3/4) were measured too and
+left out: their IDCTs have no SIMD code, so they decode slower than 1/1, and they change the pixels.
 
 The resize of a box to S x S (``DecodePlan.resize``, docs/protocol.md "Preprocessing for
 training"): ``crop-then-resize`` cuts the box and resizes its own pixels (bilinear, antialiased), as
 the released code does (tf.slice, then resize); a box on whole decoded pixels (always at full scale)
-goes through torch's uint8 antialiased bilinear kernel, a port of Pillow's resampling that is ~2x
+goes through torch's uint8 antialiased bilinear kernel, a port of Pillow's resampling that is ~1.5x
 faster here; a box whose edges fall between pixels (after a DCT scale) goes through Pillow's
 ``resize(box=...)`` on the whole pixels around it, so the crop is never moved by a fraction of a
 pixel. ``pillow-box`` is the earlier code exactly (Pillow decodes, Pillow resizes with its filter
