@@ -20,6 +20,8 @@ from pretextlab.data import BatchLoader, load_dataset
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.backbones import BackboneSpec, build_backbone, evaluate_backbone
 from pretextlab.evaluate.probe_run import EvalConfig
+from pretextlab.report import build_report
+from pretextlab.study.store import ResultsStore
 
 # Tiny: 32-px inputs, 100 training images (50 held out to pick L2), 50 test images, one L2 value.
 SPLITS = dict(limit=100, val_size=50, test_limit=50, seed=0)
@@ -40,6 +42,7 @@ def _test_images() -> torch.Tensor:
     return next(iter(BatchLoader(splits.test, len(splits.test), shuffle=False))).images
 
 
+@pytest.mark.slow  # resnet18, two L-BFGS probes and a report: 5-6 s measured on the shared 2 cores
 def test_torchvision_backbone_from_the_command_line_is_stored_with_its_identity(tmp_path, capsys):
     out = tmp_path / "bb"
     status, stdout = _cli(capsys, "evaluate", "--backbone", "torchvision:resnet18", "--output", "layer4", "pre_logits",
@@ -77,7 +80,8 @@ def test_torchvision_backbone_from_the_command_line_is_stored_with_its_identity(
     assert f"{by_output['pre_logits']['test_top1_percent']:.1f}" in text
 
 
-def test_timm_backbone_and_saved_weights_change_its_identity(tmp_path):
+@pytest.mark.slow  # three evaluations and a study report with its figures: ~7 s measured on the shared 2 cores
+def test_timm_backbone_saved_weights_change_its_identity_and_a_study_report_lists_it(tmp_path):
     import timm
 
     spec = BackboneSpec(backbone="timm:test_resnet", image_size=32, out=str(tmp_path / "random"))
@@ -103,6 +107,20 @@ def test_timm_backbone_and_saved_weights_change_its_identity(tmp_path):
     again = evaluate_backbone(dataclasses.replace(loaded, weights=str(copy)), config, progress=False, log=lambda _: None)[1]
     assert again["result_file"] == with_weights["result_file"]
     assert again["test_top1_percent"] == with_weights["test_top1_percent"]
+
+    # A study's report tabulates them beside its runs (`pretextlab report STUDY --backbones DIR ...`).
+    store_path = tmp_path / "study" / "results.sqlite"
+    store_path.parent.mkdir()
+    with ResultsStore(store_path) as store:
+        store.register_run("0" * 12, task="rotation", network="resnet50v1", width=1, representation_size=None,
+                           config={"task": "rotation"}, run_dir="/runs/0", plan=[("fashion-mnist", "pre_logits", "lbfgs", "all")])
+    report = build_report(store_path, tmp_path / "report", backbones=[spec.out_dir(), loaded.out_dir()])
+    text = report.markdown.read_text()
+    table = text[text.index("## Backbones"):]
+    # The weights by file name (the copy: the last evaluation of those bytes) and content hash.
+    assert f"copy.pth (sha256 {identity['sha256'][:12]})" in table and "random init (seed 0)" in table
+    assert table.count("| timm:test_resnet |") == 4  # layer2 and pre_logits of each weights
+    assert "## Downstream dataset: fashion-mnist" in text  # the study's own sections are still there
 
 
 @pytest.mark.parametrize(("backbone", "words"), [
