@@ -102,8 +102,10 @@ def _cut_and_resize(pixels: np.ndarray, regions: Sequence[Region], size: int) ->
     for i, region in enumerate(regions):
         left, top, right, bottom = math.floor(region[0]), math.floor(region[1]), math.ceil(region[2]), math.ceil(region[3])
         if (left, top, right, bottom) == region:
-            # (1, 3, h, w) with channels-last strides: the layout torch's fast uint8 kernel reads.
+            # (1, 3, h, w) laid out channels-last, the layout torch's fast uint8 kernel reads: the
+            # box's strided view as it is goes ~1.3x slower than this copy of it plus the resize.
             view = torch.from_numpy(pixels)[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)
+            view = view.contiguous(memory_format=torch.channels_last)
             out[i] = F.interpolate(view, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
         else:
             around = Image.fromarray(pixels[top:bottom, left:right])
