@@ -146,3 +146,11 @@ def test_weights_that_would_need_a_download_or_do_not_fit_are_clear_errors(tmp_p
         evaluate_backbone(BackboneSpec(backbone="torchvision:resnet18", out=str(tmp_path / "x")),
                           EvalConfig(outputs=("layer9",), **SMALL), progress=False)
     assert not (tmp_path / "x").exists()  # nothing written by a start that fails
+
+
+def test_an_input_size_the_network_cannot_take_is_one_clear_error(tmp_path):
+    # torchvision's ViT is built for 224-px inputs only.
+    with pytest.raises(PretextlabError, match=r"torchvision:vit_b_16 does not run on 32x32 inputs.*--image-size"):
+        evaluate_backbone(BackboneSpec(backbone="torchvision:vit_b_16", image_size=32, out=str(tmp_path / "vit")),
+                          EvalConfig(**SMALL), progress=False)
+    assert not (tmp_path / "vit").exists()

@@ -105,6 +105,7 @@ class _Outputs(nn.Module):
         self.parts = parts
         self._forward = forward
         self.output_names = names
+        self.eval()  # frozen: BatchNorm's running statistics, no dropout, whichever mode a caller restores
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self._forward(x)
@@ -314,6 +315,22 @@ class _Source:
     val_size: float | None = None
 
 
+def _checked_network(backbone: Backbone, outputs: tuple[str, ...]) -> nn.Module:
+    """The network of ``outputs``, run once on one blank image so that a size it cannot take (a ViT's
+    fixed 224) is one clear error before anything is written, not a traceback mid-extraction."""
+    try:
+        network = backbone.make_network(outputs)
+        with torch.inference_mode():
+            network(torch.zeros(1, 3, backbone.image_size, backbone.image_size))
+    except Exception as error:  # tracing and forward errors of any model zoo network: name the settings
+        raise PretextlabError(
+            f"{backbone.name} does not run on {backbone.image_size}x{backbone.image_size} inputs at outputs "
+            f"{', '.join(outputs)} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+            "choose another --image-size (the model's own is its default) or other --output nodes"
+        ) from error
+    return network
+
+
 def evaluate_backbone(spec: BackboneSpec, config: EvalConfig, progress: bool = True, log: Log = _stderr) -> list[dict[str, Any]]:
     """Probe a torchvision/timm backbone at ``config.outputs``; store the results in ``spec.out_dir()/probes``."""
     backbone = build_backbone(spec)
@@ -324,6 +341,7 @@ def evaluate_backbone(spec: BackboneSpec, config: EvalConfig, progress: bool = T
             f"{backbone.name} has no output {', '.join(unknown)}: choose from {', '.join(backbone.default_outputs)} or all, "
             f"or any node listed by {backbone.list_hint}"
         )
+    network = _checked_network(backbone, outputs)
     dataset = config.dataset or "fashion-mnist"
     config = dataclasses.replace(config, dataset=dataset)
     if config.probe != "lbfgs" and config.sgd_preset is None:
@@ -331,17 +349,17 @@ def evaluate_backbone(spec: BackboneSpec, config: EvalConfig, progress: bool = T
     # Folder images are decoded larger and centre-cropped, as each library's own eval transform does;
     # Fashion-MNIST's whole 28x28 image is resized to the input side.
     decode_size = round(backbone.image_size / backbone.crop_pct) if dataset == "folder" else backbone.image_size
-    splits = downstream_splits(_Source(dataset, config.data_dir, decode_size), config)
     resolve_device(config.device)  # a bad --device fails before anything is written
+    splits = downstream_splits(_Source(dataset, config.data_dir, decode_size), config)
     # The same bytes at another path are the same weights: the file's path is recorded, not keyed.
     identity = {k: v for k, v in backbone.identity.items() if k != "weights_file"}
     identity["input"] = backbone.input_recipe(decode_size)
     key = content_key("backbone", identity, dataset, config.data_dir, config.val_size, config.limit, config.test_limit,
-               config.seed, splits.describe())
+                      config.seed, splits.describe())
     out = spec.out_dir()
     views = backbone_views(backbone.image_size, backbone.mean, backbone.std)
     results = probe_representation(
-        backbone.make_network(outputs), views, splits, outputs, out / FEATURES_DIR, key, config, progress=progress,
+        network, views, splits, outputs, out / FEATURES_DIR, key, config, progress=progress,
         probe_checkpoint_dir=out / PROBES_DIR / "checkpoints", log=log,
         train_views=lambda images, generator: views(random_crops(images, min(backbone.image_size, *images.shape[-2:]), generator)),
     )
