@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from pretextlab.report.document import Block, Cell, anchor
 
@@ -40,33 +40,42 @@ def _html_cell(cell: Cell, align: str) -> str:
     return f'<td class="{classes}">{_HTML.cell(cell)}</td>' if classes else f"<td>{_HTML.cell(cell)}</td>"
 
 
+def _render(blocks: Sequence[Block], by_kind: Mapping[str, Callable[[Block], Sequence[str]]]) -> list[str]:
+    """Each block's lines from its kind's renderer, in order; kinds a format has no renderer for are left out."""
+    return [line for block in blocks if block.kind in by_kind for line in by_kind[block.kind](block)]
+
+
+def _markdown_table(block: Block) -> list[str]:
+    table = block.table
+    if table is None:
+        return []
+    return [
+        "| " + " | ".join(h.replace("|", "\\|") for h in table.header) + " |",
+        "|" + "|".join("---:" if a == "right" else ":---" for a in table.alignment()) + "|",
+        *("| " + " | ".join(_MARKDOWN.cell(c) for c in row) + " |" for row in table.rows),
+        "",
+    ]
+
+
+def _markdown_details(block: Block) -> list[str]:
+    anchor_line = [f'<a id="{block.id}"></a>\n'] if block.id else []
+    return [*anchor_line, f"<details><summary>{html.escape(block.text)}</summary>\n", render_markdown(block.children), "</details>\n"]
+
+
+_MARKDOWN_BLOCKS: dict[str, Callable[[Block], Sequence[str]]] = {
+    "heading": lambda block: [f"{'#' * block.level} {block.text}\n"],
+    "paragraph": lambda block: [block.text + "\n"],
+    "files": lambda block: [block.text + "\n"],
+    "table": _markdown_table,
+    "image": lambda block: [f"![{block.text}]({block.path})\n"],
+    "details": _markdown_details,
+    "anchor": lambda block: [f'<a id="{block.text}"></a>\n'],
+    "list": lambda block: ["\n".join("- " + "".join(_MARKDOWN.cell(c) for c in item) for item in block.items) + "\n"],
+}
+
+
 def render_markdown(blocks: Sequence[Block]) -> str:
-    out: list[str] = []
-    for block in blocks:
-        if block.kind == "heading":
-            out.append(f"{'#' * block.level} {block.text}\n")
-        elif block.kind in ("paragraph", "files"):
-            out.append(block.text + "\n")
-        elif block.kind == "table" and block.table is not None:
-            table = block.table
-            out.append("| " + " | ".join(h.replace("|", "\\|") for h in table.header) + " |")
-            out.append("|" + "|".join("---:" if a == "right" else ":---" for a in table.alignment()) + "|")
-            for row in table.rows:
-                out.append("| " + " | ".join(_MARKDOWN.cell(c) for c in row) + " |")
-            out.append("")
-        elif block.kind == "image":
-            out.append(f"![{block.text}]({block.path})\n")
-        elif block.kind == "details":
-            if block.id:
-                out.append(f'<a id="{block.id}"></a>\n')
-            out.append(f"<details><summary>{html.escape(block.text)}</summary>\n")
-            out.append(render_markdown(block.children))
-            out.append("</details>\n")
-        elif block.kind == "anchor":
-            out.append(f'<a id="{block.text}"></a>\n')
-        elif block.kind == "list":
-            out.append("\n".join("- " + "".join(_MARKDOWN.cell(c) for c in item) for item in block.items) + "\n")
-    return "\n".join(out)
+    return "\n".join(_render(blocks, _MARKDOWN_BLOCKS))
 
 
 _STYLE = """
@@ -152,49 +161,52 @@ def _contents(blocks: Sequence[Block], ids: dict[int, str]) -> str:
     return "<nav><b>Contents</b>\n<ul>\n" + "\n".join(items) + "\n</ul></nav>" if items else ""
 
 
+def _html_paragraph(block: Block) -> list[str]:
+    text = html.escape(block.text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', text)
+    return [f'<p class="files">{text}</p>' if block.kind == "files" else f"<p>{text}</p>"]
+
+
+def _html_table(block: Block) -> list[str]:
+    if block.table is None:
+        return []
+    align = block.table.alignment()
+    head = "".join(('<th class="num">' if a == "right" else "<th>") + f"{html.escape(h)}</th>"
+                   for h, a in zip(block.table.header, align))
+    rows = ["<tr>" + head + "</tr>"]
+    rows += ["<tr>" + "".join(_html_cell(c, a) for c, a in zip(row, align)) + "</tr>" for row in block.table.rows]
+    return ['<div class="scroll"><table>\n' + "\n".join(rows) + "\n</table></div>"]
+
+
 def render_html(blocks: Sequence[Block], title: str) -> str:
     ids = _heading_ids(blocks)
 
-    def body(items: Sequence[Block]) -> list[str]:
-        out: list[str] = []
-        for block in items:
-            if block.kind == "heading":
-                attr = f' id="{ids[id(block)]}"' if id(block) in ids else ""
-                out.append(f"<h{block.level}{attr}>{html.escape(block.text)}</h{block.level}>")
-                if block.level == 1:
-                    out.append(_contents(blocks, ids))
-            elif block.kind in ("paragraph", "files"):
-                text = html.escape(block.text)
-                text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-                text = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', text)
-                out.append(f'<p class="files">{text}</p>' if block.kind == "files" else f"<p>{text}</p>")
-            elif block.kind == "table" and block.table is not None:
-                align = block.table.alignment()
-                head = "".join(('<th class="num">' if a == "right" else "<th>") + f"{html.escape(h)}</th>"
-                               for h, a in zip(block.table.header, align))
-                rows = ["<tr>" + head + "</tr>"]
-                rows += ["<tr>" + "".join(_html_cell(c, a) for c, a in zip(row, align)) + "</tr>" for row in block.table.rows]
-                out.append('<div class="scroll"><table>\n' + "\n".join(rows) + "\n</table></div>")
-            elif block.kind == "image":
-                out.append(f'<p><img src="{html.escape(block.path)}" alt="{html.escape(block.text)}"></p>')
-            elif block.kind == "details":
-                attr = f' id="{html.escape(block.id)}"' if block.id else ""
-                out.append(f"<details{attr}><summary>{html.escape(block.text)}</summary>")
-                out.extend(body(block.children))
-                out.append("</details>")
-            elif block.kind == "anchor":
-                out.append(f'<a id="{html.escape(block.text)}"></a>')
-            elif block.kind == "code":
-                out.append(f"<pre>{html.escape(block.text)}</pre>")
-            elif block.kind == "list":
-                out.append("<ul>\n" + "\n".join("<li>" + "".join(_HTML.cell(c) for c in item) + "</li>" for item in block.items) + "\n</ul>")
-        return out
+    def heading(block: Block) -> list[str]:
+        attr = f' id="{ids[id(block)]}"' if id(block) in ids else ""
+        lines = [f"<h{block.level}{attr}>{html.escape(block.text)}</h{block.level}>"]
+        return lines + [_contents(blocks, ids)] if block.level == 1 else lines
 
+    def details(block: Block) -> list[str]:
+        attr = f' id="{html.escape(block.id)}"' if block.id else ""
+        return [f"<details{attr}><summary>{html.escape(block.text)}</summary>", *_render(block.children, by_kind), "</details>"]
+
+    by_kind: dict[str, Callable[[Block], Sequence[str]]] = {
+        "heading": heading,
+        "paragraph": _html_paragraph,
+        "files": _html_paragraph,
+        "table": _html_table,
+        "image": lambda block: [f'<p><img src="{html.escape(block.path)}" alt="{html.escape(block.text)}"></p>'],
+        "details": details,
+        "anchor": lambda block: [f'<a id="{html.escape(block.text)}"></a>'],
+        "code": lambda block: [f"<pre>{html.escape(block.text)}</pre>"],
+        "list": lambda block: ["<ul>\n" + "\n".join("<li>" + "".join(_HTML.cell(c) for c in item) + "</li>" for item in block.items) + "\n</ul>"],
+    }
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
-        + "\n".join(body(blocks))
+        + "\n".join(_render(blocks, by_kind))
         + f"\n<script>{_SCRIPT}</script>\n</body></html>\n"
     )
 
