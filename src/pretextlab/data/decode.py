@@ -160,7 +160,7 @@ def decode_boxes(
     if resize not in RESIZE_MODES:
         raise PretextlabError(f"unknown crop resize {resize!r}: choose one of {', '.join(RESIZE_MODES)}")
     data = None
-    if resize == "crop-then-resize" and resolve_decoder(decoder) == "simplejpeg":
+    if resolve_decoder(decoder) == "simplejpeg" and resize == "crop-then-resize":
         data = Path(path).read_bytes()
         if data.startswith(_JPEG_MAGIC):
             views = _decode_simplejpeg(data, boxes_of, size, draft)
