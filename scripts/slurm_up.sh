@@ -31,7 +31,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
 fi
 
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc alone obeys OMP_NUM_THREADS (the test command sets 1)
 # RealMemory a little under the machine's, so an sbatch --mem (submitit's mem_gb) that fits is accepted.
 memory_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
 mkdir -p "$CONF_DIR" "$STATE" "$SPOOL" "$LOGS" "$RUN"

@@ -3,6 +3,7 @@ environment, and what a preempted or timed-out job does (checkpoint, back in the
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -31,6 +32,17 @@ def job_ranks() -> JobRanks:
     )
 
 
+def slurm_state(job_id: str) -> str | None:
+    """The job's state from slurmctld (scontrol works where sacct has no accounting database);
+    None when slurmctld no longer knows the job or cannot be asked."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"\bJobState=(\w+)", shown.stdout)
+    return match.group(1) if shown.returncode == 0 and match else None
+
+
 def _requeue(job: str) -> None:
     """Put this Slurm job back in the queue (what submitit does after its own checkpoint signal)."""
     job_id = job.partition(":")[2]
@@ -51,7 +63,9 @@ class CellJob:
     resumes the cell from that checkpoint. The time limit follows submitit's checkpointing protocol:
     its ``--signal`` (USR2) calls ``checkpoint``, which resubmits the same call, and the requeued run
     resumes from the cell's last checkpoint. A job killed outright leaves the cell 'running' with a
-    heartbeat that goes stale; the next ``pretextlab study`` takes it over.
+    heartbeat that goes stale; the next ``pretextlab study`` takes it over. A cancelled job (plain
+    ``scancel``, or ``--signal=KILL``, which Slurm sends as a cancel: TERM, KillWait, KILL) checkpoints
+    like a preempted one but is not requeued; the next study resumes the cell.
     """
 
     def __call__(self, study_file: str, out: str, config_hash: str) -> str:
@@ -63,7 +77,10 @@ class CellJob:
         except Preempted:
             if not (ranks.job or "").startswith("slurm:"):
                 raise  # the local executor cannot requeue: the cell is interrupted, the next study resumes it
-            if ranks.is_main:
+            # Only a job still running was signalled to make room (scancel --signal=TERM, a preemption
+            # that sends TERM): a cancelled job (scancel, whose TERM comes before its KILL) stays
+            # cancelled, and one Slurm requeues itself (PreemptMode=REQUEUE) needs nothing more.
+            if ranks.is_main and slurm_state(ranks.job.partition(":")[2]) == "RUNNING":  # type: ignore[union-attr]
                 _requeue(ranks.job)  # type: ignore[arg-type]
             # As submitit does after requeueing: exit without a result, the requeued run writes it.
             sys.exit(-1)

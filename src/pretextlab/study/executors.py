@@ -3,9 +3,7 @@ submitit's local or Slurm executor."""
 
 from __future__ import annotations
 
-import re
 import socket
-import subprocess
 import time
 from typing import Any, Callable
 
@@ -13,7 +11,7 @@ from tqdm.auto import tqdm
 
 from pretextlab.errors import PretextlabError
 from pretextlab.study.cell import run_cell
-from pretextlab.study.cell_job import CellJob
+from pretextlab.study.cell_job import CellJob, slurm_state
 from pretextlab.study.grid import Cell
 from pretextlab.study.model import Study
 
@@ -72,23 +70,12 @@ SLURM_ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NOD
 RESULT_GRACE_SECONDS = 30.0
 
 
-def _slurm_state(job_id: str) -> str | None:
-    """The job's state from slurmctld (scontrol works where sacct has no accounting database);
-    None when slurmctld no longer knows the job or cannot be asked."""
-    try:
-        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"\bJobState=(\w+)", shown.stdout)
-    return match.group(1) if shown.returncode == 0 and match else None
-
-
 def _wait(job: Any, kind: str) -> str | None:
     """Wait for ``job``'s results; returns the Slurm state it ended in when it ended without them
     (killed outright, node failure), which submitit alone would wait for forever without sacct."""
     ended_at = None
     while not job.done():
-        state = _slurm_state(job.job_id) if kind == "slurm" else None
+        state = slurm_state(job.job_id) if kind == "slurm" else None
         if state in SLURM_ENDED:
             ended_at = ended_at or time.monotonic()
             if time.monotonic() - ended_at > RESULT_GRACE_SECONDS:
