@@ -118,3 +118,28 @@ def test_a_run_recorded_before_crop_resize_keeps_pillows_resize_and_its_hash(tmp
     boxes = [sample_crop_box(crop_rng(7, 1, 2, 0, 3, copy), 375, 500, plan.crop) for copy in range(3)]
     assert torch.equal(legacy, _pillow_box_reference(path, boxes, 64))
     assert not torch.equal(legacy, current) and (legacy.int() - current.int()).abs().float().mean() < 0.5
+
+
+def test_the_trainer_hands_the_loader_the_runs_crop_resize(tmp_path):
+    """A run's ``crop_resize`` reaches the crops it trains on: a pillow-box run's first batch is the
+    old code's, a crop-then-resize run's is not."""
+    from pretextlab.data import BatchLoader
+    from pretextlab.training import Trainer
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(3):
+                _photo(root / split / label / f"{i}.jpg", size=(120, 90), centre=(40 + 20 * i, 45))
+    batches = {}
+    for resize in ("pillow-box", "crop-then-resize"):
+        config = TrainConfig(task="rotation", network="resnet50v1", width=1, dataset="folder", data_dir=str(root), image_size=16,
+                             val_size=2, batch_size=2, epochs=1, workers=0, device="cpu", crop_resize=resize)
+        trainer = Trainer(config, tmp_path / resize, progress=False)
+        assert trainer.config.crop_resize == resize
+        batches[resize] = next(trainer._epoch_batches()).images
+        plan = with_resize(trainer.task.decode_plan(True), resize)
+        (expected, *_) = BatchLoader(trainer.splits.train, 2, shuffle=True, seed=trainer.config.seed, epoch=0, drop_last=True, plan=plan)
+        assert torch.equal(batches[resize], expected.images)
+    assert not torch.equal(batches["pillow-box"], batches["crop-then-resize"])
