@@ -202,8 +202,10 @@ class TrainConfig(_built_in_task_options()):
         legacy value is left out, so runs recorded before it existed keep their hash, and so is a new
         option the run's task never reads, see ``_unread_new_options``)."""
         unread = _unread_new_options(self.task)
+        # In canonical form, so TrainConfig(epochs=35) from Python, epochs: 35 from YAML and
+        # --epochs 35 from the CLI are one run.
         payload = {
-            k: v for k, v in self.to_dict().items()
+            k: v for k, v in check_instance(self).to_dict().items()
             if k not in _RUNTIME_FIELDS and k not in unread and not (k in LEGACY_VALUES and v in (None, LEGACY_VALUES[k]))
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -47,7 +47,7 @@ from pretextlab.evaluate.sharded_features import extract_features_sharded
 from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
 from pretextlab.evaluate.sgd_config import PRESETS as SGD_PRESETS
 from pretextlab.evaluate.sgd_config import SCHEDULES as SGD_SCHEDULES
-from pretextlab.options import option
+from pretextlab.options import check_instance, option
 
 PROBES = ("lbfgs", "sgd", "mlp")
 PROBES_DIR = "probes"
@@ -153,16 +153,19 @@ class EvalConfig:
         return f"{self.probe}-{recipe}{self.sgd_schedule}{probe_config.epochs}"
 
     def recipe(self) -> dict[str, Any]:
-        """Everything in this config that changes a result (not the device or the extraction batch)."""
-        probe = {k: v for k, v in dataclasses.asdict(self.probe_config()).items() if k not in NOT_IN_RECIPE}
+        """Everything in this config that changes a result (not the device or the extraction batch).
+
+        In canonical form: ``EvalConfig(val_size=100)`` and ``--val-size 100`` name one result."""
+        c = check_instance(self)
+        probe = {k: v for k, v in dataclasses.asdict(c.probe_config()).items() if k not in NOT_IN_RECIPE}
         # The SGD recipe by name too (its fields are in probe_config): L-BFGS records keep their hashes.
-        preset = {} if self.probe == "lbfgs" else {"sgd_preset": self.resolved_sgd_preset()}
+        preset = {} if c.probe == "lbfgs" else {"sgd_preset": c.resolved_sgd_preset()}
         return {
-            "probe": self.probe, "probe_config": probe, **preset, "dataset": self.dataset, "data_dir": self.data_dir,
-            "val_size": self.val_size, "limit": self.limit, "test_limit": self.test_limit,
-            "labels_per_class": self.labels_per_class, "label_fraction": self.label_fraction, "seed": self.seed,
+            "probe": c.probe, "probe_config": probe, **preset, "dataset": c.dataset, "data_dir": c.data_dir,
+            "val_size": c.val_size, "limit": c.limit, "test_limit": c.test_limit,
+            "labels_per_class": c.labels_per_class, "label_fraction": c.label_fraction, "seed": c.seed,
             # Rounded features change the number; float32 records keep their hashes.
-            **({"feature_dtype": self.feature_dtype} if self.feature_dtype != "float32" else {}),
+            **({"feature_dtype": c.feature_dtype} if c.feature_dtype != "float32" else {}),
         }
 
     def label_tag(self) -> str:
@@ -339,6 +342,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig, progress: bool = True,
     from pretextlab.training import load_trained_identity
 
     run_dir = Path(run_dir)
+    config = check_instance(config)  # canonical values: the cache key and the result name agree whatever the caller typed
     # Under torchrun (or in a DDP job) every rank probes its share; rank 0 alone logs and stores.
     shard = process_shard(config.device)
     log = log if shard.rank == 0 else (lambda message: None)
