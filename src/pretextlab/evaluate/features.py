@@ -267,7 +267,7 @@ def _extract_locked(
             count = len(batch)
             writing = [o for o in pending if progress_of[o]["batches_done"] == batch_index]
             if count and writing:
-                pooled = _forward_pooled(network, views, batch.images, writing, torch_device, budget)
+                pooled = forward_pooled(network, views, batch.images, writing, torch_device, budget)
                 for output in writing:
                     values = pooled[output]
                     state = progress_of[output]
@@ -305,10 +305,12 @@ def _extract_locked(
     return _complete_sets(split_dir, meta, outputs, split)
 
 
-def _forward_pooled(
+def forward_pooled(
     network: nn.Module, views: Views, images: torch.Tensor, outputs: Sequence[str], device: torch.device, budget: int
 ) -> dict[str, np.ndarray]:
-    """One forward pass of a batch: each output pooled per view, then averaged over the V views."""
+    """One forward pass of a batch: each output pooled per view, then averaged over the V views.
+
+    Public: the kNN monitor (training/knn_monitor.py) pools with this exact rule, not a copy."""
     on_cuda = device.type == "cuda"
     with torch.inference_mode():
         images = images.to(device, non_blocking=on_cuda)

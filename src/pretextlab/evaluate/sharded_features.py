@@ -28,7 +28,7 @@ from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.cache_files import LABELS_FILE, META_FILE, cache_lock, create_store, integrity, open_store, read_meta, storage_dtype
 from pretextlab.evaluate.common import Shard
 from pretextlab.evaluate.features import (
-    FeatureSet, Views, _complete_sets, _forward_pooled, cache_record, checked_request, encoded, make_folder,
+    FeatureSet, Views, _complete_sets, forward_pooled, cache_record, checked_request, encoded, make_folder,
 )
 from pretextlab.evaluate.pooling import POOL_BUDGET
 
@@ -65,7 +65,7 @@ def _plan(
         # An image alone through the network gives each output's width, so the files can be made now.
         first = next(iter(BatchLoader(images.subset(np.arange(1)), 1, shuffle=False)))
         network.eval()
-        widths = _forward_pooled(network, views, first.images, pending, device, budget)
+        widths = forward_pooled(network, views, first.images, pending, device, budget)
         dims = {o: int(widths[o].shape[1]) for o in pending}
         for o in pending:
             create_store(split_dir / f"{o}.npy", (num_images, dims[o]), dtype).flush()
@@ -110,7 +110,7 @@ def _extract_block(
         for index, batch in enumerate(loader, start=done):
             count = len(batch)
             if count:
-                pooled = _forward_pooled(network, views, batch.images, pending, device, budget)
+                pooled = forward_pooled(network, views, batch.images, pending, device, budget)
                 for output in pending:
                     stores[output][row : row + count] = encoded(pooled[output], feature_dtype, f"the {split} features of {output}")
                 labels[row : row + count] = batch.labels.numpy()

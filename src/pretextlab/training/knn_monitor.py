@@ -24,7 +24,7 @@ from torch import nn
 from pretextlab.data import BatchLoader, DatasetSplits, ImageSet
 from pretextlab.data.splits import balanced_subset
 from pretextlab.errors import PretextlabError
-from pretextlab.evaluate.features import _forward_pooled
+from pretextlab.evaluate.features import forward_pooled
 from pretextlab.evaluate.pooling import POOL_BUDGET
 
 KNN_KS = (20, 200)
@@ -157,7 +157,7 @@ class KnnMonitor:
         # shuffle=False: the loader draws no random numbers (data/loader.py's BatchOrder).
         for batch in BatchLoader(images, _BATCH, shuffle=False, workers=self.workers):
             if len(batch.labels):
-                pooled = _forward_pooled(network, views, batch.images, self.outputs, self.device, POOL_BUDGET)
+                pooled = forward_pooled(network, views, batch.images, self.outputs, self.device, POOL_BUDGET)
                 for output in self.outputs:
                     parts[output].append(pooled[output])
                 labels.append(batch.labels)
