@@ -3,6 +3,7 @@ submitit's local or Slurm executor."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from typing import Any, Callable
@@ -25,6 +26,10 @@ def _make_executor(study: Study, kind: str) -> Any:
         import submitit
     except ImportError as error:
         raise PretextlabError("the local and slurm executors need submitit: pip install submitit (or use --executor inline)") from error
+    # submitit logs to stdout as well as stderr; this command's stdout is its one JSON document.
+    submitit_logger = logging.getLogger("submitit")
+    for handler in [h for h in submitit_logger.handlers if h.name == "submitit_out"]:
+        submitit_logger.removeHandler(handler)
     folder = study.directory / SUBMITIT_DIR / "%j"
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster=kind)
@@ -66,8 +71,10 @@ def format_job_shape(shape: dict[str, Any]) -> str:
 
 # Slurm job states after which no task will write a result any more (a requeued job is PENDING again).
 SLURM_ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT")
-# Seconds a job may have ended before its result files show (a shared file system's delay).
-RESULT_GRACE_SECONDS = 30.0
+# Seconds a job may have ended before its result files show (a shared file system's delay): a
+# completed job has written one; a failed or cancelled one only if its function raised.
+RESULT_GRACE_SECONDS = {"COMPLETED": 30.0}
+OTHER_GRACE_SECONDS = 5.0
 
 
 def _wait(job: Any, kind: str) -> str | None:
@@ -78,7 +85,7 @@ def _wait(job: Any, kind: str) -> str | None:
         state = slurm_state(job.job_id) if kind == "slurm" else None
         if state in SLURM_ENDED:
             ended_at = ended_at or time.monotonic()
-            if time.monotonic() - ended_at > RESULT_GRACE_SECONDS:
+            if time.monotonic() - ended_at > RESULT_GRACE_SECONDS.get(state, OTHER_GRACE_SECONDS):
                 return state
         else:
             ended_at = None
