@@ -81,13 +81,14 @@ def test_the_job_shape_is_checked(tmp_path, parameters, fragment):
 
 
 def test_dry_run_shows_the_jobs_it_would_submit_and_creates_nothing(tmp_path):
-    study = _study(tmp_path, nodes=2, tasks_per_node=8, gpus_per_node=8, timeout_min=2880, slurm_partition="gpu")
+    study = _study(tmp_path, nodes=2, tasks_per_node=8, gpus_per_node=8, timeout_min=2880, slurm_partition="gpu",
+                   slurm_array_parallelism=3)
     shown = []
     outcome = run_study(study, dry_run=True, echo=shown.append)
     assert outcome.jobs == {
         "executor": "slurm", "jobs": 4, "nodes": 2, "tasks_per_node": 8, "ranks_per_job": 16, "gpus_per_node": 8,
-        "timeout_min": 2880, "partition": "gpu", "gpus_total": 64,
+        "timeout_min": 2880, "partition": "gpu", "jobs_at_once": 3, "gpus_at_once": 48,
     }
     assert shown[-1] == ("would submit 4 slurm job(s) on partition gpu, each 2 node(s) x 8 task(s) (16 DDP rank(s)), "
-                         "8 GPU(s) per node (64 GPUs if all run at once), time limit 2880 min")
+                         "8 GPU(s) per node (3 job(s) at once: 48 GPUs), time limit 2880 min")
     assert not (tmp_path / "s").exists()

@@ -51,21 +51,23 @@ def job_shape(study: Study, kind: str, cells: int) -> dict[str, Any]:
     p = study.executor.parameters
     nodes, tasks = int(p.get("nodes", 1)), int(p.get("tasks_per_node", 1))
     timeout = p.get("timeout_min", p.get("slurm_time", LOCAL_TIMEOUT_MIN if kind == "local" else None))
+    at_once = min(cells, int(p.get("slurm_array_parallelism", cells)))
     return {
         "executor": kind, "jobs": cells, "nodes": nodes, "tasks_per_node": tasks, "ranks_per_job": nodes * tasks,
-        "gpus_per_node": int(p.get("gpus_per_node", 0)), "timeout_min": timeout,
-        "partition": p.get("slurm_partition"), "gpus_total": cells * nodes * int(p.get("gpus_per_node", 0)),
+        "gpus_per_node": int(p.get("gpus_per_node", 0)), "timeout_min": timeout, "partition": p.get("slurm_partition"),
+        "jobs_at_once": at_once, "gpus_at_once": at_once * nodes * int(p.get("gpus_per_node", 0)),
     }
 
 
 def format_job_shape(shape: dict[str, Any]) -> str:
-    """One line for people, e.g. '116 slurm jobs, each 1 node x 8 tasks (8 DDP ranks), 8 GPUs/node, ...'."""
+    """One line for people: how many jobs, each of how many nodes, tasks (DDP ranks) and GPUs, how
+    many at once (slurm_array_parallelism), for how long."""
     time_limit = "submitit's default time limit" if shape["timeout_min"] is None else f"time limit {shape['timeout_min']} min"
     where = f" on partition {shape['partition']}" if shape["partition"] else ""
     return (
         f"{shape['jobs']} {shape['executor']} job(s){where}, each {shape['nodes']} node(s) x {shape['tasks_per_node']} "
         f"task(s) ({shape['ranks_per_job']} DDP rank(s)), {shape['gpus_per_node']} GPU(s) per node "
-        f"({shape['gpus_total']} GPUs if all run at once), {time_limit}"
+        f"({shape['jobs_at_once']} job(s) at once: {shape['gpus_at_once']} GPUs), {time_limit}"
     )
 
 
