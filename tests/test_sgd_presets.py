@@ -228,11 +228,11 @@ def test_patch_tasks_train_on_the_released_evaluation_patches_from_a_random_crop
     assert not torch.equal(one, two) and not torch.equal(one, central)
 
 
-@pytest.mark.slow  # trains a small run, then two evaluate commands: ~10 s
-def test_evaluate_command_runs_either_preset_and_says_which(tmp_path):
-    import subprocess
-    import sys
-
+@pytest.mark.slow  # trains a small run, then two evaluate commands: ~6 s
+def test_evaluate_command_runs_either_preset_and_says_which(tmp_path, capsys):
+    # The command in process (main returns the exit code): `python -m pretextlab evaluate` as a
+    # subprocess, stdout JSON only, is test_evaluation_suite's folder-dataset test.
+    from pretextlab.cli import main
     from pretextlab.config import TrainConfig
     from pretextlab.training import Trainer
 
@@ -243,10 +243,10 @@ def test_evaluate_command_runs_either_preset_and_says_which(tmp_path):
               "--limit", "300", "--val-size", "100", "--test-limit", "200", "--device", "cpu", "--no-progress"]
     stored = {}
     for extra in (["--sgd-preset", "paper"], []):  # no flag: Fashion-MNIST's default, the fast recipe
-        done = subprocess.run([sys.executable, "-m", "pretextlab", *common, *extra], capture_output=True, text=True,
-                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-        assert done.returncode == 0, done.stderr
-        [result] = json.loads(done.stdout)["results"]
+        code = main([*common, *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        [result] = json.loads(out)["results"]
         stored[result["sgd_preset"]] = (result, json.loads(open(result["result_file"]).read()))
     paper, paper_file = stored["paper"]
     fast, fast_file = stored["precomputed"]
