@@ -191,7 +191,8 @@ def run_cell(study: Study, cell: Cell, progress: bool = True, ranks: JobRanks | 
                 _probe_cell(study, cell, store, progress)
         except (KeyboardInterrupt, SystemExit, Preempted) as stop:
             if store is not None:
-                store.end_attempt(cell.config_hash, attempt, "interrupted", error=str(stop) or type(stop).__name__)
+                why = f"the job exited (code {stop.code}): requeued or stopped by its scheduler" if isinstance(stop, SystemExit) else str(stop)
+                store.end_attempt(cell.config_hash, attempt, "interrupted", error=why or type(stop).__name__)
             raise
         except BaseException as error:
             if store is not None:

@@ -4,6 +4,7 @@ environment, and what a preempted or timed-out job does (checkpoint, back in the
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -54,15 +55,37 @@ def _requeue(job: str) -> None:
     print(f"pretextlab: job {job_id} requeued; the cell resumes from its checkpoint", file=sys.stderr)
 
 
+def _checkpoint_signal() -> int:
+    """submitit's checkpoint signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
+    from submitit import JobEnvironment
+
+    return int(JobEnvironment._usr_sig())
+
+
+def _stop_training_on(signum: int) -> None:
+    """While the trainer holds SIGTERM (it checkpoints after the current step and stops), ``signum``
+    is handed to it as SIGTERM, so a time limit loses no step; otherwise submitit's own handler runs."""
+    idle_term, submitits = signal.getsignal(signal.SIGTERM), signal.getsignal(signum)
+
+    def handler(received: int, frame: Any) -> None:
+        if signal.getsignal(signal.SIGTERM) is not idle_term:
+            signal.raise_signal(signal.SIGTERM)  # the trainer's handler: stop after this step
+        elif callable(submitits):
+            submitits(received, frame)
+
+    signal.signal(signum, handler)
+
+
 class CellJob:
     """What each job runs, on every rank: one cell of a study file (``run_cell_job``).
 
     Preemption: SIGTERM (Slurm's preemption, ``scancel --signal=TERM``) makes the trainer checkpoint
     after the current step and raise Preempted on every rank; rank 0 of a Slurm job then requeues the
     job and all ranks exit without a result, so submitit keeps waiting for the requeued run, which
-    resumes the cell from that checkpoint. The time limit follows submitit's checkpointing protocol:
-    its ``--signal`` (USR2) calls ``checkpoint``, which resubmits the same call, and the requeued run
-    resumes from the cell's last checkpoint. A job killed outright leaves the cell 'running' with a
+    resumes the cell from that checkpoint. The time limit's signal (submitit's ``--signal=USR2@90``)
+    does the same while the cell trains (``_stop_training_on``); at any other time it follows
+    submitit's checkpointing protocol: ``checkpoint`` resubmits the same call, submitit requeues the
+    job, and the requeued run resumes from the cell's last checkpoint. A job killed outright leaves the cell 'running' with a
     heartbeat that goes stale; the next ``pretextlab study`` takes it over. A cancelled job (plain
     ``scancel``, or ``--signal=KILL``, which Slurm sends as a cancel: TERM, KillWait, KILL) checkpoints
     like a preempted one but is not requeued; the next study resumes the cell.
@@ -72,6 +95,8 @@ class CellJob:
         from pretextlab.training import Preempted
 
         ranks = job_ranks()
+        if ranks.job is not None:  # in a submitit job, which has set its signal handlers
+            _stop_training_on(_checkpoint_signal())
         try:
             return run_cell_job(study_file, out, config_hash, ranks)
         except Preempted:
