@@ -303,5 +303,5 @@ def test_a_folder_run_interrupted_mid_epoch_resumes_with_the_same_crops_and_weig
     for part in ("network", "task"):
         for name, value in a[part].items():
             assert torch.equal(value, b[part][name]), f"{part}.{name}"
-    saved = json.loads((tmp_path / "cut" / "config.json").read_text())["config"]
-    assert (saved["crop_source"], saved["bn_init"]) == ("full-image", "released")
+    saved = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert (saved["data"]["crop_source"], saved["network"]["bn_init"]) == ("full-image", "released")

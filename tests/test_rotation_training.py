@@ -68,7 +68,7 @@ def test_rotation_learns_and_the_probe_reads_its_features(tmp_path):
     assert sum(losses[-third:]) / third < sum(losses[:third]) / third - 0.05
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val_pretext_accuracy_percent"] > 35.0  # chance is 25%; 800 scored samples
-    config = json.loads((run / "config.json").read_text())["config"]
+    config = json.loads((run / "config.json").read_text())["optimisation"]
     assert config["warmup_epochs"] == pytest.approx(2 * 5 / 35) and config["batch_size"] == 32
 
     done = subprocess.run(

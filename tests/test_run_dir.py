@@ -193,7 +193,7 @@ def test_config_json_records_its_format_version_and_a_newer_one_is_refused(tmp_p
     assert saved["format_version"] == RUN_FORMAT_VERSION and saved["world_size"] == 1
     # A run written before versions existed (config.json of only config + hash) still loads and resumes.
     old = _copy_run(finished_run, tmp_path / "unversioned")
-    (old / "config.json").write_text(json.dumps({"config": saved["config"], "hash": saved["hash"]}))
+    (old / "config.json").write_text(json.dumps({"config": load_config(finished_run).to_dict(), "hash": saved["hash"]}))
     (old / "checkpoint.pt").write_bytes((finished_run / "checkpoint.prev.pt").read_bytes())
     for name in ("checkpoint.json", "checkpoint.prev.pt", "checkpoint.prev.json", "summary.json"):
         (old / name).unlink()
@@ -202,7 +202,8 @@ def test_config_json_records_its_format_version_and_a_newer_one_is_refused(tmp_p
     # A run from a newer pretextlab is refused with one line, for training and for evaluation.
     newer = _copy_run(finished_run, tmp_path / "newer")
     (newer / "config.json").write_text(json.dumps({**saved, "format_version": RUN_FORMAT_VERSION + 1}))
-    with pytest.raises(PretextlabError, match=r"run format version 2, newer than this pretextlab reads \(1\): upgrade"):
+    newest = RUN_FORMAT_VERSION
+    with pytest.raises(PretextlabError, match=rf"run format version {newest + 1}, newer than this pretextlab reads \({newest}\): upgrade"):
         Trainer(_tiny(), newer, resume=True, progress=False)
     assert main(["evaluate", "--run", str(newer), "--device", "cpu"]) == 2
     assert "newer than this pretextlab reads" in capsys.readouterr().err

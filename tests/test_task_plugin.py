@@ -21,8 +21,9 @@ def test_a_toy_task_registered_outside_the_package_trains_through_the_cli(tmp_pa
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out)  # stdout is the summary alone
-    config = json.loads((out / "config.json").read_text())["config"]
-    assert config["task"] == SPEC
+    task = json.loads((out / "config.json").read_text())["task"]
+    # The spec, and the plug-in's own options as the task received them (no flags: their defaults).
+    assert task["name"] == SPEC and task["options"] == {"label_smoothing": 0.0}
     # 64 images less 16 held out = 48 training images, 3 steps of 16, each logged (--log-every 1).
     assert (summary["status"], summary["steps"]) == ("finished", 3)
     logged = [m for m in read_metrics(out) if "loss" in m]

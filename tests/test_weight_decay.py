@@ -195,8 +195,8 @@ def test_an_old_run_without_the_key_resumes_exactly_as_it_was_trained(tmp_path):
             (old / path.name).write_bytes(path.read_bytes())
     # The state after epoch 1, with the config.json an earlier pretextlab wrote (no key).
     saved = json.loads((whole / "config.json").read_text())
-    del saved["config"]["weight_decay_scope"]
-    (old / "config.json").write_text(json.dumps(saved))
+    flat = {k: v for k, v in load_config(whole).to_dict().items() if k != "weight_decay_scope"}
+    (old / "config.json").write_text(json.dumps({"format_version": 1, "config": flat, "hash": saved["hash"]}))
     (old / "checkpoint.pt").write_bytes((whole / "checkpoint.prev.pt").read_bytes())
     for name in ("checkpoint.json", "checkpoint.prev.pt", "checkpoint.prev.json", "summary.json"):
         (old / name).unlink(missing_ok=True)

@@ -14,7 +14,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from pretextlab.config import TrainConfig
     from pretextlab.options import add_arguments
 
-    # Generated from TrainConfig's fields: each option's type, default, choices and help live there.
+    # Generated from TrainConfig's fields: each option's type, default, choices, help and section live there.
     add_arguments(parser, TrainConfig)
 
 
@@ -49,8 +49,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from pretextlab.evaluate.probe_run import EvalConfig
     from pretextlab.options import add_arguments
 
-    add_arguments(parser, EvalConfig)
-    add_arguments(parser, BackboneSpec)
+    # One call, so the flags of both share one argument group per section (options.SECTIONS).
+    add_arguments(parser, EvalConfig, BackboneSpec)
 
 
 def _eval_config(args: argparse.Namespace):

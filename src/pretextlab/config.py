@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pretextlab.errors import PretextlabError
-from pretextlab.options import check_choices, check_fields, check_instance, option
+from pretextlab.options import check_choices, check_fields, check_instance, flag_name, option, section_dataclass
 
 # The study's schedule (docs/protocol.md#training-schedule): 35 epochs, warm-up over 5, x0.1 at 15 and 25.
 PAPER_EPOCHS = 35.0
@@ -70,9 +70,9 @@ def _built_in_task_options() -> type:
 
     Each field is the one its task's options dataclass defines (type, default, help, choices), so
     ``--copies`` or ``--patch-size`` exist once; an option shared by several tasks (``embedding_dim``)
-    is one inherited field. Flat, because config.json has always held these keys: old files load
-    with the same meaning and a run's hash does not change. A plug-in task's options take their
-    defaults (they are no flags).
+    is one inherited field, of section "task". Flat, because the run's hash has always been taken
+    over these keys (config.json's "config" before run format 2): old runs keep their meaning and
+    their hash. A plug-in task's options take their defaults (they are no flags).
     """
     from pretextlab.options import field_types
     from pretextlab.tasks import BUILT_IN_TASKS, task_info
@@ -89,7 +89,9 @@ def _built_in_task_options() -> type:
                     raise TypeError(f"task option {f.name!r} is defined twice; define it once in a shared options class")
                 continue
             chosen[f.name] = f
-            specs.append((f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata)))
+            # Section "task": a task's options are the task's, whatever their dataclass says.
+            metadata = {**f.metadata, "section": "task"}
+            specs.append((f.name, hints[f.name], dataclasses.field(default=f.default, metadata=metadata)))
     return dataclasses.make_dataclass("BuiltInTaskOptions", specs)
 
 
@@ -98,85 +100,93 @@ class TrainConfig(_built_in_task_options()):
     """Everything that defines a pretext training run (the tasks' own options come from its base)."""
 
     task: str = option("rotation", "pretext task: rotation, exemplar, jigsaw, relative_patch, or module:Class for one "
-                       "registered outside pretextlab (the module is imported; its folder must be on PYTHONPATH)")
-    network: str = option("resnet50v1", "resnet50v1, resnet50v2, revnet50 or vgg19bn")
-    width: int | None = option(None, "widening factor k (default: the network's, 4; 8 for vgg19bn)", metavar="K")
-    final_relu: bool = option(True, 'the ReLU before pooling; --no-final-relu is the "(-)" variant (v2, RevNet)')
-    representation_size: int | None = option(None, "a linear layer makes pre_logits this size", metavar="D")
+                       "registered outside pretextlab (the module is imported; its folder must be on PYTHONPATH)", section="task")
+    network: str = option("resnet50v1", "resnet50v1, resnet50v2, revnet50 or vgg19bn", section="network")
+    width: int | None = option(None, "widening factor k (default: the network's, 4; 8 for vgg19bn)", metavar="K", section="network")
+    final_relu: bool = option(True, 'the ReLU before pooling; --no-final-relu is the "(-)" variant (v2, RevNet)', section="network")
+    representation_size: int | None = option(None, "a linear layer makes pre_logits this size", metavar="D", section="network")
 
-    dataset: str = option("fashion-mnist", "fashion-mnist or folder (ROOT/train/<class>/*, ROOT/val/<class>/*)")
-    data_dir: str | None = option(None, "where the dataset lives (part of the recipe: another folder is another dataset)", metavar="DIR")
-    image_size: int | None = option(None, "network input side (default: 224 for folder, 32 for fashion-mnist)", metavar="PX")
-    decode_size: int | None = option(None, "side the loader decodes to (default: 8/7 of --image-size for folder)", metavar="PX")
+    dataset: str = option("fashion-mnist", "fashion-mnist or folder (ROOT/train/<class>/*, ROOT/val/<class>/*)", section="data")
+    data_dir: str | None = option(None, "where the dataset lives (part of the recipe: another folder is another dataset)", metavar="DIR", section="data")
+    image_size: int | None = option(None, "network input side (default: 224 for folder, 32 for fashion-mnist)", metavar="PX", section="data")
+    decode_size: int | None = option(None, "side the loader decodes to (default: 8/7 of --image-size for folder)", metavar="PX", section="data")
     crop_source: str | None = option(
         None, "training crops: full-image (the released recipe: a random box of the whole image, cut while decoding) or "
         "center-square (crops of the decoded centre square); default: full-image for folder, center-square for fashion-mnist",
-        choices=("full-image", "center-square"),
+        choices=("full-image", "center-square"), section="data",
     )
     crop_resize: str | None = option(
         None, "how a crop cut while decoding becomes the network input: crop-then-resize (the box's own pixels, as the "
         "released code; default with --crop-source full-image) or pillow-box (Pillow's resize(box=...), whose filter "
         "reads past the box: runs recorded before this option)",
-        choices=("crop-then-resize", "pillow-box"),
+        choices=("crop-then-resize", "pillow-box"), section="data",
     )
-    limit: int | None = option(None, "use a class-balanced subset of N training images", metavar="N")
-    test_limit: int | None = option(None, "use a class-balanced subset of N test images", metavar="N")
-    val_size: float | None = option(None, "held-out validation images: a count (>= 1) or a fraction (< 1)", metavar="N")
+    limit: int | None = option(None, "use a class-balanced subset of N training images", metavar="N", section="data")
+    test_limit: int | None = option(None, "use a class-balanced subset of N test images", metavar="N", section="data")
+    val_size: float | None = option(None, "held-out validation images: a count (>= 1) or a fraction (< 1)", metavar="N", section="data")
 
-    epochs: float = option(PAPER_EPOCHS, "epochs (the schedule keeps the study's proportions)")
-    batch_size: int | None = option(None, "images per step, before a task multiplies them (default: the study's per task)", metavar="N")
-    base_lr: float = option(0.1, "learning rate at a global batch of 256 images (scaled linearly)", metavar="LR")
-    warmup_epochs: float | None = option(None, "linear warm-up epochs (default: the study's 5/35 of the run)", metavar="E")
-    decay_epochs: tuple[float, ...] | None = option(None, "epochs of the step decays (default: the study's 15/35 and 25/35 of the run)", metavar="E")
-    decay_factor: float = option(0.1, "learning-rate factor at each decay")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(1e-4, "L2 factor on the kernels --weight-decay-scope names (the study: 1e-4)")
+    epochs: float = option(PAPER_EPOCHS, "epochs (the schedule keeps the study's proportions)", section="optimisation")
+    batch_size: int | None = option(None, "images per step, before a task multiplies them (default: the study's per task)", metavar="N", section="optimisation")
+    base_lr: float = option(0.1, "learning rate at a global batch of 256 images (scaled linearly)", metavar="LR", section="optimisation")
+    warmup_epochs: float | None = option(None, "linear warm-up epochs (default: the study's 5/35 of the run)", metavar="E", section="optimisation")
+    decay_epochs: tuple[float, ...] | None = option(None, "epochs of the step decays (default: the study's 15/35 and 25/35 of the run)", metavar="E", section="optimisation")
+    decay_factor: float = option(0.1, "learning-rate factor at each decay", section="optimisation")
+    momentum: float = option(0.9, "SGD momentum", section="optimisation")
+    weight_decay: float = option(1e-4, "L2 factor on the kernels --weight-decay-scope names (the study: 1e-4)", section="optimisation")
     weight_decay_scope: str | None = option(
         None, "which tensors weight decay reaches: released (every conv/linear kernel, the task's logits or embedding "
         "included, at --weight-decay; the patch tasks' two-layer head at 5e-4; not the RevNet stem) or conv-kernels "
         "(the network's conv kernels only); default: released for folder, conv-kernels for fashion-mnist",
-        choices=("released", "conv-kernels"),
+        choices=("released", "conv-kernels"), section="optimisation",
     )
 
-    crop_scale: tuple[float, float] = option((0.08, 1.0), "inception crop: the fraction of the image's area, min and max", metavar=("MIN", "MAX"))
-    flip: bool = option(True, "random horizontal flips in training (--no-flip for digits, text)")
+    crop_scale: tuple[float, float] = option((0.08, 1.0), "inception crop: the fraction of the image's area, min and max", metavar=("MIN", "MAX"), section="data")
+    flip: bool = option(True, "random horizontal flips in training (--no-flip for digits, text)", section="data")
     # The tasks' own options (--copies, --margin, --patch-size, ...) are fields of the base class,
     # made from each task's options dataclass (their one definition; see tasks/).
-    reversible_backward: bool | None = option(None, "revnet50: recompute activations in the backward pass (saves memory; default: on)")
+    reversible_backward: bool | None = option(None, "revnet50: recompute activations in the backward pass (saves memory; default: on)", section="network")
 
-    seed: int = option(0, "random seed (data splits, initialisation, augmentation)")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    workers: int | None = option(None, "data loader processes, decoding only (default: 0 in memory, up to 8 for folders)", metavar="N")
+    seed: int = option(0, "random seed (data splits, initialisation, augmentation)", section="runtime")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", section="runtime")
+    workers: int | None = option(None, "data loader processes, decoding only (default: 0 in memory, up to 8 for folders)", metavar="N", section="runtime")
     precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 elsewhere), fp32, bf16, or fp64 (exactness checks)",
-                            choices=("auto", "fp32", "bf16", "fp64"))
-    channels_last: bool | None = option(None, "channels-last memory format (default: on for CUDA)")
-    sync_bn: bool = option(False, "BatchNorm statistics over the global batch (multi-process; the study: per device)")
+                            choices=("auto", "fp32", "bf16", "fp64"), section="runtime")
+    channels_last: bool | None = option(None, "channels-last memory format (default: on for CUDA)", section="runtime")
+    sync_bn: bool = option(False, "BatchNorm statistics over the global batch (multi-process; the study: per device)", section="optimisation")
     bn_init: str | None = option(
         None, "BatchNorm and init: released (TF defaults: BN momentum 0.01, eps 1e-3, glorot-uniform convs; patch head BN "
         "momentum 0.003) or pytorch (BN momentum 0.1, eps 1e-5, kaiming-normal convs); default: released for folder, "
-        "pytorch for fashion-mnist", choices=("released", "pytorch"),
+        "pytorch for fashion-mnist", choices=("released", "pytorch"), section="network",
     )
-    compile: bool = option(False, "torch.compile the network (GPU speed; same results)")
-    val_batches: int | None = option(None, "cap on the validation batches scored per epoch", metavar="N")
-    checkpoint_every: int | None = option(None, "also checkpoint every N steps inside an epoch", metavar="N")
-    log_every: int = option(10, "log metrics every N steps", metavar="N")
+    compile: bool = option(False, "torch.compile the network (GPU speed; same results)", section="runtime")
+    val_batches: int | None = option(None, "cap on the validation batches scored per epoch", metavar="N", section="runtime")
+    checkpoint_every: int | None = option(None, "also checkpoint every N steps inside an epoch", metavar="N", section="runtime")
+    log_every: int = option(10, "log metrics every N steps", metavar="N", section="runtime")
     monitor_every: int | None = option(
         None, "kNN monitor (weighted kNN top-1 on frozen features, k=20 and 200) every N steps; default: at each "
-        "epoch's end; 0: off", metavar="STEPS",
+        "epoch's end; 0: off", metavar="STEPS", section="runtime",
     )
-    monitor_outputs: tuple[str, ...] = option(("pre_logits",), "the named outputs the kNN monitor reads", metavar="OUTPUT")
+    monitor_outputs: tuple[str, ...] = option(("pre_logits",), "the named outputs the kNN monitor reads", metavar="OUTPUT", section="runtime")
     monitor_labels: int = option(1000, "the kNN monitor's labelled bank: a class-balanced subset of the training split "
-                                 "(at most a tenth of it)", metavar="N")
-    monitor_images: int = option(1000, "held-out (validation split) images the kNN monitor scores", metavar="N")
-    wandb: str | None = option(None, "also log to this Weights & Biases project (pip install pretextlab[wandb])", metavar="PROJECT")
+                                 "(at most a tenth of it)", metavar="N", section="runtime")
+    monitor_images: int = option(1000, "held-out (validation split) images the kNN monitor scores", metavar="N", section="runtime")
+    wandb: str | None = option(None, "also log to this Weights & Biases project (pip install pretextlab[wandb])", metavar="PROJECT", section="runtime")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every option by name: the flat form a study's ``pretext:`` block, the store and the hash use."""
         return dataclasses.asdict(self)
+
+    def sections(self) -> "RecipeSections":
+        """The recipe as typed, read-only sections; the task's gets its own options dataclass,
+        exactly as ``task_options`` gives it to the task (other tasks' options are not in the view)."""
+        views = {name: view(**{f.name: getattr(self, f.name) for f in dataclasses.fields(view)})
+                 for name, view in _SECTION_VIEWS.items()}
+        return RecipeSections(**views, task=TaskSection(self.task, task_options(self)))
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> "TrainConfig":
-        """A config from a mapping (a saved config.json's ``config``, a study section), every value
-        type-checked against the field it sets; ``where`` names the source in errors."""
+        """A config from a flat mapping (a saved config.json's options, a study's ``pretext:`` block),
+        every value type-checked against the field it sets; ``where`` names the source in errors."""
         place = f" in {where}" if where else ""
         if not isinstance(data, dict):
             raise PretextlabError(f"the training options{place} must be a mapping of option: value, got {type(data).__name__}")
@@ -191,8 +201,9 @@ class TrainConfig(_built_in_task_options()):
 
     @classmethod
     def from_saved(cls, data: Any, where: str = "") -> "TrainConfig":
-        """A config from a run's config.json ``config``: keys it lacks because they did not exist
-        when it was written take the value that run was trained with (``LEGACY_VALUES``)."""
+        """A config from a run's config.json options, flat (``run_dir.saved_options``): keys it lacks
+        because they did not exist when it was written take the value that run was trained with
+        (``LEGACY_VALUES``)."""
         if isinstance(data, dict):
             data = {**data, **{k: v for k, v in LEGACY_VALUES.items() if data.get(k) is None}}
         return cls.from_dict(data, where)
@@ -209,6 +220,36 @@ class TrainConfig(_built_in_task_options()):
             if k not in _RUNTIME_FIELDS and k not in unread and not (k in LEGACY_VALUES and v in (None, LEGACY_VALUES[k]))
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# The typed sections of a recipe (TrainConfig.sections(); config.json's objects, training/run_dir.py).
+DataSection = section_dataclass(TrainConfig, "data")
+NetworkSection = section_dataclass(TrainConfig, "network")
+OptimisationSection = section_dataclass(TrainConfig, "optimisation")
+RuntimeSection = section_dataclass(TrainConfig, "runtime")
+
+
+@dataclass(frozen=True)
+class TaskSection:
+    """The task (a name, or a plug-in's ``module:Class``) and its own options dataclass instance."""
+
+    name: str
+    options: Any
+
+
+_SECTION_VIEWS = {"data": DataSection, "network": NetworkSection, "optimisation": OptimisationSection,
+                  "runtime": RuntimeSection}
+
+
+@dataclass(frozen=True)
+class RecipeSections:
+    """A TrainConfig by section (``TrainConfig.sections()``)."""
+
+    data: Any
+    network: Any
+    task: TaskSection
+    optimisation: Any
+    runtime: Any
 
 
 def task_options(config: TrainConfig) -> Any:
@@ -336,21 +377,17 @@ def _check_ranges(c: TrainConfig) -> None:
         value = getattr(c, name)
         values = value if isinstance(value, tuple) else (value,)
         if any(v is not None and not math.isfinite(v) for v in values):
-            raise PretextlabError(f"--{_flag(name)} must be a finite number, got {value!r}")
+            raise PretextlabError(f"{flag_name(name)} must be a finite number, got {value!r}")
     for name, low, inclusive, meaning in _LOWER_BOUNDS:
         value = getattr(c, name)
         if value is not None and (value < low or (value == low and not inclusive)):
             bound = f">= {low}" if inclusive else f"> {low}"
-            raise PretextlabError(f"--{_flag(name)} must be {bound} ({meaning}), got {value!r}")
+            raise PretextlabError(f"{flag_name(name)} must be {bound} ({meaning}), got {value!r}")
     for name, high, inclusive in _UPPER_BOUNDS:
         value = getattr(c, name)
         if value > high or (value == high and not inclusive):
             bound = f"<= {high}" if inclusive else f"< {high}"
-            raise PretextlabError(f"--{_flag(name)} must be {bound}, got {value!r}")
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
+            raise PretextlabError(f"{flag_name(name)} must be {bound}, got {value!r}")
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -49,16 +49,17 @@ class BackboneSpec:
     backbone: str | None = option(
         None, "probe a model-zoo network instead of --run: torchvision:NAME or timm:NAME, random init unless --weights "
         "(default: none, --run names what is probed)",
-        metavar="LIB:NAME")
+        metavar="LIB:NAME", section="network")
     weights: str | None = option(
         None, "--backbone: a state_dict saved on this machine (torch.save .pth/.pt, or .safetensors); nothing is "
-        "downloaded (default: random init)", metavar="FILE")
-    init_seed: int = option(0, "--backbone without --weights: the seed of the random init")
+        "downloaded (default: random init)", metavar="FILE", section="network")
+    init_seed: int = option(0, "--backbone without --weights: the seed of the random init", section="network")
     image_size: int | None = option(
         None, "--backbone: input side in pixels (default: the model's own, 224 for torchvision, timm's pretrained_cfg)",
-        metavar="PX")
+        metavar="PX", section="network")
     out: str | None = option(
-        None, "--backbone: the directory for its feature cache and results (default: backbones/LIB-NAME)", metavar="DIR")
+        None, "--backbone: the directory for its feature cache and results (default: backbones/LIB-NAME)",
+        metavar="DIR", section="network")
 
     def parsed(self) -> tuple[str, str]:
         """(library, model name) of ``backbone``, or a clear error."""

@@ -73,50 +73,54 @@ class EvalConfig:
     # Each field is an `evaluate` flag (cli.py generates them with options.add_arguments).
     outputs: tuple[str, ...] = option(
         ("pre_logits",), "named outputs to probe (block1..., pre_logits), or all", flag="--output", nargs="+",
-        metavar="OUTPUT")
+        metavar="OUTPUT", section="probe")
     probe: str = option("lbfgs", "lbfgs (full-batch logistic regression, L2 picked on val), sgd (linear) or mlp",
-                        choices=PROBES)
+                        choices=PROBES, section="probe")
     dataset: str | None = option(None, "downstream dataset, fashion-mnist or folder (default: the run's own)",
-                                 metavar="NAME")
-    data_dir: str | None = option(None, "where the downstream dataset lives (default: the run's own)", metavar="DIR")
+                                 metavar="NAME", section="data")
+    data_dir: str | None = option(None, "where the downstream dataset lives (default: the run's own)",
+                                  metavar="DIR", section="data")
     val_size: float | None = option(
-        None, "held-out validation images that pick L2: a count, or a fraction < 1 (default: the run's)", metavar="N")
-    limit: int | None = option(None, "class-balanced subset of N downstream training images (default: all)", metavar="N")
+        None, "held-out validation images that pick L2: a count, or a fraction < 1 (default: the run's)",
+        metavar="N", section="data")
+    limit: int | None = option(None, "class-balanced subset of N downstream training images (default: all)",
+                               metavar="N", section="data")
     test_limit: int | None = option(
         None, "class-balanced subset of N test images; under 100, or 10 per class, is flagged (default: all)",
-        metavar="N")
+        metavar="N", section="data")
     labels_per_class: int | None = option(None, "few labels: N labelled images per class (default: all labels)",
-                                          metavar="N")
+                                          metavar="N", section="data")
     label_fraction: float | None = option(None, "few labels: this fraction of the labels (default: all labels)",
-                                          metavar="F")
-    batch_size: int = option(256, "feature extraction batch", metavar="N")
-    device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+                                          metavar="F", section="data")
+    batch_size: int = option(256, "feature extraction batch", metavar="N", section="runtime")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N", section="runtime")
     # How fast, not what: not in the recipe.
     workers: int = option(
         0, "processes decoding image files (folder datasets): for extraction and each epoch of --sgd-preset paper",
-        metavar="N")
-    seed: int = option(0, "splits, few-label subsets and SGD probes")
+        metavar="N", section="runtime")
+    seed: int = option(0, "splits, few-label subsets and SGD probes", section="runtime")
     l2_grid: tuple[float, ...] | None = option(
         None, "lbfgs: the L2 strengths tried, the best on val kept (default: the probe's own grid)", nargs="+",
-        metavar="L2")
+        metavar="L2", section="probe")
     # SGD-trained probes ("sgd" linear, "mlp"): the study's schedule, optionally shortened in proportion.
     sgd_schedule: str = option("paper", "sgd/mlp: the study's 70-epoch (batch 512) or 520-epoch (batch 2048) schedule",
-                               choices=SGD_SCHEDULES)
+                               choices=SGD_SCHEDULES, section="probe")
     sgd_epochs: int | None = option(
-        None, "sgd/mlp: shorten the schedule to N epochs, same proportions (default: the schedule's own)", metavar="N")
+        None, "sgd/mlp: shorten the schedule to N epochs, same proportions (default: the schedule's own)",
+        metavar="N", section="probe")
     sgd_batch_size: int | None = option(
-        None, "sgd/mlp: images per step (default: the schedule's, 512 or 2048)", metavar="N")
+        None, "sgd/mlp: images per step (default: the schedule's, 512 or 2048)", metavar="N", section="probe")
     sgd_base_lr: float | None = option(
-        None, "sgd/mlp: learning rate at a batch of 256 (default: the preset's)", metavar="LR")
+        None, "sgd/mlp: learning rate at a batch of 256 (default: the preset's)", metavar="LR", section="probe")
     # evaluate_run resolves None with the run's dataset when ``dataset`` is None.
     sgd_preset: str | None = option(
         None, "sgd/mlp: paper (the released recipe: features recomputed from random crops every epoch, raw, "
         "whole training split, scored on the test split) or precomputed (cached central-crop features, "
         "standardised, train minus the held-out split; fast) (default: paper for folder, precomputed otherwise)",
-        choices=SGD_PRESETS)
+        choices=SGD_PRESETS, section="probe")
     feature_dtype: str = option(
         "float32", "how the feature cache stores features: float32, or bfloat16 / float16 in half the bytes (probes "
-        "compute in float32 on what they read)", choices=FEATURE_DTYPES)
+        "compute in float32 on what they read)", choices=FEATURE_DTYPES, section="probe")
 
     def resolved_sgd_preset(self) -> str:
         if self.sgd_preset is not None:

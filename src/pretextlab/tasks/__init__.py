@@ -9,7 +9,7 @@ from pretextlab.tasks.registry import TASK_REGISTRY, register_task, task_class, 
 from pretextlab.tasks import rotation, exemplar, jigsaw, relative_patch  # noqa: E402,F401  isort: skip
 
 # The tasks that ship with pretextlab, fixed before any plug-in can register: their options are
-# TrainConfig's flat fields (config.json's keys since the first release, so the run hash is stable).
+# TrainConfig's flat fields (the keys the run hash has always been taken over, so it is stable).
 BUILT_IN_TASKS: tuple[str, ...] = TASK_REGISTRY.names()
 TASKS = TASK_REGISTRY  # `name in TASKS`, iteration and ", ".join(TASKS) as before, plug-ins included
 

@@ -2,7 +2,7 @@
 
 A run lives in one directory:
 
-    config.json         the resolved config (the complete recipe), its hash, world size, format version
+    config.json         the resolved config (the complete recipe) by section, its hash, world size, format version
     metrics.jsonl       one JSON line per logged step and per epoch's validation
     checkpoint.pt       the last checkpoint (written atomically: a crash never leaves half a file)
     checkpoint.json     its identity (step, SHA-256), keyed to the file's inode, size and mtime
@@ -14,6 +14,7 @@ A run lives in one directory:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -26,6 +27,8 @@ from typing import Any
 from pretextlab import atomic
 from pretextlab.config import TrainConfig, config_differences
 from pretextlab.errors import PretextlabError
+from pretextlab.options import section_fields
+from pretextlab.tasks.base import own_fields
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -34,8 +37,11 @@ LOCK_FILE = "train.lock"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 # config.json's layout. 1: "format_version", "world_size" and "global_batch_images" beside
-# "config" and "hash"; a config.json without a version (written before 1) reads the same way.
-RUN_FORMAT_VERSION = 1
+# "config" (every option, flat) and "hash"; a config.json without a version (written before 1)
+# reads the same way. 2: the options by section instead of "config" (``config_sections``).
+RUN_FORMAT_VERSION = 2
+# The sections config.json holds as option: value objects (the task's has its own shape).
+_PLAIN_SECTIONS = ("data", "network", "optimisation", "runtime")
 
 
 # Each path of a run directory: RunFiles' attribute -> file name.
@@ -74,6 +80,12 @@ def notice(message: str) -> None:
 # -- config.json ------------------------------------------------------------------------------------
 
 
+def _not_a_run_config(path: Path, why: str) -> PretextlabError:
+    return PretextlabError(
+        f"{path} is not a pretextlab run config ({why}): restore it, or start the run again in a new --out"
+    )
+
+
 def read_run_config(path: Path) -> dict[str, Any]:
     """config.json as written by the trainer (any version up to this one), or one clear error naming the file."""
     try:
@@ -82,18 +94,51 @@ def read_run_config(path: Path) -> dict[str, Any]:
         raise PretextlabError(
             f"{path} cannot be read as JSON ({error}): restore it, or start the run again in a new --out"
         ) from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
-        raise PretextlabError(
-            f"{path} is not a pretextlab run config (expected an object with a \"config\" object): "
-            "restore it, or start the run again in a new --out"
-        )
+    if not isinstance(saved, dict):
+        raise _not_a_run_config(path, "expected a JSON object")
+    # The version before the layout: a newer file may be laid out in a way this one cannot read.
     version = saved.get("format_version", 0)
     if not isinstance(version, int) or version > RUN_FORMAT_VERSION:
         raise PretextlabError(
             f"{path} has run format version {version!r}, newer than this pretextlab reads ({RUN_FORMAT_VERSION}): "
             "upgrade pretextlab to use this run"
         )
+    saved_options(saved, path)  # the layout of its version, or the error now
     return saved
+
+
+def saved_options(saved: dict[str, Any], path: Path | str = CONFIG_FILE) -> dict[str, Any]:
+    """Every option of a config.json record by name, flat (as ``TrainConfig.to_dict``), whichever
+    version wrote it: what load, resume and the hash read, so a format-1 run keeps its values."""
+    if saved.get("format_version", 0) < 2:
+        if not isinstance(saved.get("config"), dict):
+            raise _not_a_run_config(path, 'expected an object with a "config" object')
+        return saved["config"]
+    owner = {name: section for section, names in section_fields(TrainConfig).items() for name in names}
+    flat: dict[str, Any] = {}
+    for section in (*_PLAIN_SECTIONS, "task"):
+        values = saved.get(section)
+        if not isinstance(values, dict):
+            raise _not_a_run_config(path, f'expected a "{section}" object')
+        if section == "task":
+            values = _task_section_options(values, owner, path)
+        misplaced = sorted(k for k in values if owner.get(k, section) != section)
+        if misplaced:
+            raise _not_a_run_config(path, ", ".join(f"{k} belongs in {owner[k]}, not {section}" for k in misplaced))
+        flat.update(values)
+    return flat
+
+
+def _task_section_options(task: dict[str, Any], owner: dict[str, str], path: Path | str) -> dict[str, Any]:
+    """The flat options of config.json's task section: its name, its own options and the others'."""
+    options, others = task.get("options"), task.get("other_tasks_options")
+    if not isinstance(task.get("name"), str) or not isinstance(options, dict) or not isinstance(others, dict):
+        raise _not_a_run_config(path, 'expected a task object with "name", "options" and "other_tasks_options"')
+    if ":" in task["name"]:
+        # A plug-in task's own options are no flags: it runs with their defaults, so the values
+        # recorded are for people; loading gives the task its defaults again.
+        options = {k: v for k, v in options.items() if owner.get(k) == "task"}
+    return {"task": task["name"], **others, **options}
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
@@ -102,16 +147,34 @@ def load_config(run_dir: str | Path) -> TrainConfig:
         raise PretextlabError(f"{run_dir} is not a pretextlab run (no {CONFIG_FILE}): pass the --out of a train run")
     try:
         # from_saved: keys older versions did not write mean what those runs were trained with (issue 16).
-        return TrainConfig.from_saved(read_run_config(path)["config"])
+        return TrainConfig.from_saved(saved_options(read_run_config(path), path))
     except (PretextlabError, TypeError) as error:
         raise PretextlabError(f"{path} does not describe a run this version can load: {error}") from None
+
+
+def config_sections(config: TrainConfig) -> dict[str, Any]:
+    """The options of ``config`` by section, as config.json (format 2) holds them: data, network,
+    optimisation and runtime as option: value; the task as its name, its own options (the fields
+    its options dataclass adds, as ``task_options`` gives them to it) and the other built-in tasks'
+    options, which it never reads but the run's hash has always included (see ``saved_options``)."""
+    values, sections = config.to_dict(), config.sections()
+    own = {f.name: getattr(sections.task.options, f.name) for f in own_fields(type(sections.task.options))}
+    task = {
+        "name": config.task,
+        "options": own,
+        "other_tasks_options": {k: values[k] for k in section_fields(TrainConfig)["task"] if k not in own and k != "task"},
+    }
+    nested = {name: dataclasses.asdict(getattr(sections, name)) for name in _PLAIN_SECTIONS}
+    return {"data": nested["data"], "network": nested["network"], "task": task,
+            "optimisation": nested["optimisation"], "runtime": nested["runtime"]}
 
 
 def config_record(config: TrainConfig, world_size: int) -> dict[str, Any]:
     """What config.json holds for a run of ``config`` on ``world_size`` processes."""
     return {
         "format_version": RUN_FORMAT_VERSION,
-        "config": config.to_dict(),
+        **config_sections(config),
+        # Of the same flat options as a format-1 file's "config": one run, one hash, whichever file.
         "hash": config.config_hash(),
         # Recorded, not hashed: the recipe is per-process batch x world size (docs/protocol.md).
         "world_size": world_size,
@@ -126,7 +189,8 @@ def check_resumable(files: RunFiles, new: dict[str, Any], resume: bool, force: b
     old = read_run_config(files.config)
     if not resume:
         raise PretextlabError(f"{files.root} already holds a run: pass --resume to continue it, or choose a new --out")
-    differences = config_differences(old["config"], new["config"])
+    # Flat, whichever version wrote the old file: a format-1 run resumes on the same values.
+    differences = config_differences(saved_options(old, files.config), saved_options(new))
     if differences and not force:
         raise PretextlabError(
             f"cannot resume {files.root}: its config differs from this one ({'; '.join(differences)}); "
