@@ -90,7 +90,7 @@ def _wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | 
         if value:
             return value
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"the study exited while waiting for {what}: {process.stdout.read()[-3000:]}")
+            raise AssertionError(f"the study exited while waiting for {what}: {process.communicate()[1][-3000:]}")
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
 
