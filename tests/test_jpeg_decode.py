@@ -143,3 +143,36 @@ def test_the_trainer_hands_the_loader_the_runs_crop_resize(tmp_path):
         (expected, *_) = BatchLoader(trainer.splits.train, 2, shuffle=True, seed=trainer.config.seed, epoch=0, drop_last=True, plan=plan)
         assert torch.equal(batches[resize], expected.images)
     assert not torch.equal(batches["pillow-box"], batches["crop-then-resize"])
+
+
+def test_a_batch_decodes_straight_into_one_tensor_with_each_files_own_pixels(tmp_path):
+    """``PlannedFolderImages.__getitems__`` (the loader's batch path) writes every file's views into
+    one batch tensor, no per-file tensors: the pixels are those of ``__getitem__`` file by file, an
+    unreadable file's rows go to the next file, and a worker process builds the batch in shared
+    memory, so handing it over copies nothing."""
+    from pretextlab.data import BatchLoader
+    from pretextlab.data.folder import FolderImageSet, PlannedFolderImages, scan_split
+
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    for i, (size, fmt) in enumerate([((120, 90), "JPEG"), ((64, 80), "PNG"), ((90, 90), "JPEG")]):
+        _photo(folder / f"{i}.{fmt.lower().replace('jpeg', 'jpg')}", size=size, centre=(30, 40), fmt=fmt)
+    (folder / "1b.jpg").write_bytes(b"\xff\xd8 not a picture")  # sorts between 1.png and 2.jpg
+    images = FolderImageSet.from_scan(scan_split(tmp_path, "train", progress=False), 16)
+    for plan in (DecodePlan("inception", 12, copies=3), DecodePlan("squash", 10), DecodePlan("inception", 12, resize="pillow-box")):
+        dataset = PlannedFolderImages(images, plan, seed=4)
+        requests = [CropRequest(index, 1, 2, 0, position) for position, index in enumerate([3, 0, 2, 1])]
+        batch, labels, skipped = dataset.__getitems__(requests)
+        views = plan.copies
+        one_by_one = [dataset[r] for r in requests]
+        assert one_by_one[2] is None and skipped == 1 and labels.tolist() == [0, 0, 0]
+        expected = torch.cat([item[0].reshape(views, 3, plan.size, plan.size) for item in one_by_one if item is not None])
+        assert batch.shape == (3 * views, 3, plan.size, plan.size) and batch.dtype == torch.uint8
+        assert torch.equal(batch, expected)
+        # The loader hands on that tensor; from a worker process it arrives in shared memory.
+        (in_process,) = BatchLoader(images, 4, shuffle=False, plan=plan)
+        (from_worker,) = BatchLoader(images, 4, shuffle=False, plan=plan, workers=1)
+        assert torch.equal(in_process.images, from_worker.images) and from_worker.images.is_shared()
+        assert (in_process.skipped, in_process.copies, len(in_process)) == (1, views, 3)
+    with pytest.raises(PretextlabError, match="decode output must be uint8"):
+        decode_boxes(folder / "0.jpg", lambda h, w: [CropBox(0, 0, 90, 120)], 12, out=torch.empty((1, 3, 12, 13), dtype=torch.uint8))

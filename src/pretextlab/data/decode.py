@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import math
 import os
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -95,10 +94,19 @@ def _regions(boxes: Sequence[CropBox], width: int, height: int, decoded_w: int, 
     return [(b.left * sx, b.top * sy, (b.left + b.width) * sx, (b.top + b.height) * sy) for b in boxes]
 
 
-def _cut_and_resize(pixels: np.ndarray, regions: Sequence[Region], size: int) -> torch.Tensor:
+def _output(out: torch.Tensor | None, views: int, size: int) -> torch.Tensor:
+    """``out`` (rows of a batch the caller allocated once), or a new uint8 (views, 3, size, size)."""
+    if out is None:
+        return torch.empty((views, 3, size, size), dtype=torch.uint8)
+    if out.shape != (views, 3, size, size) or out.dtype != torch.uint8:
+        raise PretextlabError(f"decode output must be uint8 {(views, 3, size, size)}, got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def _cut_and_resize(pixels: np.ndarray, regions: Sequence[Region], size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``crop-then-resize``: each region of the decoded RGB array, cut out and resized to ``size``
-    x ``size``: uint8 (len(regions), 3, size, size)."""
-    out = torch.empty((len(regions), 3, size, size), dtype=torch.uint8)
+    x ``size``, into ``out`` (or a new tensor): uint8 (len(regions), 3, size, size)."""
+    out = _output(out, len(regions), size)
     for i, region in enumerate(regions):
         left, top, right, bottom = math.floor(region[0]), math.floor(region[1]), math.ceil(region[2]), math.ceil(region[3])
         if (left, top, right, bottom) == region:
@@ -106,23 +114,29 @@ def _cut_and_resize(pixels: np.ndarray, regions: Sequence[Region], size: int) ->
             # box's strided view as it is goes ~1.3x slower than this copy of it plus the resize.
             view = torch.from_numpy(pixels)[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)
             view = view.contiguous(memory_format=torch.channels_last)
-            out[i] = F.interpolate(view, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+            out[i].copy_(F.interpolate(view, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0])
         else:
             around = Image.fromarray(pixels[top:bottom, left:right])
             box = (region[0] - left, region[1] - top, region[2] - left, region[3] - top)
-            resized = np.asarray(around.resize((size, size), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
-            out[i] = torch.from_numpy(resized.copy()).permute(2, 0, 1)
+            # np.array: a writable copy, which torch.from_numpy needs (Pillow's buffer is read-only).
+            resized = np.array(around.resize((size, size), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
+            out[i].copy_(torch.from_numpy(resized).permute(2, 0, 1))
     return out
 
 
-def _pillow_box(image: Image.Image, regions: Sequence[Region], size: int) -> torch.Tensor:
+def _pillow_box(image: Image.Image, regions: Sequence[Region], size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``pillow-box``: Pillow's resize of each region of the whole picture (its filter reads past
     the region's edges), as runs recorded before ``crop_resize`` existed were trained."""
-    views = np.stack([np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=r), dtype=np.uint8) for r in regions])
-    return torch.from_numpy(views).permute(0, 3, 1, 2).contiguous()
+    out = _output(out, len(regions), size)
+    for i, region in enumerate(regions):
+        resized = np.array(image.resize((size, size), Image.Resampling.BILINEAR, box=region), dtype=np.uint8)
+        out[i].copy_(torch.from_numpy(resized).permute(2, 0, 1))
+    return out
 
 
-def _decode_simplejpeg(data: bytes, boxes_of: Callable[[int, int], Sequence[CropBox]], size: int, draft: bool) -> torch.Tensor | None:
+def _decode_simplejpeg(
+    data: bytes, boxes_of: Callable[[int, int], Sequence[CropBox]], size: int, draft: bool, out: torch.Tensor | None
+) -> torch.Tensor | None:
     """The views, or None when libjpeg-turbo cannot give RGB at Pillow's scale (CMYK, a damaged
     file): Pillow then decides, as it did before."""
     try:
@@ -140,7 +154,7 @@ def _decode_simplejpeg(data: bytes, boxes_of: Callable[[int, int], Sequence[Crop
         return None
     if pixels.shape[:2] != (decoded_h, decoded_w):
         return None
-    return _cut_and_resize(pixels, _regions(boxes, width, height, decoded_w, decoded_h), size)
+    return _cut_and_resize(pixels, _regions(boxes, width, height, decoded_w, decoded_h), size, out)
 
 
 def decode_boxes(
@@ -150,20 +164,23 @@ def decode_boxes(
     draft: bool = True,
     decoder: str = "auto",
     resize: str = RESIZE_MODES[0],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode the file once and cut the boxes ``boxes_of(height, width)`` (in full-resolution
     pixels), each resized to ``size`` x ``size`` (aspect not kept): uint8 (len(boxes), 3, size, size).
     The boxes are chosen from the file's header before decoding, so a JPEG decodes only at the
     DCT scale its boxes need (``draft=False``: always at full size). ``decoder``: ``auto``,
     ``simplejpeg`` or ``pillow`` (the fallback; non-JPEG files always use it); ``resize``: one of
-    ``crops.RESIZE_MODES`` (``pillow-box`` always decodes with Pillow). Raises on bad files."""
+    ``crops.RESIZE_MODES`` (``pillow-box`` always decodes with Pillow). ``out``: the tensor to write
+    the views into (e.g. rows of a batch buffer; returned), instead of a new one. Raises on bad files."""
     if resize not in RESIZE_MODES:
         raise PretextlabError(f"unknown crop resize {resize!r}: choose one of {', '.join(RESIZE_MODES)}")
     data = None
     if resolve_decoder(decoder) == "simplejpeg" and resize == "crop-then-resize":
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            data = file.read()
         if data.startswith(_JPEG_MAGIC):
-            views = _decode_simplejpeg(data, boxes_of, size, draft)
+            views = _decode_simplejpeg(data, boxes_of, size, draft, out)
             if views is not None:
                 return views
     with Image.open(io.BytesIO(data) if data is not None else path) as image:
@@ -175,8 +192,8 @@ def decode_boxes(
         image = to_rgb(image)
         regions = _regions(boxes, width, height, *image.size)
         if resize == "pillow-box":
-            return _pillow_box(image, regions, size)
-        return _cut_and_resize(np.array(image), regions, size)
+            return _pillow_box(image, regions, size, out)
+        return _cut_and_resize(np.array(image), regions, size, out)
 
 
 def decode_box(

@@ -10,6 +10,7 @@ it and counts it, and training goes on.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from tqdm import tqdm
 
 from pretextlab.data.crops import CropBox, CropRequest, DecodePlan, crop_rng, sample_crop_box
@@ -166,11 +167,15 @@ def decode_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def decode_planned(path: str | os.PathLike, plan: DecodePlan, seed: int, request: CropRequest) -> torch.Tensor:
+def decode_planned(
+    path: str | os.PathLike, plan: DecodePlan, seed: int, request: CropRequest, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The views ``plan`` asks for of one file, decoded once: (3, S, S) for ``squash``, (copies, 3,
     S, S) for ``inception`` (each copy's box from ``crops.crop_rng``, so it depends on nothing but
-    the request)."""
+    the request). ``out``: (views, 3, S, S) rows of a batch to write them into (returned as they are)."""
     if plan.mode == "squash":
+        if out is not None:
+            return decode_boxes(path, lambda h, w: [CropBox(0, 0, h, w)], plan.size, resize=plan.resize, out=out)
         return decode_box(path, lambda h, w: CropBox(0, 0, h, w), plan.size, resize=plan.resize)
 
     def boxes(height: int, width: int) -> list[CropBox]:
@@ -179,7 +184,7 @@ def decode_planned(path: str | os.PathLike, plan: DecodePlan, seed: int, request
             for copy in range(plan.copies)
         ]
 
-    return decode_boxes(path, boxes, plan.size, resize=plan.resize)
+    return decode_boxes(path, boxes, plan.size, resize=plan.resize, out=out)
 
 
 class FolderImageSet(ImageSet):
@@ -213,12 +218,26 @@ class FolderImageSet(ImageSet):
         return FolderImageSet(self.root, self.relative_paths[chosen], self.labels[chosen], self.class_names, self.image_size)
 
 
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a DataLoader worker process, in shared memory from the
+    start (as torch's default_collate allocates its batch), so sending the batch to the training
+    process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 class PlannedFolderImages(Dataset):
     """``images`` decoded as ``plan`` says, one ``CropRequest`` per item (the loader's batch
-    sampler yields them); an unreadable file gives ``None``, as ``FolderImageSet`` does."""
+    sampler yields them); an unreadable file gives ``None``, as ``FolderImageSet`` does.
+    ``__getitems__`` (what DataLoader calls for a whole batch) decodes every file straight into one
+    batch tensor: no per-file tensor, no stacking copy."""
 
     def __init__(self, images: FolderImageSet, plan: DecodePlan, seed: int) -> None:
         self.images, self.plan, self.seed = images, plan, int(seed)
+        # Plain strings: joining them costs a fraction of building a pathlib.Path per file.
+        self._root = os.fspath(images.root)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -231,3 +250,22 @@ class PlannedFolderImages(Dataset):
             logger.warning("skipped unreadable image %s (%s: %s)", path, type(error).__name__, error)
             return None
         return views, int(self.images.labels[request.index])
+
+    def __getitems__(self, requests: Sequence[CropRequest]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A batch: (uint8 (n * views, 3, S, S) images, int64 (n,) labels, files skipped), the
+        readable files in request order, copy j of the k-th at row views * k + j; the same pixels
+        as ``__getitem__`` per file. An unreadable file is logged and its rows reused by the next."""
+        views = self.plan.copies if self.plan.mode == "inception" else 1
+        size, relative, labels = self.plan.size, self.images.relative_paths, self.images.labels
+        images = _batch_buffer((len(requests) * views, 3, size, size))
+        kept: list[int] = []
+        for request in requests:
+            path = os.path.join(self._root, os.fsdecode(relative[request.index]))
+            row = len(kept) * views
+            try:
+                decode_planned(path, self.plan, self.seed, request, out=images[row : row + views])
+            except Exception as error:  # Pillow raises many types for bad files; none may stop training
+                logger.warning("skipped unreadable image %s (%s: %s)", path, type(error).__name__, error)
+                continue
+            kept.append(request.index)
+        return images[: len(kept) * views], torch.from_numpy(labels[np.asarray(kept, dtype=np.int64)]), len(requests) - len(kept)

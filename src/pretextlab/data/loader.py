@@ -70,6 +70,12 @@ def collate_decoded(items: list[tuple[torch.Tensor, int] | None], image_size: in
     return Batch(images, torch.tensor([label for _, label in good], dtype=torch.int64), skipped, copies)
 
 
+def _planned_batch(decoded: tuple[torch.Tensor, torch.Tensor, int], copies: int) -> Batch:
+    """A batch ``PlannedFolderImages.__getitems__`` already decoded into one tensor, as a ``Batch``."""
+    images, labels, skipped = decoded
+    return Batch(images, labels, skipped, copies)
+
+
 def _check_sharding(batch_size: int, rank: int, world_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise PretextlabError(f"the batch size (--batch-size) must be a whole number >= 1, got {batch_size!r}")
@@ -177,16 +183,18 @@ class BatchLoader:
 
     def _decoded(self) -> Iterator[Batch]:
         if self.plan is None:
-            dataset, sampler, size, copies = self.images, self.batches, self.images.image_size, 1
+            dataset, sampler = self.images, self.batches
+            collate = functools.partial(collate_decoded, image_size=self.images.image_size)
         else:
             assert isinstance(self.images, FolderImageSet)
+            # PlannedFolderImages.__getitems__ decodes each batch into one tensor; collation only names it.
             dataset, sampler = PlannedFolderImages(self.images, self.plan, self.seed), self._requests()
-            size, copies = self.plan.size, self.plan.copies if self.plan.mode == "inception" else 1
+            collate = functools.partial(_planned_batch, copies=self.plan.copies if self.plan.mode == "inception" else 1)
         loader = DataLoader(
             dataset,
             batch_sampler=sampler,
             num_workers=self.workers,
-            collate_fn=functools.partial(collate_decoded, image_size=size, copies=copies),
+            collate_fn=collate,
             pin_memory=self.pin_memory,
             # Workers only decode; more than a few batches in flight only costs memory.
             prefetch_factor=4 if self.workers else None,
