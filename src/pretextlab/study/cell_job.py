@@ -108,7 +108,8 @@ class CellJob:
             if ranks.is_main and slurm_state(ranks.job.partition(":")[2]) == "RUNNING":  # type: ignore[union-attr]
                 _requeue(ranks.job)  # type: ignore[arg-type]
             # As submitit does after requeueing: exit without a result, the requeued run writes it.
-            sys.exit(-1)
+            # Ranks other than 0 exit cleanly: srun's --kill-on-bad-exit must not end rank 0 before it requeued.
+            sys.exit(-1 if ranks.is_main else 0)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's checkpointing protocol: the requeued job makes the same call (the cell's state

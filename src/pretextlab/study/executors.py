@@ -38,6 +38,10 @@ def _make_executor(study: Study, kind: str) -> Any:
     parameters = {"name": f"pretextlab-{study.name}", **study.executor.parameters}
     if kind == "local":
         parameters.setdefault("timeout_min", LOCAL_TIMEOUT_MIN)
+    if kind == "slurm":
+        # A rank that fails ends its job's other ranks (which would wait for it in a collective until
+        # the time limit); a rank that stops for a requeue exits 0 so it cannot end rank 0 first.
+        parameters.setdefault("slurm_srun_args", ["--kill-on-bad-exit=1"])
     try:
         executor.update_parameters(**parameters)
     except (ValueError, TypeError, NameError) as error:
