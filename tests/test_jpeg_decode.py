@@ -176,3 +176,11 @@ def test_a_batch_decodes_straight_into_one_tensor_with_each_files_own_pixels(tmp
         assert (in_process.skipped, in_process.copies, len(in_process)) == (1, views, 3)
     with pytest.raises(PretextlabError, match="decode output must be uint8"):
         decode_boxes(folder / "0.jpg", lambda h, w: [CropBox(0, 0, 90, 120)], 12, out=torch.empty((1, 3, 12, 13), dtype=torch.uint8))
+
+
+def test_crop_streams_are_the_seed_sequence_of_the_crops_place_whatever_the_size_of_its_numbers():
+    """``crop_rng`` hands SeedSequence an array of 32-bit words when every number fits in one (the
+    fast way); the stream stays the one of the plain list (the boxes of runs already trained)."""
+    for place in [(0, 0, 0, 0, 0, 0), (7, 1, 2, 0, 3, 5), (2**32 - 1, 9, 2**31, 1, 63, 7), (2**32, 0, 1, 0, 0, 0), (2**40 + 3, 5, 0, 2, 1, 0)]:
+        plain = np.random.default_rng(np.random.SeedSequence([0x6372_6F70, *place]))
+        assert np.array_equal(crop_rng(*place).integers(0, 2**62, 16), plain.integers(0, 2**62, 16)), place

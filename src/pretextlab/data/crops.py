@@ -125,7 +125,13 @@ def sample_crop_box(rng: np.random.Generator, height: int, width: int, spec: Inc
 def crop_rng(seed: int, epoch: int, batch: int, rank: int, position: int, copy: int = 0) -> np.random.Generator:
     """The generator of one crop: a pure function of where the image sits in the run, so a resumed
     run (or another number of loader workers) cuts the same boxes."""
-    return np.random.default_rng(np.random.SeedSequence([_CROP_STREAM, seed, epoch, batch, rank, position, copy]))
+    entropy = [_CROP_STREAM, seed, epoch, batch, rank, position, copy]
+    if all(0 <= int(value) < 2**32 for value in entropy):
+        # The same 32-bit words numpy makes of the list (one per value below 2**32, so the same
+        # stream), handed over as an array: SeedSequence converts a list of Python ints in Python
+        # code, ~4x the cost of the rest of a box (measured in the loader, benchmarks/README.md).
+        return np.random.default_rng(np.random.SeedSequence(np.array(entropy, dtype=np.uint32)))
+    return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
 @dataclass(frozen=True)
