@@ -158,7 +158,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     from pretextlab.study.store import ResultsStore
     from pretextlab.study import locate_study_store
 
-    with ResultsStore(locate_study_store(args.file), create=False) as store:
+    with ResultsStore(locate_study_store(args.file), read_only=True) as store:
         if args.csv is not None:
             text = store.probes_csv()
             if args.csv == "-":

@@ -56,7 +56,8 @@ def build_report(
         raise PretextlabError(f"no results store at {store_path}: run `pretextlab study FILE` first")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with ResultsStore(store_path, create=False) as store:
+    # Read-only: building a report never changes the store, even one of an older format (store_format.StoreFile).
+    with ResultsStore(store_path, read_only=True) as store:
         data = StudyData.load(store)
     if not data.runs:
         raise PretextlabError(f"{store_path} holds no runs: start the study with `pretextlab study FILE`")

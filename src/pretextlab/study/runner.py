@@ -45,7 +45,7 @@ def run_study(
     cells = expand_cells(study)
     if dry_run:
         if study.store_path.exists():
-            with ResultsStore(study.store_path, create=False) as store:
+            with ResultsStore(study.store_path, read_only=True) as store:
                 statuses = study_status(study, store, cells)
         else:
             statuses = study_status(study, None, cells)

@@ -22,7 +22,9 @@ Tables::
 Every accuracy in the store is in percent, and its column says so (``*_percent``). Format 1 (the
 first release) kept probe accuracies as fractions, formats 1 and 2 no recipe ids, formats 1 to 3 no
 ranks or nodes; such a store
-is upgraded in place, in one transaction, the first time this version opens it. A store of an unknown format, or a file that is
+is upgraded in place, in one transaction, the first time a command that writes opens it (the study
+running); one that only reads (``read_only``: report, results, a dry run) upgrades a private in-memory
+copy and leaves the file, and everything beside it, as it was. A store of an unknown format, or a file that is
 not a readable SQLite store, is refused with one line naming the file and what to do; it is never
 modified.
 

@@ -14,12 +14,14 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from pretextlab import __version__
 from pretextlab.errors import PretextlabError
+from pretextlab.study.store_snapshot import snapshot
 
 STORE_FILE = "results.sqlite"
 BUSY_TIMEOUT_MS = 120_000
 
 SCHEMA_VERSION = 4
-# Formats this version can open: 1 to 3 are upgraded in place (migrate_1_to_2, migrate_2_to_3, migrate_3_to_4).
+# Formats this version can open: 1 to 3 are upgraded (migrate_1_to_2, migrate_2_to_3, migrate_3_to_4),
+# in place by a writer, in a private in-memory copy by a reader.
 READABLE_VERSIONS = (1, 2, 3, 4)
 # A probe config's fields that change how fast, not what, it computes: left out of its recipe id.
 # The same fields as evaluate.probe_run.NOT_IN_RECIPE (a test pins it); named here so the store
@@ -230,12 +232,18 @@ class Transaction:
 
 
 class StoreFile:
-    """An open store file: checked, at the current format, with transactions and the meta table."""
+    """An open store file: checked, at the current format, with transactions and the meta table.
 
-    def __init__(self, path: str | os.PathLike, create: bool = True) -> None:
+    ``read_only``: a command that only reads (report, results, a dry run) never changes the file,
+    nor creates anything beside it, so reading cannot damage a store, upgrade a committed one behind
+    its owner's back, or fail on a read-only file system. It reads a private in-memory copy
+    (store_snapshot), upgraded there when it is of an older format, and refuses every write."""
+
+    def __init__(self, path: str | os.PathLike, create: bool = True, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
         existed = self.path.exists()
-        if not create and not existed:
+        if (read_only or not create) and not existed:
             raise PretextlabError(f"no results store at {self.path}: run `pretextlab study FILE` first")
         if existed and self.path.is_dir():
             raise PretextlabError(f"{self.path} is a directory, not a results store: pass the study directory or its {STORE_FILE}")
@@ -243,10 +251,14 @@ class StoreFile:
         # contents were lost (a failed copy, a full disk), so say so instead of hiding it.
         if existed and self.path.stat().st_size == 0:
             raise unreadable(self.path, "the file is empty (0 bytes)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: autocommit, transactions are explicit BEGIN IMMEDIATE blocks below,
-        # so a writer takes the lock before reading what it will change.
-        self.connection = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        if read_only:
+            with self._translate_errors():
+                self.connection = snapshot(self.path)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: autocommit, transactions are explicit BEGIN IMMEDIATE blocks below,
+            # so a writer takes the lock before reading what it will change.
+            self.connection = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         self.connection.row_factory = sqlite3.Row
         try:
             self._open(existed)
@@ -266,27 +278,35 @@ class StoreFile:
                 tables = {r[0] for r in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
                 if tables:
                     self._version(self.connection, tables)
-            self.connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise PretextlabError(f"{self.path} cannot use SQLite's WAL mode (got {mode!r}): put the study on a local or POSIX file system")
-            self.connection.execute("PRAGMA synchronous = NORMAL")
+            if not self.read_only:
+                self.connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                mode = self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise PretextlabError(f"{self.path} cannot use SQLite's WAL mode (got {mode!r}): put the study on a local or POSIX file system")
+                self.connection.execute("PRAGMA synchronous = NORMAL")
             self.connection.execute("PRAGMA foreign_keys = ON")
-            with self.transaction() as db:
-                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
-                if not tables:
-                    db.executescript_safe(_SCHEMA)
-                    db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
-                    return
-                version = self._version(db, tables)
-                # Each step in turn, all in this one transaction: a failed upgrade leaves format 1 or 2.
-                if version == 1:
-                    migrate_1_to_2(db)
-                if version <= 2:
-                    migrate_2_to_3(db)
-                if version <= 3:
-                    migrate_3_to_4(db)
+            self._prepare()
+            if self.read_only:
+                # The copy is private: a write to it would vanish on close, so refuse it loudly.
+                self.connection.execute("PRAGMA query_only = ON")
+
+    def _prepare(self) -> None:
+        """An empty file gets the schema; an older format is upgraded (in the copy when read-only)."""
+        with self.transaction() as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+            if not tables:
+                db.executescript_safe(_SCHEMA)
+                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('written_by', ?)", (f"pretextlab {__version__}",))
+                return
+            version = self._version(db, tables)
+            # Each step in turn, all in this one transaction: a failed upgrade leaves format 1 or 2.
+            if version == 1:
+                migrate_1_to_2(db)
+            if version <= 2:
+                migrate_2_to_3(db)
+            if version <= 3:
+                migrate_3_to_4(db)
 
     def _version(self, db: "Transaction | sqlite3.Connection", tables: set[str]) -> int:
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if "meta" in tables else None
