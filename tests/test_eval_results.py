@@ -5,11 +5,6 @@ them, flagged when scored on too few images, and the probes' progress bars name 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +15,7 @@ from pretextlab.evaluate.common import ProbeData
 from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
 from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run, scoring_warnings
 from pretextlab.evaluate.sgd import SgdConfig, sgd_probe
-from pretextlab.training import Trainer, read_metrics
+from pretextlab.training import Trainer
 
 TRAIN = dict(
     task="rotation", network="resnet50v1", width=1, image_size=32, limit=320, val_size=32, test_limit=32,
@@ -55,28 +50,28 @@ def test_every_setting_that_changes_a_result_keeps_its_own_file(run):
     assert all(f"in {f}" in "\n".join(messages) for f in files)  # each says where it was stored
 
 
-def _train_cli(out: Path, *extra: str) -> subprocess.Popen:
-    flags = [
-        "--task", "rotation", "--network", "resnet50v1", "--width", "1", "--image-size", "32", "--limit", "320",
-        "--val-size", "32", "--test-limit", "32", "--epochs", "1", "--batch-size", "16", "--crop-scale", "0.6", "1.0",
-        "--color-jitter", "0", "--device", "cpu", "--val-batches", "1", "--log-every", "1", "--no-progress",
-    ]
-    return subprocess.Popen([sys.executable, "-m", "pretextlab", "train", *flags, "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+class _CrashingTrainer(Trainer):
+    """Dies (an exception, as a killed job would stop) before step ``crash_at``: the run is left
+    with its last periodic checkpoint, unfinished. Stopping runs (signals) is test_faults.py's."""
+
+    crash_at = 4
+
+    def train_step(self, images):
+        if self.step == self.crash_at:
+            raise RuntimeError("the job died")
+        return super().train_step(images)
 
 
-@pytest.mark.slow  # two training processes (a preempted one and its resume): ~20 s
+def _unfinished_config() -> TrainConfig:
+    return TrainConfig(**{**TRAIN, "epochs": 1, "batch_size": 16, "checkpoint_every": 2})
+
+
+@pytest.mark.slow  # a run stopped mid-way and its resume, each probed: ~10 s
 def test_a_run_trained_further_is_probed_afresh_and_results_name_their_checkpoint(tmp_path):
     run = tmp_path / "run"
-    process = _train_cli(run)
-    deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
-    while not any("loss" in m and m["step"] >= 2 for m in read_metrics(run)):
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be preempted"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)  # preempted mid-run: a checkpoint, no summary
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 143, err
+    with pytest.raises(RuntimeError, match="the job died"):
+        _CrashingTrainer(_unfinished_config(), run, progress=False).fit()
+    assert not (run / "summary.json").exists()
 
     messages: list[str] = []
     first = evaluate_run(run, EvalConfig(**SMALL_EVAL), progress=False, log=messages.append)[0]
@@ -84,9 +79,7 @@ def test_a_run_trained_further_is_probed_afresh_and_results_name_their_checkpoin
     assert any("has not finished training" in m and f"step {first['checkpoint']['step']}" in m for m in messages)
     caches = {d.name for d in (run / "features").iterdir()}
 
-    resumed = _train_cli(run, "--resume")  # the same recipe, continued to its end
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
+    Trainer(_unfinished_config(), run, resume=True, progress=False).fit()  # the same recipe, continued to its end
     messages.clear()
     second = evaluate_run(run, EvalConfig(**SMALL_EVAL), progress=False, log=messages.append)[0]
     assert second["checkpoint"]["finished"] is True and not any("not finished" in m for m in messages)
