@@ -6,7 +6,9 @@ and tiny cells run through `executor: slurm` as 2-rank DDP jobs on CPU (gloo).
   weights equal those of the same cell run uninterrupted by `torchrun --nproc-per-node 2`, bit for
   bit (float64);
 - the other's job is killed outright (its ranks SIGKILLed, as by the OOM killer or a lost node): the
-  next `pretextlab study` takes it over and finishes it; no cell twice, no row lost.
+  next `pretextlab study` takes it over and finishes it; no cell twice, no row lost;
+- each cell's L-BFGS probe runs on both ranks of its job (extraction sharded into the one cache, the
+  fit data-parallel) and its stored result is that of one process on the same checkpoint.
 
 Skips, saying why, only where Slurm cannot be started (not root, no apt, the daemons fail); with CI
 or PRETEXTLAB_REQUIRE_SLURM set (.ci/run sets it) it fails instead, so CI never skips it silently."""
@@ -26,8 +28,10 @@ import pytest
 import torch
 import yaml
 
+from pretextlab.evaluate.probe_run import evaluate_run
 from pretextlab.report import build_report
 from pretextlab.study import expand_cells, load_study
+from pretextlab.study.grid import probe_eval_config
 from pretextlab.study.store import ResultsStore
 
 pytestmark = pytest.mark.slow
@@ -145,6 +149,11 @@ def test_a_ddp_study_on_slurm_survives_preemption_and_a_killed_job(slurm, tmp_pa
         subprocess.run(["scancel", "--signal=TERM", job_a], check=True)
         # Requeued, A waits out Slurm's 120 s requeue hold (BeginTime) while B gets the CPUs.
         _wait_for(lambda: _job_state(job_a) == "PENDING", 60, f"job {job_a} requeued", process)
+        with ResultsStore(study.store_path, create=False) as store:
+            [stopped] = [r for r in store.runs() if r["config_hash"] == preempted]
+        # The stop's message says how a study's cell continues, not `train --resume`.
+        assert stopped["status"] == "interrupted" and f"pretextlab study {study_file}" in stopped["error"], stopped["error"]
+        assert "--resume" not in stopped["error"]
         killed, job_b = _wait_for(lambda: _training_job(study.store_path, runs, checkpointed=True, other_than=preempted),
                                   240, "the other cell's first checkpoint", process)
         # Killed outright, as by the OOM killer or a lost node: no signal to react to. (`scancel
@@ -184,9 +193,26 @@ def test_a_ddp_study_on_slurm_survives_preemption_and_a_killed_job(slurm, tmp_pa
     assert len(probes) == 2 and all(10.0 < p["test_top1_percent"] <= 100.0 for p in probes)
     markdown = build_report(study.store_path, tmp_path / "report").markdown.read_text()
     assert "| resnet50v1 | 1 |" in markdown and "| resnet50v2(-) | 1 |" in markdown
+    # Both ranks probed: each split's features went into the one cache, filled by 2 ranks.
+    for config_hash in (preempted, killed):
+        records = [json.loads(p.read_text()) for p in (runs / config_hash / "features").glob("*/*/meta.json")]
+        assert sorted(r["outputs"]["pre_logits"]["ranks"] for r in records) == [2, 2, 2], records
+
+    # One process probing the same checkpoint (extracting afresh) stores the same result: equal, or
+    # one image apart where float32 sums in another order flip a prediction (the sharded fit itself
+    # is pinned to one process's in float64 by test_lbfgs_distributed).
+    cell = next(c for c in expand_cells(study) if c.config_hash == preempted)
+    alone = tmp_path / "alone"
+    shutil.copytree(runs / preempted, alone, ignore=shutil.ignore_patterns("features", "probes"))
+    [job] = cell.plan
+    config = probe_eval_config(study, job.dataset, job.probe, job.labels, job.l2_grid, job.sgd, (job.output,))
+    [single] = evaluate_run(alone, config, progress=False, log=lambda message: None)
+    [stored] = [p for p in probes if p["config_hash"] == preempted]
+    for split in ("val", "test"):
+        one_image = 100.0 / single[f"{split}_images"]
+        assert abs(stored[f"{split}_top1_percent"] - single[f"{split}_top1_percent"]) <= one_image + 1e-9, (split, stored, single)
 
     # The preempted cell again, uninterrupted, under torchrun: the same weights, to the bit.
-    cell = next(c for c in expand_cells(study) if c.config_hash == preempted)
     dumps = tmp_path / "dumps"
     dumps.mkdir()
     reference = subprocess.run(

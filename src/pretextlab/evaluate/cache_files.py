@@ -6,7 +6,9 @@ truncated, zero-byte, garbage or altered file is rebuilt with a message on stder
 space is reserved up front (``posix_fallocate``), so a full disk fails at once with an error that
 names the path and the bytes needed, instead of a SIGBUS in the middle of writing a memmap. One
 lock per cache folder serialises processes sharing it: a second one waits, then reuses what the
-first made and adds only what is still missing, so neither overwrites the other's record.
+first made and adds only what is still missing, so neither overwrites the other's record. An
+output's record names the ranks that extracted it (``ranks``, written by ``sharded_features``;
+absent: one process).
 
 Features are stored as float32, or in half the bytes as float16 or bfloat16 (``FEATURE_DTYPES``;
 numpy has no bfloat16, so its files hold the uint16 bit patterns and ``Bfloat16Rows`` reads them

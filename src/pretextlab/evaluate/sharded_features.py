@@ -5,7 +5,8 @@ block and writes its rows at their offsets in the same ``<output>.npy`` and ``la
 Rank 0 alone holds the folder's lock for the whole job (another job or process waits, as for one
 process), reads and checks the record, creates the files (space reserved) and, once every rank has
 flushed its rows, records the per-block CRC-32s and marks the outputs complete: the finished cache
-is exactly the one a single process writes, reused by either. A killed job resumes with the same
+is the one a single process writes, reused by either; its record says how many ranks filled each
+output (``ranks``; absent: one process). A killed job resumes with the same
 world size and batch size: each rank records its progress in ``shard<rank>of<world>.json``.
 """
 
@@ -158,7 +159,7 @@ def extract_features_sharded(
                 batches = -(-len(images) // int(meta["batch_size"]))
                 for output in pending:
                     meta["outputs"][output].update(
-                        batches_done=batches, rows_done=len(images), complete=True,
+                        batches_done=batches, rows_done=len(images), complete=True, ranks=shard.world,
                         integrity=integrity(split_dir, output, len(images), dims[output]),
                     )
                 meta.pop("sharded", None)

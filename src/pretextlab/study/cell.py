@@ -1,5 +1,6 @@
 """One cell's work: claim it in the store, train (or resume) its pretext run, fit its missing probes,
-with a heartbeat while it runs; on one process or on every rank of a multi-rank job."""
+with a heartbeat while it runs; on one process or on every rank of a multi-rank job (training and
+L-BFGS probes data-parallel over the ranks, the store and other probes on rank 0)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pretextlab.errors import PretextlabError
 from pretextlab.study.grid import Cell, expand_cells, probe_eval_config
@@ -59,7 +60,7 @@ def _finished_summary(cell: Cell) -> dict[str, Any] | None:
     return summary if summary.get("config_hash") == cell.config_hash else None
 
 
-def _train_cell(cell: Cell, trained: bool, store: ResultsStore | None, attempt: int, progress: bool) -> tuple[dict[str, Any] | None, float | None]:
+def _train_cell(study: Study, cell: Cell, trained: bool, store: ResultsStore | None, attempt: int, progress: bool) -> tuple[dict[str, Any] | None, float | None]:
     """Train (or resume) the cell's pretext run on every rank unless it has finished; returns its
     summary and training seconds (rank 0; None elsewhere or when nothing trained)."""
     from pretextlab.training import Trainer
@@ -67,7 +68,9 @@ def _train_cell(cell: Cell, trained: bool, store: ResultsStore | None, attempt: 
     if trained:
         return _finished_summary(cell), None
     # resume=True continues from the checkpoint when there is one and starts afresh otherwise.
-    trainer = Trainer(cell.config, cell.run_dir, resume=True, progress=progress)
+    # A stopped cell is continued by its study (or its requeued job), not by `train --resume`.
+    hint = f"run `pretextlab study {study.path or 'FILE'}` again to continue it (a requeued job continues by itself)"
+    trainer = Trainer(cell.config, cell.run_dir, resume=True, progress=progress, resume_hint=hint)
     if store is not None:
         store.set_attempt_start_step(attempt, trainer.step)
     started = time.perf_counter()
@@ -75,26 +78,44 @@ def _train_cell(cell: Cell, trained: bool, store: ResultsStore | None, attempt: 
     return summary, time.perf_counter() - started
 
 
-def _probe_cell(study: Study, cell: Cell, store: ResultsStore, progress: bool) -> None:
-    from pretextlab.evaluate.probe_run import evaluate_run
+# A group of planned probes fitted by one evaluate_run call: (dataset, probe, stored probe, labels,
+# L2 grid, SGD settings) and the outputs.
+ProbeKey = tuple[str, str, str, LabelBudget, tuple[float, ...] | None, SgdSettings | None]
+ProbeGroup = tuple[ProbeKey, list[str]]
 
+
+def _probe_plan(cell: Cell, store: ResultsStore) -> list[ProbeGroup]:
+    """The cell's missing probes, one group per evaluate_run call (rank 0 reads the store; a
+    multi-rank job shares this list, so every rank makes the same calls in the same order)."""
     # Done means a result of the job's own recipe: one of an edited recipe is probed again.
     done = store.probe_recipes(cell.config_hash)
-    groups: dict[tuple[str, str, str, LabelBudget, tuple[float, ...] | None, SgdSettings | None], list[str]] = {}
+    groups: dict[ProbeKey, list[str]] = {}
     for job in cell.plan:
         if not job.done_in(done):
             groups.setdefault((job.dataset, job.probe, job.stored_probe, job.labels, job.l2_grid, job.sgd), []).append(job.output)
-    for (dataset_name, probe, stored_probe, labels, l2_grid, sgd), outputs in groups.items():
+    return list(groups.items())
+
+
+def _probe_cell(study: Study, cell: Cell, groups: list[ProbeGroup], store: ResultsStore | None, progress: bool, ranks: JobRanks) -> None:
+    """Fit ``groups``: on every rank of an initialised group (L-BFGS only: evaluate_run shards it),
+    or on one process; rank 0 (``store``) records each result."""
+    from pretextlab.evaluate.probe_run import evaluate_run
+
+    for (dataset_name, probe, stored_probe, labels, l2_grid, sgd), outputs in groups:
         eval_config = probe_eval_config(study, dataset_name, probe, labels, l2_grid, sgd, tuple(outputs))
         started = time.perf_counter()
         # One call per (dataset, probe, labels): the features of all its outputs come from one
         # pass over the images (cached in the run directory), and its results are stored at once.
         records = evaluate_run(cell.run_dir, eval_config, progress=progress)
-        for record in records:
-            # Stored under the plan's key: a non-default SGD preset is a probe of its own (ProbeJob.preset).
-            record = dict(record, labels=labels.tag, probe=stored_probe)
-            store.add_probe_result(cell.config_hash, dataset_name, record)
-        store.add_probe_seconds(cell.config_hash, time.perf_counter() - started)
+
+        def record_results() -> None:
+            assert store is not None
+            for record in records:
+                # Stored under the plan's key: a non-default SGD preset is a probe of its own (ProbeJob.preset).
+                store.add_probe_result(cell.config_hash, dataset_name, dict(record, labels=labels.tag, probe=stored_probe))
+            store.add_probe_seconds(cell.config_hash, time.perf_counter() - started)
+
+        _from_rank0(record_results, ranks)
 
 
 @dataclass(frozen=True)
@@ -133,9 +154,33 @@ def _share(value: Any, ranks: JobRanks) -> Any:
     return box[0]
 
 
+class _RankZeroFailed(Exception):
+    """Rank 0 failed in its own part of the cell's work (it records and reports the error)."""
+
+
+def _from_rank0(work: Callable[[], Any], ranks: JobRanks) -> Any:
+    """``work()`` on rank 0 (the store's side of the cell), its value on every rank. A failure there
+    is re-raised on rank 0 and told to the others (they raise _RankZeroFailed), so none waits for
+    rank 0 in the next collective until the group's timeout."""
+    if ranks.world_size == 1:
+        return work()
+    if not ranks.is_main:
+        ok, value = _share(None, ranks)
+        if not ok:
+            raise _RankZeroFailed()
+        return value
+    try:
+        value = work()
+    except BaseException:
+        with contextlib.suppress(Exception):  # rank 0's own error is the one to report
+            _share((False, None), ranks)
+        raise
+    return _share((True, value), ranks)[1]
+
+
 def _leave_group(ranks: JobRanks) -> None:
-    """After training the ranks part: the group goes, and with it torchrun's variables, so evaluate
-    (which joins a group when WORLD_SIZE > 1) runs as one process on rank 0."""
+    """After the data-parallel work the ranks part: the group goes, and with it torchrun's variables,
+    so evaluate (which joins a group when WORLD_SIZE > 1) runs as one process on rank 0."""
     if ranks.world_size == 1:
         return
     import torch.distributed as dist
@@ -156,11 +201,12 @@ def run_cell(study: Study, cell: Cell, progress: bool = True, ranks: JobRanks | 
 
     With ``ranks`` of a multi-rank job, every rank calls this: they train as one DDP run (the same
     path as torchrun: global batch, lr scaling, SyncBN option, rank-0 writes); rank 0 alone claims,
-    beats and records, so the store holds the cell once, with its ranks and nodes. Probes run on rank 0
-    alone after the others have left (they return "trained"): evaluate_run is one process today.
-    Seam for the data-parallel probe (evaluate/distributed_probe.py, issue 19): once evaluate_run
-    shards a cell's extraction and L-BFGS over an initialised group, call _probe_cell on every rank
-    before _leave_group, storing on rank 0 only.
+    beats and records, so the store holds the cell once, with its ranks and nodes. Then every rank
+    fits the L-BFGS probes of rank 0's plan together (evaluate_run shards the feature extraction into
+    the one cache and the fit over the group: evaluate/distributed_probe.py), rank 0 storing each
+    result; the others then leave (returning "trained") and rank 0 alone fits the SGD/MLP probes,
+    which run in one process. A failure in rank 0's store work stops the other ranks too (they return
+    "failed"); a rank that dies in a collective ends its Slurm job (srun --kill-on-bad-exit, executors.py).
     """
     from pretextlab.training import Preempted
 
@@ -169,26 +215,43 @@ def run_cell(study: Study, cell: Cell, progress: bool = True, ranks: JobRanks | 
     owner = worker_id(ranks.job)
     store = ResultsStore(study.store_path) if ranks.is_main else None
     try:
-        attempt = trained = None
-        if store is not None:
+        def claim() -> tuple[int | None, bool]:
+            assert store is not None
             attempt = store.claim(cell.config_hash, owner, study.runtime.stale_seconds,
                                   ranks=ranks.world_size, nodes=ranks.nodes, hosts=ranks.hosts)
-            trained = _finished_summary(cell) is not None
-        attempt, trained = _share((attempt, trained), ranks)
+            return attempt, _finished_summary(cell) is not None
+
+        try:
+            attempt, trained = _from_rank0(claim, ranks)
+        except _RankZeroFailed:
+            return "failed"
         if attempt is None:
             _leave_group(ranks)
             return "skipped"
         try:
             with _Heartbeat(study.store_path, cell.config_hash, owner) if store else contextlib.nullcontext():
-                summary, seconds = _train_cell(cell, trained, store, attempt, progress)
+                summary, seconds = _train_cell(study, cell, trained, store, attempt, progress)
+
+                def record_training() -> list[ProbeGroup]:
+                    from pretextlab.training import read_metrics
+
+                    assert store is not None
+                    store.record_training(cell.config_hash, summary, seconds)
+                    store.add_curve_points(cell.config_hash, read_metrics(cell.run_dir))
+                    return _probe_plan(cell, store)
+
+                # Rank 0's plan on every rank (and, as a broadcast after its last write, the checkpoint
+                # is whole before any rank loads it to probe).
+                plan = _from_rank0(record_training, ranks)
+                # L-BFGS is data-parallel (probe_run.process_shard); SGD and MLP probes run in one process.
+                sharded = [ranks.world_size > 1 and key[1] == "lbfgs" for key, _ in plan]
+                _probe_cell(study, cell, [g for g, s in zip(plan, sharded) if s], store, progress, ranks)
                 _leave_group(ranks)
                 if store is None:
                     return "trained"
-                from pretextlab.training import read_metrics
-
-                store.record_training(cell.config_hash, summary, seconds)
-                store.add_curve_points(cell.config_hash, read_metrics(cell.run_dir))
-                _probe_cell(study, cell, store, progress)
+                _probe_cell(study, cell, [g for g, s in zip(plan, sharded) if not s], store, progress, JobRanks())
+        except _RankZeroFailed:
+            return "failed"  # rank 0 records and reports its error
         except (KeyboardInterrupt, SystemExit, Preempted) as stop:
             if store is not None:
                 why = f"the job exited (code {stop.code}): requeued or stopped by its scheduler" if isinstance(stop, SystemExit) else str(stop)

@@ -65,8 +65,11 @@ class Trainer:
         progress: bool = True,
         splits: DatasetSplits | None = None,
         force: bool = False,
+        resume_hint: str = "continue with --resume",
     ) -> None:
         self.config = resolve(config)
+        # How a stopped run is continued, for its messages: a study cell is continued by its study, not --resume.
+        self.resume_hint = resume_hint
         self.files = RunFiles(Path(run_dir))
         self.progress = progress
         device = resolve_device(self.config.device)
@@ -153,7 +156,7 @@ class Trainer:
         )
         return PretextlabError(
             f"could not write {path} at step {self.step}: {error.strerror or error}{f' ({code})' if code else ''}; "
-            f"{kept}: free space (or fix the disk) and continue with --resume"
+            f"{kept}: free space (or fix the disk) and {self.resume_hint}"
         )
 
     def save_checkpoint(self) -> None:
@@ -370,7 +373,7 @@ class Trainer:
         self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "event": "stopped by SIGTERM"})
         raise Preempted(
             f"stopped by SIGTERM at step {self.step} of {self.total_steps}; checkpoint saved in "
-            f"{self.files.checkpoint}: continue with --resume"
+            f"{self.files.checkpoint}: {self.resume_hint}"
         )
 
     def _finish(self, val_accuracy: float | None, seconds: float) -> dict[str, Any]:
