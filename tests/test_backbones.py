@@ -154,3 +154,84 @@ def test_an_input_size_the_network_cannot_take_is_one_clear_error(tmp_path):
         evaluate_backbone(BackboneSpec(backbone="torchvision:vit_b_16", image_size=32, out=str(tmp_path / "vit")),
                           EvalConfig(**SMALL), progress=False)
     assert not (tmp_path / "vit").exists()
+
+
+def test_every_probe_and_label_budget_reuses_one_feature_extraction(tmp_path, capsys):
+    """The MLP (on cached features), the linear SGD probe (the released recipe: training features recomputed
+    from the backbone's crops) and both forms of few labels on a backbone, as on a run: each stored under its
+    own probe name and label budget, all from the features the first (L-BFGS) call extracted."""
+    out = tmp_path / "bb"
+    flags = ["--backbone", "timm:test_resnet", "--out", str(out), *FLAGS, "--sgd-epochs", "2", "--sgd-batch-size", "10"]
+
+    def evaluate(*args: str) -> dict:
+        status, stdout = _cli(capsys, "evaluate", *flags, *args)
+        assert status == 0
+        [result] = json.loads(stdout)["results"]
+        stored = json.loads(Path(result["result_file"]).read_text())
+        assert stored["backbone"] == "timm:test_resnet" and stored["checkpoint"]["weights"] == "random-init"
+        return stored
+
+    lbfgs = evaluate()
+    cached = {p: p.stat().st_mtime_ns for p in (out / "features").rglob("*") if p.suffix in (".npy", ".json")}
+    assert {p.parent.name for p in cached} == {"train", "val", "test"}
+    mlp = evaluate("--probe", "mlp", "--labels-per-class", "2")
+    paper = evaluate("--probe", "sgd", "--sgd-preset", "paper", "--label-fraction", "0.5")
+
+    assert (lbfgs["probe"], mlp["probe"], paper["probe"]) == ("lbfgs", "mlp", "sgd")
+    assert mlp["sgd_preset"] == "precomputed" and mlp["probe_config"]["kind"] == "mlp"
+    # The released recipe recomputes training features from the backbone's own crops of train + held-out.
+    assert paper["sgd_preset"] == "paper" and paper["probe_config"]["features"] == "augmented"
+    assert paper["probe_config"]["kind"] == "linear" and paper["probe_config"]["standardize"] is False
+    assert paper["train_split"] == "whole" and paper["val_split"] == "test"
+    # Few labels say their budget: in the record, the recipe and the file name.
+    assert (lbfgs["labels"], mlp["labels"], paper["labels"]) == ("all", "2pc", "0.5frac")
+    assert mlp["train_images"] == 20 and mlp["eval_config"]["labels_per_class"] == 2
+    assert paper["train_images"] == 50 and paper["eval_config"]["label_fraction"] == 0.5
+    names = [Path(r["result_file"]).name for r in (lbfgs, mlp, paper)]
+    assert len(set(names)) == 3 and "-lbfgs-all-" in names[0] and "-mlp-" in names[1] and "-2pc-" in names[1]
+    assert "-sgd-augmented-" in names[2] and "-0.5frac-" in names[2]
+    assert len({r["recipe_hash"] for r in (lbfgs, mlp, paper)}) == 3
+    # One extraction served them all: the cached files are untouched; only the 2-per-class training
+    # subset was extracted anew (the paper preset computes its training features on the fly).
+    assert {p: p.stat().st_mtime_ns for p in cached} == cached
+    assert {p.name for p in (out / "features").glob("*/*")} == {"train", "val", "test", "train-2pc-seed0"}
+
+
+def test_an_image_folder_is_decoded_as_the_backbones_own_eval_transform(tmp_path, capsys):
+    """`--dataset folder`: files resized to image size / crop fraction (timm's floor) and centre-cropped, then the
+    backbone's normalisation: the cached features are the network's on timm's own eval transform."""
+    import timm
+    from PIL import Image
+
+    root = tmp_path / "tiny"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 3)):
+        for label, name in enumerate(("red", "blue")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 100, (48, 48, 3), dtype=np.uint8)
+                pixels[..., 0 if label == 0 else 2] += 150
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg", quality=90)
+    out = tmp_path / "bb"
+    status, stdout = _cli(capsys, "evaluate", "--backbone", "timm:test_resnet", "--dataset", "folder", "--data-dir",
+                          str(root), "--val-size", "4", "--image-size", "32", "--l2-grid", "1e-2", "--out", str(out),
+                          "--device", "cpu", "--no-progress")
+    assert status == 0
+    [result] = json.loads(stdout)["results"]
+    stored = json.loads(Path(result["result_file"]).read_text())
+    assert Path(result["result_file"]).name.startswith("folder-tiny-pre_logits-lbfgs-all-")
+    assert (stored["train_images"], stored["val_images"], stored["test_images"]) == (8, 4, 6)
+    # test_resnet's pretrained_cfg: mean/std 0.5, crop_pct 0.95, so 32-px inputs from files resized to 33.
+    assert stored["checkpoint"]["input"] == {
+        "image_size": 32, "decode_size": 33, "crop": "centre", "mean": [0.5] * 3, "std": [0.5] * 3,
+        "channels": "RGB, any file mode converted"}
+    [features] = (out / "features").glob("*/test/pre_logits.npy")
+    model = build_backbone(BackboneSpec(backbone="timm:test_resnet", image_size=32)).model
+    config = timm.data.resolve_data_config(model=model)
+    transform = timm.data.create_transform(**{**config, "input_size": (3, 32, 32)})
+    files = sorted((root / "val").glob("*/*.jpg"))  # the test split: every val file, in scan order
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(torch.stack([transform(Image.open(f)) for f in files])),
+                                      pre_logits=True).numpy()
+    # float32 through a few layers, batched differently: far below what one pixel row of crop would change.
+    np.testing.assert_allclose(np.load(features), expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))

@@ -92,10 +92,12 @@ class Backbone:
     std: tuple[float, ...]
     identity: dict[str, Any]
 
-    def input_recipe(self, decode_size: int) -> dict[str, Any]:
+    def input_recipe(self, decode_size: int, dataset: str) -> dict[str, Any]:
         """How images become the backbone's input, recorded with every result."""
+        # Folder files are decoded to RGB whatever their mode (data/folder.py); Fashion-MNIST is grey.
+        channels = "RGB, any file mode converted" if dataset == "folder" else "grey images replicated to 3 channels"
         return {"image_size": self.image_size, "decode_size": decode_size, "crop": "centre", "mean": list(self.mean),
-                "std": list(self.std), "channels": "grey images replicated to 3 channels"}
+                "std": list(self.std), "channels": channels}
 
 
 class _Outputs(nn.Module):
@@ -350,12 +352,14 @@ def evaluate_backbone(spec: BackboneSpec, config: EvalConfig, progress: bool = T
         config = dataclasses.replace(config, sgd_preset=config.resolved_sgd_preset())
     # Folder images are decoded larger and centre-cropped, as each library's own eval transform does;
     # Fashion-MNIST's whole 28x28 image is resized to the input side.
-    decode_size = round(backbone.image_size / backbone.crop_pct) if dataset == "folder" else backbone.image_size
+    # floor, as timm's transforms_imagenet_eval sizes its resize (224 / 0.875 = 256 either way for torchvision;
+    # timm's 0.95 at 224 gives 235, where round would give 236).
+    decode_size = math.floor(backbone.image_size / backbone.crop_pct) if dataset == "folder" else backbone.image_size
     resolve_device(config.device)  # a bad --device fails before anything is written
     splits = downstream_splits(_Source(dataset, config.data_dir, decode_size), config)
     # The same bytes at another path are the same weights: the file's path is recorded, not keyed.
     identity = {k: v for k, v in backbone.identity.items() if k != "weights_file"}
-    identity["input"] = backbone.input_recipe(decode_size)
+    identity["input"] = backbone.input_recipe(decode_size, dataset)
     key = content_key("backbone", identity, dataset, config.data_dir, config.val_size, config.limit, config.test_limit,
                       config.seed, splits.describe())
     out = spec.out_dir()
