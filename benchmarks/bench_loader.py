@@ -35,6 +35,7 @@ does; the resize as ``crop-then-resize``, as Pillow's box resize, and as ``Rando
 
     .venv/bin/python benchmarks/bench_loader.py                  # about a minute on one core
     .venv/bin/python benchmarks/bench_loader.py --images 32 --rounds 3   # a quick look
+    .venv/bin/python benchmarks/bench_loader.py --rounds 7 --runs 3      # benchmarks/README.md's table
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=64, help="JPEG files written (and decoded per round)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per path (median reported)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="whole measurements, each on new files (the table: each figure's median over the runs)")
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--sizes", nargs="+", default=["500x375", "1000x750"], help="file sizes WIDTHxHEIGHT")
     parser.add_argument("--out", default=str(HERE / "results" / "loader.json"))
@@ -250,19 +253,43 @@ def _simplejpeg_version() -> str | None:
         return None
 
 
+def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each path's figures (and each breakdown stage) as the median over ``runs`` of one size;
+    the per-round lists are the first run's."""
+    if len(runs) == 1:
+        return runs[0]
+    merged: dict[str, Any] = {}
+    for name, first in runs[0].items():
+        merged[name] = {
+            key: (round(statistics.median(run[name][key] for run in runs), 3 if name.startswith("breakdown") else 2)
+                  if isinstance(value, float) and key != "views_per_file" else value)
+            for key, value in first.items()
+        }
+        if not name.startswith("breakdown"):
+            merged[name]["runs_files_per_second"] = [run[name]["files_per_second_per_worker"] for run in runs]
+            merged[name]["runs_files_ratio_to_centre_square"] = [run[name]["files_ratio_to_centre_square"] for run in runs]
+            merged[name]["runs_files_ratio_to_torchvision"] = [run[name]["files_ratio_to_torchvision"] for run in runs]
+    return merged
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)  # one worker, one core: the figure is per worker
     by_size, photos = {}, []
-    for text in args.sizes:
-        width, height = (int(v) for v in text.lower().split("x"))
-        by_size[f"{width}x{height}"], photos = measure((width, height), args)
+    for _ in range(args.runs):
+        for text in args.sizes:
+            width, height = (int(v) for v in text.lower().split("x"))
+            result, photos = measure((width, height), args)
+            by_size.setdefault(f"{width}x{height}", []).append(result)
+    by_size = {size: median_of_runs(runs) for size, runs in by_size.items()}
     record = {
         "benchmark": "loader",
         "images": {"count_per_size": args.images, "jpeg_quality": args.quality, "made_from": photos},
         "rounds": args.rounds,
+        "runs": args.runs,
         "threads": 1,
-        "timing": "CPU seconds of the benchmark process (time.process_time), medians of the rounds; wall-clock rounds alongside",
+        "timing": "CPU seconds of the benchmark process (time.process_time), medians of the rounds; wall-clock rounds "
+                  "alongside; with runs > 1 each figure is the median of the runs' figures (runs_* lists each run's)",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "versions": {"torch": torch.__version__, "pillow": PIL.__version__, "simplejpeg": _simplejpeg_version()},
         "ratios": "files/s against centre-square and against torchvision (8-copy paths against torchvision, 8 copies)",
