@@ -31,12 +31,14 @@ SAME_FOR_A_FAIR_COMPARISON = ("train_images", "val_images", "test_images", "labe
 
 
 @pytest.mark.slow
-def test_demo_compares_like_with_like_and_writes_what_it_measured(tmp_path):
+def test_demo_compares_like_with_like_and_writes_what_it_measured(tmp_path, capsys):
     config = DemoConfig(
         out=str(tmp_path / "demo"), device="cpu", probe_labels_per_class=30, val_size=200, test_limit=300,
         outputs=("block3", "pre_logits"), training=dict(width=1, limit=400, epochs=0.5, batch_size=32),
     )
     report = run_demo(config, progress=False)
+    printed = capsys.readouterr()
+    assert printed.out == "" and "| raw pixels |" in printed.err  # stdout is for machines (the CLI's JSON)
     results = report["results"]
     pretrained, random_init, pixels = results["pretrained"], results["random_init"], results["pixels"]
     assert set(results) == {"pretrained", "random_init", "pixels"}

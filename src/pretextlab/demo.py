@@ -9,6 +9,7 @@ pixels. Prints a table and saves it (JSON, Markdown) with a training-curve plot 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,5 +203,5 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     atomic.write_json(out / "demo_results.json", report)
     text = demo_markdown(config.task, summary, pixels["train_images"], table, total_seconds, train_seconds, curve)
     atomic.write_text(out / "demo_results.md", text + "\n")
-    print(text)
+    print(text, file=sys.stderr)  # for people; `pretextlab demo` prints the JSON report on stdout
     return report
