@@ -125,7 +125,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pretextlab.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(task=args.task, out=args.out, device=args.device), progress=not args.no_progress)
+    report = run_demo(DemoConfig(task=args.task, out=args.out, device=args.device), progress=not args.no_progress)
+    print(json.dumps(report))  # stdout is for machines; the table went to stderr
     return 0
 
 
