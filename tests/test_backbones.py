@@ -213,9 +213,9 @@ def test_an_image_folder_is_decoded_as_the_backbones_own_eval_transform(tmp_path
                 pixels[..., 0 if label == 0 else 2] += 150
                 Image.fromarray(pixels).save(root / split / name / f"{i}.jpg", quality=90)
     out = tmp_path / "bb"
-    status, stdout = _cli(capsys, "evaluate", "--backbone", "timm:test_resnet", "--dataset", "folder", "--data-dir",
-                          str(root), "--val-size", "4", "--image-size", "32", "--l2-grid", "1e-2", "--out", str(out),
-                          "--device", "cpu", "--no-progress")
+    flags = ["evaluate", "--backbone", "timm:test_resnet", "--dataset", "folder", "--data-dir", str(root), "--val-size",
+             "4", "--image-size", "32", "--l2-grid", "1e-2", "--out", str(out), "--device", "cpu", "--no-progress"]
+    status, stdout = _cli(capsys, *flags)
     assert status == 0
     [result] = json.loads(stdout)["results"]
     stored = json.loads(Path(result["result_file"]).read_text())
@@ -235,3 +235,18 @@ def test_an_image_folder_is_decoded_as_the_backbones_own_eval_transform(tmp_path
                                       pre_logits=True).numpy()
     # float32 through a few layers, batched differently: far below what one pixel row of crop would change.
     np.testing.assert_allclose(np.load(features), expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
+
+    # --resize-size: the weights' own resize (torchvision's IMAGENET1K_V2 uses 232 for 224) replaces the
+    # library's rule; recorded as the decode size, so its result is stored beside the rule's, not over it.
+    status, stdout = _cli(capsys, *flags, "--resize-size", "40")
+    assert status == 0
+    [resized] = json.loads(stdout)["results"]
+    assert json.loads(Path(resized["result_file"]).read_text())["checkpoint"]["input"]["decode_size"] == 40
+    assert Path(resized["result_file"]).name != Path(result["result_file"]).name
+    assert json.loads(Path(result["result_file"]).read_text()) == stored  # the rule's result is kept as it was
+    # A resize smaller than the crop, or on Fashion-MNIST (its whole image is resized), is one clear line.
+    for extra, words in ((["--resize-size", "31"], "--resize-size 31 is smaller than the 32-px input"),
+                         (["--dataset", "fashion-mnist", "--resize-size", "40"], "drop --resize-size")):
+        assert main([*flags, *extra]) == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith("pretextlab: error: ") and words in line, line

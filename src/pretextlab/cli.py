@@ -70,7 +70,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     spec = from_arguments(BackboneSpec, args)
     if (args.run is None) == (spec.backbone is None):
         raise PretextlabError("evaluate needs exactly one of --run RUN_DIR or --backbone LIB:NAME (torchvision:resnet50, timm:resnet18)")
-    backbone_only = [f"--{k.replace('_', '-')}" for k in ("weights", "image_size", "out") if getattr(spec, k) is not None]
+    backbone_only = [f"--{k.replace('_', '-')}" for k in ("weights", "image_size", "resize_size", "out") if getattr(spec, k) is not None]
     if args.run is not None and backbone_only:
         raise PretextlabError(f"{', '.join(backbone_only)} go with --backbone; a run's network, weights and directory are its own")
     if spec.backbone is not None:

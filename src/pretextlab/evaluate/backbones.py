@@ -57,6 +57,11 @@ class BackboneSpec:
     image_size: int | None = option(
         None, "--backbone: input side in pixels (default: the model's own, 224 for torchvision, timm's pretrained_cfg)",
         metavar="PX", section="network")
+    resize_size: int | None = option(
+        None, "--backbone with --dataset folder: the side, in pixels, files' shorter side is resized to before the "
+        "centre crop of --image-size; the weights' own eval transform says it, a state_dict cannot (torchvision "
+        "IMAGENET1K_V2: weights.transforms() gives 232 for 224) (default: the library's own rule, floor(image size / "
+        "crop fraction): torchvision 0.875, timm's pretrained_cfg crop_pct)", metavar="PX", section="network")
     out: str | None = option(
         None, "--backbone: the directory for its feature cache and results (default: backbones/LIB-NAME)",
         metavar="DIR", section="network")
@@ -293,7 +298,13 @@ def build_backbone(spec: BackboneSpec) -> Backbone:
     if spec.image_size is not None and spec.image_size < 16:
         raise PretextlabError(f"--image-size {spec.image_size} is too small: use 16 or more")
     library, name = spec.parsed()
-    return _torchvision(spec, name) if library == "torchvision" else _timm(spec, name)
+    backbone = _torchvision(spec, name) if library == "torchvision" else _timm(spec, name)
+    if spec.resize_size is not None and spec.resize_size < backbone.image_size:
+        raise PretextlabError(
+            f"--resize-size {spec.resize_size} is smaller than the {backbone.image_size}-px input (--image-size, default "
+            f"the model's own) it is centre-cropped to: use {backbone.image_size} or more, or drop it for the library's rule"
+        )
+    return backbone
 
 
 def backbone_views(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[torch.Tensor], tuple[torch.Tensor, int]]:
@@ -345,16 +356,24 @@ def evaluate_backbone(spec: BackboneSpec, config: EvalConfig, progress: bool = T
             f"{backbone.name} has no output {', '.join(unknown)}: choose from {', '.join(backbone.default_outputs)} or all, "
             f"or any node listed by {backbone.list_hint}"
         )
-    network = _checked_network(backbone, outputs)
     dataset = config.dataset or "fashion-mnist"
+    if spec.resize_size is not None and dataset != "folder":
+        raise PretextlabError(
+            f"--resize-size sizes --dataset folder files before their centre crop; {dataset}'s whole image is "
+            "resized to --image-size: drop --resize-size"
+        )
+    network = _checked_network(backbone, outputs)
     config = dataclasses.replace(config, dataset=dataset)
     if config.probe != "lbfgs" and config.sgd_preset is None:
         config = dataclasses.replace(config, sgd_preset=config.resolved_sgd_preset())
     # Folder images are decoded larger and centre-cropped, as each library's own eval transform does;
     # Fashion-MNIST's whole 28x28 image is resized to the input side.
     # floor, as timm's transforms_imagenet_eval sizes its resize (224 / 0.875 = 256 either way for torchvision;
-    # timm's 0.95 at 224 gives 235, where round would give 236).
-    decode_size = math.floor(backbone.image_size / backbone.crop_pct) if dataset == "folder" else backbone.image_size
+    # timm's 0.95 at 224 gives 235, where round would give 236). --resize-size replaces that rule: the
+    # weights' own transform (torchvision's IMAGENET1K_V2: 232 for 224) is not in a state_dict. Only the
+    # decode size is keyed, so a flag equal to the rule reuses the rule's cache and results.
+    rule = math.floor(backbone.image_size / backbone.crop_pct)
+    decode_size = (spec.resize_size or rule) if dataset == "folder" else backbone.image_size
     resolve_device(config.device)  # a bad --device fails before anything is written
     splits = downstream_splits(_Source(dataset, config.data_dir, decode_size), config)
     # The same bytes at another path are the same weights: the file's path is recorded, not keyed.
