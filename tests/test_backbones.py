@@ -250,3 +250,12 @@ def test_an_image_folder_is_decoded_as_the_backbones_own_eval_transform(tmp_path
         assert main([*flags, *extra]) == 2
         [line] = capsys.readouterr().err.splitlines()
         assert line.startswith("pretextlab: error: ") and words in line, line
+
+
+def test_backbone_flags_with_a_run_are_one_clear_line(tmp_path, capsys):
+    """--resize-size (and --weights, --image-size, --out) describe a backbone: with --run they are refused, naming each."""
+    assert main(["evaluate", "--run", str(tmp_path), "--resize-size", "232"]) == 2
+    err = capsys.readouterr().err
+    assert "--resize-size goes with --backbone" in err and err.count("pretextlab: error:") == 1
+    assert main(["evaluate", "--run", str(tmp_path), "--resize-size", "232", "--image-size", "224"]) == 2
+    assert "--image-size, --resize-size go with --backbone" in capsys.readouterr().err

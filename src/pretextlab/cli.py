@@ -72,7 +72,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise PretextlabError("evaluate needs exactly one of --run RUN_DIR or --backbone LIB:NAME (torchvision:resnet50, timm:resnet18)")
     backbone_only = [f"--{k.replace('_', '-')}" for k in ("weights", "image_size", "resize_size", "out") if getattr(spec, k) is not None]
     if args.run is not None and backbone_only:
-        raise PretextlabError(f"{', '.join(backbone_only)} go with --backbone; a run's network, weights and directory are its own")
+        raise PretextlabError(f"{', '.join(backbone_only)} {'goes' if len(backbone_only) == 1 else 'go'} with --backbone; "
+                              "a run's network, weights and directory are its own")
     if spec.backbone is not None:
         results = evaluate_backbone(spec, _eval_config(args), progress=not args.no_progress)
     else:
