@@ -76,11 +76,15 @@ def write_checkpoint(files: RunFiles, state: dict[str, Any]) -> None:
         if _sidecar(files.checkpoint).exists():
             os.replace(_sidecar(files.checkpoint), _sidecar(files.previous_checkpoint))
 
-    atomic.save_torch(files.checkpoint, state, before_replace=keep_previous)
-    with open(files.checkpoint, "rb") as handle:
-        meta = {"step": int(state["step"]), "total_steps": state.get("total_steps"), "sha256": _sha256_of(handle),
-                **_file_key(os.fstat(handle.fileno()))}
-    atomic.write_json(_sidecar(files.checkpoint), meta)
+    # A Ctrl-C or SIGTERM during the save is delivered once the checkpoint and its sidecar are both
+    # written, so the run stops as it does between steps, with this checkpoint whole (README
+    # "What a fault leaves behind").
+    with atomic.signals_held():
+        atomic.save_torch(files.checkpoint, state, before_replace=keep_previous)
+        with open(files.checkpoint, "rb") as handle:
+            meta = {"step": int(state["step"]), "total_steps": state.get("total_steps"), "sha256": _sha256_of(handle),
+                    **_file_key(os.fstat(handle.fileno()))}
+        atomic.write_json(_sidecar(files.checkpoint), meta)
 
 
 def _read_checkpoint(path: Path, map_location: Any, need_state: bool) -> tuple[dict[str, Any] | None, str, int, int | None]:
