@@ -52,7 +52,8 @@ class LbfgsConfig:
     """How the probe fits. ``tolerance`` stops a fit once every gradient entry is below it (the same
     test as scikit-learn's ``tol`` for lbfgs); ``max_iter`` caps L-BFGS iterations per grid value.
     ``precondition`` fits through the ``Whitening`` change of variables: same objective and
-    optimum, far fewer iterations on correlated features, for one D x D eigendecomposition."""
+    optimum, far fewer iterations on correlated features, for one D x D eigendecomposition (one
+    N x D SVD with fewer training rows N than features D)."""
 
     l2_grid: tuple[float, ...] = DEFAULT_L2_GRID
     max_iter: int = 500
@@ -107,18 +108,25 @@ class Whitening:
     correlated; random-init ResNet50 pre-logits have hundreds of near-zero directions). The damping
     ``strength * l2`` makes the preconditioned Hessian close to a multiple of the identity both
     in high-variance directions (data term ~ curvature * s) and low-variance ones (the L2 term).
-    """
+    V may have K < D columns (from fewer rows than features): the rest is the rows' null space,
+    eigenvalue 0, where a fit from W = 0 never moves (the data term's gradient is a combination of
+    rows, the L2 term's is W), so it needs no coordinates there (see ``_outside_variable``)."""
 
-    eigenvalues: torch.Tensor  # (D,), >= 0
-    eigenvectors: torch.Tensor  # (D, D), orthonormal columns
+    eigenvalues: torch.Tensor  # (K,), >= 0
+    eigenvectors: torch.Tensor  # (D, K), orthonormal columns; K < D: the other directions have eigenvalue 0
     strength: float = 30.0
 
     @classmethod
-    def of(cls, x: torch.Tensor, strength: float = 30.0, shard: Shard = SINGLE) -> "Whitening":
+    def of(cls, x: torch.Tensor, strength: float = 30.0, shard: Shard = SINGLE, gram: bool = True) -> "Whitening":
         """From the (standardised) training features, all rows: the directions of small variance
         are the ones that slow L-BFGS down, and a row sample estimates them too poorly to help.
         With a ``shard``, ``x`` is this rank's rows: the matrix is all-reduced, decomposed on rank
-        0 and broadcast, so every rank fits in the same coordinates."""
+        0 and broadcast, so every rank fits in the same coordinates. With fewer rows N than
+        features D in one process (few-label probes of wide layers), ``gram`` takes the nonzero
+        eigenpairs from the N x N side, O(N^2 D) not O(D^3) (False: the D x D matrix). Sharded, that
+        needs every row on one rank, so the D x D matrix (a sum over ranks) is used whatever N is."""
+        if gram and shard.world == 1 and x.shape[0] < x.shape[1]:
+            return cls._of_rows(x, strength)
         rows = shard.sum_(torch.tensor([len(x)], dtype=torch.float64))
         second_moment = shard.sum_(torch.mm(x.t(), x)).div_(float(rows))
         dim = x.shape[1]
@@ -135,9 +143,32 @@ class Whitening:
             eigenvectors.copy_(vectors)
         return cls(shard.broadcast_(eigenvalues), shard.broadcast_(eigenvectors), strength)
 
+    @classmethod
+    def _of_rows(cls, x: torch.Tensor, strength: float) -> "Whitening":
+        """X^T X / N's eigenpairs of nonzero eigenvalue from X X^T / N's, v = X^T u / sqrt(N s), done
+        as the thin SVD X = U S V^T (s = S^2 / N): no division by small S, so V stays orthonormal.
+        S at or below numpy.linalg.matrix_rank's tolerance is rounding of an exact zero (centred rows
+        have one), as the D x D matrix's eigenvalues there are (clamped at 0): null space."""
+        rows, dim = x.shape
+        dtype = torch.float64 if rows <= EIGH_FLOAT64_MAX_DIM else x.dtype
+        _, singular, right = torch.linalg.svd(x.to(dtype), full_matrices=False)
+        keep = singular > singular.max() * max(rows, dim) * torch.finfo(dtype).eps
+        eigenvalues = singular[keep].square().div_(rows)
+        return cls(eigenvalues.to(x.dtype), right[keep].t().contiguous().to(x.dtype), strength)
+
+    def _damping(self, l2: float) -> float:
+        dim = self.eigenvectors.shape[0]
+        # The mean over all D eigenvalues, the null space's zeros included (trace / D).
+        mean = float(self.eigenvalues.mean()) if len(self.eigenvalues) == dim else float(self.eigenvalues.sum()) / dim
+        floor = 1e-6 * max(mean, 1e-12)  # for l2 = 0: still invertible
+        return max(self.strength * l2, floor)
+
     def scales(self, l2: float) -> torch.Tensor:
-        floor = 1e-6 * max(float(self.eigenvalues.mean()), 1e-12)  # for l2 = 0: still invertible
-        return (self.eigenvalues + max(self.strength * l2, floor)).rsqrt()
+        return (self.eigenvalues + self._damping(l2)).rsqrt()
+
+    def null_scale(self, l2: float) -> float:
+        """The scale of every direction outside ``eigenvectors``' span (eigenvalue 0)."""
+        return self._damping(l2) ** -0.5
 
 
 def fit_logistic_regression(
@@ -181,8 +212,9 @@ def fit_logistic_regression(
     # The optimised variable: W itself, or U with W = (U * scale) @ basis.T.
     variable = (weight0.clone() if basis is None else torch.mm(weight0, basis).div_(scale)).requires_grad_(True)
     bias = bias0.clone().requires_grad_(True)
+    outside, null_scale = _outside_variable(weight0, basis, whitening, l2)
     optimizer = torch.optim.LBFGS(
-        [variable, bias],
+        [variable, bias] if outside is None else [variable, outside, bias],
         lr=1.0,
         max_iter=max_iter,
         max_eval=2 * max_iter,
@@ -195,7 +227,8 @@ def fit_logistic_regression(
     last: dict[str, Any] = {"evals": 0}
 
     def weight_of(u: torch.Tensor) -> torch.Tensor:
-        return u if basis is None else torch.mm(u * scale, basis.t())
+        weight = u if basis is None else torch.mm(u * scale, basis.t())
+        return weight if outside is None else weight.add_(outside, alpha=null_scale)
 
     def closure() -> torch.Tensor:
         # The gradient is written directly (softmax - onehot): one matmul forward, one backward,
@@ -222,7 +255,13 @@ def fit_logistic_regression(
             last.update(evals=last["evals"] + 1, loss=float(loss), grad_max=grad_max)
             if grad_max <= tolerance:
                 raise _Converged
-            variable.grad = weight_grad if basis is None else torch.mm(weight_grad, basis).mul_(scale)
+            if basis is None:
+                variable.grad = weight_grad
+            else:
+                inside = torch.mm(weight_grad, basis)
+                if outside is not None:  # the gradient's part outside the basis's span
+                    outside.grad = torch.addmm(weight_grad, inside, basis.t(), alpha=-1.0).mul_(null_scale)
+                variable.grad = inside.mul_(scale)
             return loss
 
     try:
@@ -247,6 +286,22 @@ def fit_logistic_regression(
     return shard.broadcast_(weight), shard.broadcast_(bias.detach()), info
 
 
+def _outside_variable(
+    weight0: torch.Tensor, basis: torch.Tensor | None, whitening: Whitening | None, l2: float,
+) -> tuple[torch.Tensor | None, float]:
+    """For a basis V narrower than the features: the start's part outside its span as one more
+    variable Z, W = (U * p) V^T + q Z with q = ``null_scale``: the D x D fit with its (arbitrary)
+    null-space eigenvectors, up to L-BFGS's first step length (its gradient's L1 norm depends on
+    them). None from W = 0 or a warm start from this basis: a part below sqrt(eps) of W is rounding."""
+    if basis is None or whitening is None or basis.shape[1] == basis.shape[0]:
+        return None, 0.0
+    null = torch.addmm(weight0, torch.mm(weight0, basis), basis.t(), alpha=-1.0)
+    if float(null.norm()) <= math.sqrt(torch.finfo(null.dtype).eps) * float(weight0.norm()):
+        return None, 0.0
+    null_scale = whitening.null_scale(l2)
+    return null.div_(null_scale).requires_grad_(True), null_scale
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.addmm(bias, x, weight.t())
 
@@ -269,11 +324,12 @@ def lbfgs_probe(
 
 def fit_lbfgs_probe(
     data: ProbeData, config: LbfgsConfig | None = None, *, progress: bool = True, label: str = "", shard: Shard = SINGLE,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, gram: bool = True,
 ) -> tuple[LbfgsResult, torch.Tensor, torch.Tensor]:
     """``lbfgs_probe``, also returning the chosen classifier (W (C, D), b (C,)) in standardised
     coordinates; ``dtype`` float64 fits in double precision (for exactness checks). With a
-    ``shard`` every rank calls this with the same whole splits and loads only its rows."""
+    ``shard`` every rank calls this with the same whole splits and loads only its rows. ``gram``
+    False whitens from the D x D matrix even with fewer rows than features (see ``Whitening.of``)."""
     started = time.perf_counter()
     config = config or LbfgsConfig()
     splits, num_classes = data.checked(), data.num_classes
@@ -289,7 +345,7 @@ def fit_lbfgs_probe(
     assert x is not None
     val_set, test_set = (Standardised(split_x, moments, device, dtype=dtype) for split_x in (val_x, test_x))
     y = torch.tensor(train_y, dtype=torch.int64, device=device)
-    whitening = Whitening.of(x, shard=shard) if config.precondition else None
+    whitening = Whitening.of(x, shard=shard, gram=gram) if config.precondition else None
     per_setting: list[dict[str, float]] = []
     best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None
     init = None
