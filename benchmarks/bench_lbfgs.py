@@ -20,6 +20,13 @@ on a shared machine, multi-threaded BLAS/OpenMP loses far more to other processe
 
     .venv/bin/python benchmarks/bench_lbfgs.py             # full benchmark (extraction is cached)
     .venv/bin/python benchmarks/bench_lbfgs.py --limit 6000 --test-limit 1000   # a quick look
+
+``--gram-check`` times instead our probe's whitening from fewer training rows than features (the
+N x N side, ``Whitening.of``'s default) against the D x D matrix on the same rows, each probe
+end to end, in float32 as the study runs it:
+
+    .venv/bin/python benchmarks/bench_lbfgs.py --gram-check --output block2 --train-rows 100 \
+        --limit 1000 --test-limit 1000 --no-progress      # 100 x 8,192 (resnet50v1 k=4, 32 px)
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from pretextlab import atomic
 from pretextlab.data import load_dataset
 from pretextlab.evaluate.common import ProbeData
 from pretextlab.evaluate.features import extract_features
-from pretextlab.evaluate.lbfgs import LbfgsConfig, lbfgs_probe
+from pretextlab.evaluate.lbfgs import LbfgsConfig, fit_lbfgs_probe, lbfgs_probe
 from pretextlab.models import build_network
 from pretextlab.tasks import TaskOptions, build_task
 
@@ -73,6 +80,9 @@ def parse_args() -> argparse.Namespace:
         help="ablation: our probe without its whitening preconditioner (LbfgsConfig.precondition=False)",
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--output", default="pre_logits", help="the network output probed (pooled to 9,000 values)")
+    parser.add_argument("--gram-check", action="store_true", help="time the N x N whitening against the D x D one (see above)")
+    parser.add_argument("--train-rows", type=int, default=100, help="--gram-check: the first N training rows")
     return parser.parse_args()
 
 
@@ -89,10 +99,10 @@ def features(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray
     for split in ("train", "val", "test"):
         started = time.perf_counter()
         sets = extract_features(
-            network, views, getattr(splits, split), ("pre_logits",), cache_dir=args.cache_dir, split=split,
+            network, views, getattr(splits, split), (getattr(args, "output", "pre_logits"),), cache_dir=args.cache_dir, split=split,
             preprocessing_key=key, batch_size=args.batch_size, device="auto", progress=not args.no_progress,
         )
-        feature_set = sets["pre_logits"]
+        feature_set = sets[getattr(args, "output", "pre_logits")]
         print(f"{split}: {feature_set.features.shape} features ready in {time.perf_counter() - started:.1f} s ({feature_set.path})")
         out[split] = (feature_set.features, feature_set.labels)
     return out
@@ -190,9 +200,51 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gram_check(data: dict[str, tuple[np.ndarray, np.ndarray]], args: argparse.Namespace) -> None:
+    """Our probe on the first ``--train-rows`` training rows, whitened from the N x N side and from
+    the D x D matrix (``fit_lbfgs_probe(gram=...)``), D x D first, then N x N, then D x D again."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    train = tuple(a[: args.train_rows] for a in data["train"])
+    probe_data = ProbeData(train, data["val"], data["test"], num_classes=10)
+    config = LbfgsConfig(l2_grid=tuple(args.grid), max_iter=args.max_iter, tolerance=args.tolerance, device="cpu")
+    runs = []
+    for gram in (False, True, False):
+        started = time.perf_counter()
+        result, weight, _ = fit_lbfgs_probe(probe_data, config, progress=not args.no_progress, gram=gram)
+        runs.append({"gram": gram, "seconds": time.perf_counter() - started, "chosen_l2": result.chosen["l2"],
+                     "val_top1_percent": result.val_top1_percent, "test_top1_percent": result.test_top1_percent,
+                     "fit_seconds": sum(s["seconds"] for s in result.per_setting), "weight": weight})
+        print(f"  {'N x N' if gram else 'D x D'}: {runs[-1]['seconds']:.1f} s (fits {runs[-1]['fit_seconds']:.1f} s)", flush=True)
+    full = min((r for r in runs if not r["gram"]), key=lambda r: r["seconds"])  # the faster D x D run: a fair ratio
+    gram_run = runs[1]
+    difference = float((gram_run["weight"] - full["weight"]).norm() / full["weight"].norm())
+    # A float64 fit (N x N; the test pins it equal to the D x D one in float64): how far each
+    # float32 run's classifier is from it, the float32 D x D decomposition included (D > 4,096).
+    reference = fit_lbfgs_probe(probe_data, config, progress=False, dtype=torch.float64)[1]
+    for r in runs:
+        r["weight_relative_difference_from_float64"] = float((r.pop("weight").double() - reference).norm() / reference.norm())
+    results = {
+        "benchmark": "L-BFGS probe whitening: N x N side vs D x D matrix", "date": time.strftime("%Y-%m-%d"),
+        "features": {"network": args.network, "width": args.width, "output": args.output, "image_size": args.image_size,
+                     "train_rows": len(train[1]), "dim": int(train[0].shape[1]), "val_rows": len(data["val"][1]),
+                     "test_rows": len(data["test"][1])},
+        "grid": sorted(args.grid, reverse=True), "runs": runs, "speedup": full["seconds"] / gram_run["seconds"],
+        "weight_relative_difference_float32": difference, "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "load_average": os.getloadavg(),
+    }
+    out = args.out if args.out != str(HERE / "results" / "lbfgs.json") else str(HERE / "results" / "lbfgs_gram.json")
+    atomic.write_json(out, results)
+    print(f"N x N {gram_run['seconds']:.1f} s vs D x D {full['seconds']:.1f} s: {results['speedup']:.1f}x; "
+          f"same L2 {gram_run['chosen_l2'] == full['chosen_l2']}, weights differ by {difference:.1e} (float32); written to {out}")
+
+
 def main() -> None:
     args = parse_args()
     data = features(args)
+    if args.gram_check:
+        gram_check(data, args)
+        return
     load_at_start = os.getloadavg()
     shapes = {split: list(x.shape) for split, (x, _) in data.items()}
     print(f"features: {shapes}; load average {os.getloadavg()}", flush=True)
