@@ -151,17 +151,18 @@ class Whitening:
         have one), as the D x D matrix's eigenvalues there are (clamped at 0): null space."""
         rows, dim = x.shape
         dtype = torch.float64 if rows <= EIGH_FLOAT64_MAX_DIM else x.dtype
-        _, singular, right = torch.linalg.svd(x.to(dtype), full_matrices=False)
+        try:
+            _, singular, right = torch.linalg.svd(x.to(dtype), full_matrices=False)
+        except RuntimeError:  # as for eigh: a rare float32 non-convergence, never float64's here
+            dtype, (_, singular, right) = torch.float64, torch.linalg.svd(x.double(), full_matrices=False)
         keep = singular > singular.max() * max(rows, dim) * torch.finfo(dtype).eps
         eigenvalues = singular[keep].square().div_(rows)
         return cls(eigenvalues.to(x.dtype), right[keep].t().contiguous().to(x.dtype), strength)
 
     def _damping(self, l2: float) -> float:
-        dim = self.eigenvectors.shape[0]
-        # The mean over all D eigenvalues, the null space's zeros included (trace / D).
+        dim = self.eigenvectors.shape[0]  # the mean is over all D eigenvalues, the null space's zeros too
         mean = float(self.eigenvalues.mean()) if len(self.eigenvalues) == dim else float(self.eigenvalues.sum()) / dim
-        floor = 1e-6 * max(mean, 1e-12)  # for l2 = 0: still invertible
-        return max(self.strength * l2, floor)
+        return max(self.strength * l2, 1e-6 * max(mean, 1e-12))  # the floor: for l2 = 0, still invertible
 
     def scales(self, l2: float) -> torch.Tensor:
         return (self.eigenvalues + self._damping(l2)).rsqrt()
