@@ -56,6 +56,9 @@ except _RankZeroFailed:
 except PretextlabError as error:
     print("raised:", error)
 print(_from_rank0(lambda: ["rank 0's plan"], ranks))
+# Leave as a cell does (_leave_group): a process that exits with the group alive can abort in gloo's threads.
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
