@@ -41,7 +41,7 @@ def test_the_checkpoint_signal_reaches_the_trainer_while_it_trains_else_submitit
 _RANK_ZERO_FAILS = """
 import torch.distributed as dist
 from pretextlab.errors import PretextlabError
-from pretextlab.study.cell import JobRanks, _RankZeroFailed, _from_rank0
+from pretextlab.study.cell import JobRanks, _RankZeroFailed, _from_rank0, _leave_group
 
 dist.init_process_group("gloo")
 ranks = JobRanks(rank=dist.get_rank(), world_size=2)
@@ -56,9 +56,8 @@ except _RankZeroFailed:
 except PretextlabError as error:
     print("raised:", error)
 print(_from_rank0(lambda: ["rank 0's plan"], ranks))
-# Leave as a cell does (_leave_group): a process that exits with the group alive can abort in gloo's threads.
-dist.barrier()
-dist.destroy_process_group()
+# Leave as a cell does: a process that exits with the group alive can abort in gloo's threads.
+_leave_group(ranks)
 """
 
 

@@ -178,15 +178,18 @@ def _from_rank0(work: Callable[[], Any], ranks: JobRanks) -> Any:
     return _share((True, value), ranks)[1]
 
 
-def _leave_group(ranks: JobRanks) -> None:
+def _leave_group(ranks: JobRanks, together: bool = True) -> None:
     """After the data-parallel work the ranks part: the group goes, and with it torchrun's variables,
-    so evaluate (which joins a group when WORLD_SIZE > 1) runs as one process on rank 0."""
+    so evaluate (which joins a group when WORLD_SIZE > 1) runs as one process on rank 0. Without
+    ``together`` (rank 0 failed and will not reach a barrier) a rank leaves alone: a process that
+    exits with its gloo group alive can abort ('terminate called without an active exception')."""
     if ranks.world_size == 1:
         return
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
     for name in TORCH_RENDEZVOUS:
         os.environ.pop(name, None)
@@ -224,6 +227,7 @@ def run_cell(study: Study, cell: Cell, progress: bool = True, ranks: JobRanks | 
         try:
             attempt, trained = _from_rank0(claim, ranks)
         except _RankZeroFailed:
+            _leave_group(ranks, together=False)
             return "failed"
         if attempt is None:
             _leave_group(ranks)
@@ -251,6 +255,7 @@ def run_cell(study: Study, cell: Cell, progress: bool = True, ranks: JobRanks | 
                     return "trained"
                 _probe_cell(study, cell, [g for g, s in zip(plan, sharded) if not s], store, progress, JobRanks())
         except _RankZeroFailed:
+            _leave_group(ranks, together=False)
             return "failed"  # rank 0 records and reports its error
         except (KeyboardInterrupt, SystemExit, Preempted) as stop:
             if store is not None:
