@@ -2,8 +2,6 @@
 real Fashion-MNIST."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -52,15 +50,20 @@ def test_run_directory_guards(tmp_path):
 
 
 @pytest.mark.slow
-def test_rotation_learns_and_the_probe_reads_its_features(tmp_path):
-    """The CLI end to end: train (loss falls, pretext accuracy above chance), then evaluate."""
+def test_rotation_learns_and_the_probe_reads_its_features(tmp_path, capsys):
+    """The CLI end to end: train (loss falls, pretext accuracy above chance), then evaluate.
+
+    In process through `main` (its return value is the exit code): the `python -m pretextlab`
+    subprocess itself, stdout-is-only-JSON included, is pinned by test_run_dir_faults.py and
+    test_evaluation_suite.py, and each subprocess here paid ~5 s of torch and torch._dynamo imports."""
     run = tmp_path / "rot"
-    cmd = [sys.executable, "-m", "pretextlab", "train", "--task", "rotation", "--network", "resnet50v1",
-           "--width", "1", "--limit", "1200", "--val-size", "200", "--test-limit", "300", "--epochs", "2",
-           "--batch-size", "32", "--base-lr", "0.1", "--crop-scale", "0.6", "1.0", "--color-jitter", "0",
-           "--device", "cpu", "--out", str(run), "--no-progress"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    argv = ["train", "--task", "rotation", "--network", "resnet50v1",
+            "--width", "1", "--limit", "1200", "--val-size", "200", "--test-limit", "300", "--epochs", "2",
+            "--batch-size", "32", "--base-lr", "0.1", "--crop-scale", "0.6", "1.0", "--color-jitter", "0",
+            "--device", "cpu", "--out", str(run), "--no-progress"]
+    code = main(argv)
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()  # the training summary: evaluate's stdout is read on its own below
     metrics = read_metrics(run)
     losses = [m["loss"] for m in metrics if "loss" in m]
     # Per-window losses are noisy: compare the first and last thirds of the run.
@@ -71,12 +74,10 @@ def test_rotation_learns_and_the_probe_reads_its_features(tmp_path):
     config = json.loads((run / "config.json").read_text())["optimisation"]
     assert config["warmup_epochs"] == pytest.approx(2 * 5 / 35) and config["batch_size"] == 32
 
-    done = subprocess.run(
-        [sys.executable, "-m", "pretextlab", "evaluate", "--run", str(run), "--limit", "1200", "--val-size", "200",
-         "--test-limit", "500", "--device", "cpu", "--no-progress"],
-        capture_output=True, text=True,
-    )
-    assert done.returncode == 0, done.stderr
+    code = main(["evaluate", "--run", str(run), "--limit", "1200", "--val-size", "200",
+                 "--test-limit", "500", "--device", "cpu", "--no-progress"])
+    done = capsys.readouterr()
+    assert code == 0, done.err
     stored = json.loads(next((run / "probes").glob("fashion-mnist-pre_logits-lbfgs-*.json")).read_text())
     assert stored["output"] == "pre_logits" and stored["probe"] == "lbfgs"
     # 10 classes: chance is 10%. Measured 52.0-52.2 on an AVX-512 machine and above 55 on an AVX2
@@ -85,14 +86,14 @@ def test_rotation_learns_and_the_probe_reads_its_features(tmp_path):
     assert stored["test_top1_percent"] > 40
     assert "l2" in stored["chosen"]
     assert stored["run_config_hash"] == json.loads((run / "config.json").read_text())["hash"]
-    assert "pre_logits" in done.stdout
+    assert "pre_logits" in done.out
     _, network, _ = load_trained(run)
     assert not network.training
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     # In process (main returns the exit code): the `python -m pretextlab` entry point itself is
-    # run as a subprocess by test_faults.py and test_rotation_training's end-to-end test.
+    # run as a subprocess by test_faults.py and test_run_dir_faults.py.
     assert main(["train", "--task", "colorization", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'colorization': choose one of rotation, exemplar, jigsaw, relative_patch" in err
