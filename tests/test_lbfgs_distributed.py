@@ -66,15 +66,46 @@ def test_half_precision_storage_reads_back_rounded_and_refuses_what_float16_cann
         encoded(values, "float16", "the train features of pre_logits")
 
 
-@pytest.mark.slow  # two torchrun processes start (about 2 s of CPU each): 10-17 s on the shared 2 cores
-def test_two_ranks_choose_and_score_as_one_process_with_half_the_rows_each(feature_files, tmp_path):
-    settings = dict(l2_grid=[1e-1, 1e-2, 1e-3], max_iter=60, device="cpu")
+SETTINGS = dict(l2_grid=[1e-1, 1e-2, 1e-3], max_iter=60, device="cpu")
+TRAIN = dict(
+    task="rotation", network="resnet50v1", width=1, image_size=32, limit=320, val_size=32, test_limit=32,
+    epochs=0.5, batch_size=32, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1,
+)
+EVAL_FLAGS = ["--limit", "300", "--val-size", "100", "--test-limit", "200", "--device", "cpu", "--l2-grid", "1e-2",
+              "--batch-size", "64", "--feature-dtype", "bfloat16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_jobs(feature_files, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path, Path]:
+    """One torchrun launch (2 ranks) for both slow tests, so the ranks' start-up is paid once: each rank runs
+    `pretextlab evaluate --run RUN` through cli.main (as `python -m pretextlab` does), then the float64 sharded
+    L-BFGS fit on ``feature_files`` on the group the command joined (tests/workers/lbfgs_shard.py).
+    Returns the launch, the rank{R}.pt folder, the evaluated run and an untouched copy of it."""
+    import shutil
+
+    from pretextlab.config import TrainConfig
+    from pretextlab.training import Trainer
+
+    root = tmp_path_factory.mktemp("torchrun")
+    run, alone, ranks = root / "run", root / "alone", root / "ranks"
+    ranks.mkdir()
+    Trainer(TrainConfig(**TRAIN), run, progress=False).fit()
+    shutil.copytree(run, alone)
     done = subprocess.run(
-        _torchrun(str(WORKERS / "lbfgs_shard.py"), str(feature_files), str(tmp_path), json.dumps(settings)),
-        capture_output=True, text=True, env=ENV, timeout=120,
+        # "--": torchrun would take --run for an abbreviation of its own --run-path (the worker drops it).
+        _torchrun(str(WORKERS / "lbfgs_shard.py"), str(feature_files), str(ranks), json.dumps(SETTINGS),
+                  "--", "evaluate", "--run", str(run), *EVAL_FLAGS),
+        capture_output=True, text=True, env=ENV, timeout=300,
     )
+    return done, ranks, run, alone
+
+
+@pytest.mark.slow  # shares the one torchrun launch (2 ranks, ~2.5 s of CPU each to start) with the evaluate test
+def test_two_ranks_choose_and_score_as_one_process_with_half_the_rows_each(feature_files, torchrun_jobs):
+    done, folder, _, _ = torchrun_jobs
+    settings = SETTINGS
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(folder / f"rank{r}.pt") for r in (0, 1)]
 
     splits = [(np.load(feature_files / f"{s}_x.npy", mmap_mode="r"), np.load(feature_files / f"{s}_y.npy")) for s in ("train", "val", "test")]
     previous = torch.get_num_threads()
@@ -104,31 +135,11 @@ def test_two_ranks_choose_and_score_as_one_process_with_half_the_rows_each(featu
     assert [rank["result"]["settings"]["world_size"] for rank in ranks] == [2, 2]
 
 
-TRAIN = dict(
-    task="rotation", network="resnet50v1", width=1, image_size=32, limit=320, val_size=32, test_limit=32,
-    epochs=0.5, batch_size=32, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1,
-)
-EVAL_FLAGS = ["--limit", "300", "--val-size", "100", "--test-limit", "200", "--device", "cpu", "--l2-grid", "1e-2",
-              "--batch-size", "64", "--feature-dtype", "bfloat16", "--no-progress"]
-
-
-@pytest.mark.slow  # a tiny training run, then evaluate in 2 torchrun ranks and in one process: ~25 s on 2 cores
-def test_torchrun_evaluate_fills_one_cache_shard_by_shard_that_one_process_reuses(tmp_path):
-    import shutil
-
-    from pretextlab.config import TrainConfig
+@pytest.mark.slow  # a tiny training run, evaluate in the shared 2-rank torchrun launch, then in one process twice
+def test_torchrun_evaluate_fills_one_cache_shard_by_shard_that_one_process_reuses(torchrun_jobs):
     from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run
-    from pretextlab.training import Trainer
 
-    run = tmp_path / "run"
-    Trainer(TrainConfig(**TRAIN), run, progress=False).fit()
-    alone = tmp_path / "alone"
-    shutil.copytree(run, alone)
-    done = subprocess.run(
-        # "--": torchrun would take --run for an abbreviation of its own --run-path.
-        _torchrun("-m", "pretextlab", "--", "evaluate", "--run", str(run), *EVAL_FLAGS), capture_output=True, text=True, env=ENV,
-        timeout=300,
-    )
+    done, _, run, alone = torchrun_jobs
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)  # one JSON document: rank 0's alone
     [sharded] = report["results"]
