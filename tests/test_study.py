@@ -7,13 +7,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch  # noqa: F401  (imported before the forks: the forked study processes inherit it)
 import yaml
 
+import pretextlab.cli  # noqa: F401  (likewise)
+import pretextlab.training  # noqa: F401  (likewise: an inline study trains in its own process)
+from forked_cli import ForkedCli
 from pretextlab.errors import PretextlabError
 from pretextlab.report import build_report
 from pretextlab.study.store import ResultsStore
@@ -126,10 +129,12 @@ def test_tiny_study_is_killed_resumed_on_the_local_executor_and_reported(tmp_pat
     store_path = out / "results.sqlite"
     # One thread per process: two processes (a job each) on the shared cores, not four spinning threads.
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "pretextlab", "study", str(study_file), "--no-progress"]
+    # The study commands run forked from this process (tests/forked_cli.py): what is tested is the
+    # study, not the interpreter's start (tests/test_run_dir_faults.py runs `python -m pretextlab`).
+    command = ["study", str(study_file), "--no-progress"]
 
     # 1. Run inline and kill -9 the process once the first cell has a checkpoint but has not finished.
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = ForkedCli(command, cwd=REPO, env=env)
     try:
         runs = out / "runs"
 
@@ -153,10 +158,11 @@ def test_tiny_study_is_killed_resumed_on_the_local_executor_and_reported(tmp_pat
     assert "its worker died or went silent: will resume" in "\n".join(shown)
 
     # 2. Resume: both cells as parallel jobs of submitit's local executor, writing the same store.
-    resumed = subprocess.run(command + ["--executor", "local"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "2 cells: 2 done, 0 running, 0 left" in resumed.stderr  # people read stderr; stdout is JSON
-    assert json.loads(resumed.stdout.strip().splitlines()[-1])["done"] == 2
+    resumed = ForkedCli(command + ["--executor", "local"], cwd=REPO, env=env)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stdout + stderr
+    assert "2 cells: 2 done, 0 running, 0 left" in stderr  # people read stderr; stdout is JSON
+    assert json.loads(stdout.strip().splitlines()[-1])["done"] == 2
     assert len(list((out / "submitit").rglob("*_result.pkl"))) == 2
 
     with ResultsStore(store_path) as store:
@@ -297,3 +303,91 @@ def test_a_cells_dataset_and_sgd_settings_reach_eval_config_by_field():
         "paper_long", 4, 32, 0.2, "precomputed")
     eval_fields = {f.name for f in dataclasses.fields(EvalConfig)}
     assert set(dataset.eval_options()) | set(sgd.eval_options()) <= eval_fields
+
+
+class _FakeSlurm:
+    """A Slurm array of four cell jobs on a fake clock (seconds advance only when the study sleeps):
+    7_0 runs until t=30; 7_1's ranks die at t=13 (FAILED, no result); 7_2 and 7_3 wait as one
+    pending line (ArrayTaskId=2-3%2, as scontrol shows an array's unstarted rest) until t=13, then
+    finish at t=16 and t=22. Answers `scontrol show job -o ID` and stands in for submitit's jobs."""
+
+    FINISH = {0: 30.0, 2: 16.0, 3: 22.0}
+
+    def __init__(self, folder: Path):
+        self.now = 0.0
+        self.asked: list[str] = []
+        self.folder = folder
+
+    # The parts of the time module the study's wait uses.
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def _state(self, task: int) -> str:
+        if task == 1:
+            return "RUNNING" if self.now < 13 else "FAILED"
+        if self.now >= self.FINISH[task]:
+            return "COMPLETED"
+        return "PENDING" if task >= 2 and self.now < 13 else "RUNNING"
+
+    def scontrol(self, command, **kwargs):
+        assert command[:4] == ["scontrol", "show", "job", "-o"], command
+        self.asked.append(command[4])
+        lines = [f"JobId={100 + t} JobName=pretextlab-t ArrayJobId=7 ArrayTaskId={t} JobState={self._state(t)} Reason=None"
+                 for t in (0, 1)]
+        if self.now < 13:
+            lines.append("JobId=7 JobName=pretextlab-t ArrayJobId=7 ArrayTaskId=2-3%2 JobState=PENDING Reason=JobArrayTaskLimit")
+        else:
+            lines += [f"JobId={100 + t} JobName=pretextlab-t ArrayJobId=7 ArrayTaskId={t} JobState={self._state(t)} Reason=None"
+                      for t in (2, 3)]
+        array, _, task = command[4].partition("_")
+        shown = [line for line in lines if not task or f"ArrayTaskId={task} " in line]
+        return subprocess.CompletedProcess(command, 0 if array == "7" else 1, "\n".join(shown) + "\n", "")
+
+    def job(self, task: int):
+        slurm = self
+
+        class Job:
+            job_id = f"7_{task}"
+            paths = type("Paths", (), {"folder": self.folder / f"7_{task}"})
+
+            def done(self) -> bool:  # submitit's: the result file is there
+                return task in slurm.FINISH and slurm.now >= slurm.FINISH[task]
+
+            def results(self) -> list[str]:
+                return ["finished", "finished"]
+
+        return Job()
+
+
+def test_a_dead_slurm_job_is_reported_while_the_jobs_before_it_still_run(tmp_path, monkeypatch):
+    """The study waits for all its jobs at once: a job that ended without a result (ranks killed)
+    is reported (echoed, and failed in the outcome) its grace period after it ended, while the job
+    listed before it still runs, not once that job has finished; each pass asks slurmctld once for
+    the whole array (scontrol by array id), reading an unstarted rest of the array (ArrayTaskId=2-3%2);
+    the outcome lists the cells in their order, not the order their jobs ended in."""
+    from pretextlab.study import executors
+
+    study_file = tmp_path / "s.yaml"
+    grids = [{"tasks": ["rotation"], "networks": ["resnet50v1", "resnet50v2(-)"], "widths": [1, 2]}]
+    study_file.write_text(yaml.safe_dump(_study_dict(out=str(tmp_path / "s"), grids=grids, executor={"kind": "slurm"})))
+    study = load_study(study_file)
+    cells = expand_cells(study)
+    slurm = _FakeSlurm(tmp_path / "submitit")
+    jobs = [slurm.job(task) for task in range(4)]
+    monkeypatch.setattr(subprocess, "run", slurm.scontrol)
+    monkeypatch.setattr(executors, "time", slurm)
+    monkeypatch.setattr(executors, "_make_executor", lambda study, kind: type("Submitter", (), {"map_array": lambda *a: jobs})())
+    echoed = []
+    ran, errors, job_ids = executors.run_submitit(study, "slurm", cells, wait=True, progress=False,
+                                                  echo=lambda line: echoed.append((slurm.now, line)))
+    assert job_ids == ["7_0", "7_1", "7_2", "7_3"]
+    [(reported_at, line)] = [(t, line) for t, line in echoed if line.startswith("failed: ")]
+    assert f"job 7_1 ended FAILED without a result" in line and cells[1].label in line
+    assert 13 + executors.OTHER_GRACE_SECONDS < reported_at <= 13 + executors.OTHER_GRACE_SECONDS + 1 < 30
+    assert slurm.now == 30  # done when the last job is, not a grace period later
+    assert set(slurm.asked) == {"7"} and len(slurm.asked) == 31  # one query per one-second pass, t=0..30
+    assert list(ran) == [c.config_hash for c in cells] and list(errors) == [cells[1].config_hash]
+    assert [ran[c.config_hash] for c in cells] == ["finished", "failed", "finished", "finished"]

@@ -4,15 +4,17 @@ submitit's local or Slurm executor."""
 from __future__ import annotations
 
 import logging
+import re
 import socket
+import subprocess
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from tqdm.auto import tqdm
 
 from pretextlab.errors import PretextlabError
 from pretextlab.study.cell import run_cell
-from pretextlab.study.cell_job import CellJob, slurm_state
+from pretextlab.study.cell_job import CellJob
 from pretextlab.study.grid import Cell
 from pretextlab.study.model import Study
 
@@ -83,20 +85,64 @@ RESULT_GRACE_SECONDS = {"COMPLETED": 30.0}
 OTHER_GRACE_SECONDS = 5.0
 
 
-def _wait(job: Any, kind: str) -> str | None:
-    """Wait for ``job``'s results; returns the Slurm state it ended in when it ended without them
-    (killed outright, node failure), which submitit alone would wait for forever without sacct."""
-    ended_at = None
-    while not job.done():
-        state = slurm_state(job.job_id) if kind == "slurm" else None
-        if state in SLURM_ENDED:
-            ended_at = ended_at or time.monotonic()
-            if time.monotonic() - ended_at > RESULT_GRACE_SECONDS.get(state, OTHER_GRACE_SECONDS):
-                return state
-        else:
-            ended_at = None
-        time.sleep(1)
-    return None
+def _array_tasks(spec: str) -> list[str]:
+    """The task indices of scontrol's ArrayTaskId: "3", "2-5", "1,4-9:2", "2-7%2" (at most 2 at once)."""
+    tasks: list[str] = []
+    for part in spec.partition("%")[0].strip("[]").split(","):
+        first, _, rest = part.partition("-")
+        last, _, step = rest.partition(":")
+        tasks.extend(str(i) for i in range(int(first), int(last or first) + 1, int(step or 1)))
+    return tasks
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """The states of ``job_ids`` (submitit's ids: ARRAY_TASK or JOB) from slurmctld, with one
+    `scontrol show job` per job array, not one per job; a job slurmctld no longer knows or cannot
+    be asked about is left out."""
+    states: dict[str, str] = {}
+    for array in sorted({job_id.partition("_")[0] for job_id in job_ids}):
+        try:
+            shown = subprocess.run(["scontrol", "show", "job", "-o", array], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if shown.returncode != 0:
+            continue
+        for line in shown.stdout.splitlines():
+            fields = dict(re.findall(r"\b(JobId|ArrayJobId|ArrayTaskId|JobState)=(\S+)", line))
+            if "JobState" not in fields:
+                continue
+            if "ArrayTaskId" in fields:  # a pending rest of the array is one line: ArrayTaskId=2-7
+                for task in _array_tasks(fields["ArrayTaskId"]):
+                    states[f"{fields['ArrayJobId']}_{task}"] = fields["JobState"]
+            else:
+                states[fields["JobId"]] = fields["JobState"]
+    return {job_id: states[job_id] for job_id in job_ids if job_id in states}
+
+
+def _wait(jobs: list[Any], kind: str) -> Iterator[tuple[int, str | None]]:
+    """Yields (index, None) as each job's results are there, or (index, the Slurm state it ended in)
+    when it ended without them (killed outright, node failure), which submitit alone would wait for
+    forever without sacct. All jobs are watched together, so a dead job is noticed within its grace
+    period of ending however long the jobs before it in the list still run."""
+    waiting = dict(enumerate(jobs))
+    ended_at: dict[int, float] = {}
+    while waiting:
+        states = slurm_states([job.job_id for job in waiting.values()]) if kind == "slurm" else {}
+        now = time.monotonic()
+        for index, job in list(waiting.items()):
+            state = states.get(job.job_id)
+            if job.done():
+                state = None
+            elif state in SLURM_ENDED:
+                if now - ended_at.setdefault(index, now) <= RESULT_GRACE_SECONDS.get(state, OTHER_GRACE_SECONDS):
+                    continue
+            else:
+                ended_at.pop(index, None)  # requeued: PENDING again
+                continue
+            del waiting[index]
+            yield index, state
+        if waiting:
+            time.sleep(1)
 
 
 def run_inline(study: Study, cells: list[Cell], progress: bool) -> tuple[dict[str, str], dict[str, str]]:
@@ -138,20 +184,29 @@ def run_submitit(
     errors: dict[str, str] = {}
     if not wait:
         return ran, errors, job_ids
-    for cell, job in tqdm(list(zip(cells, jobs)), desc=f"study {study.name}", unit="cell", disable=not progress):
-        ended = _wait(job, kind)
+    bar = tqdm(total=len(jobs), desc=f"study {study.name}", unit="cell", disable=not progress)
+    for index, ended in _wait(jobs, kind):
+        cell, job = cells[index], jobs[index]
+        bar.update()
         if ended:
             ran[cell.config_hash] = "failed"
             errors[cell.config_hash] = (
                 f"{cell.label}: job {job.job_id} ended {ended} without a result (killed?); its logs are in {job.paths.folder}. "
                 "Run `pretextlab study FILE` again: the cell resumes from its checkpoint"
             )
-            continue
-        try:
-            # Every rank of a multi-task job returns; rank 0's outcome is the cell's.
-            ran[cell.config_hash] = job.results()[0]
-        except Exception as error:  # submitit re-raises the job's failure here, with its log paths
-            ran[cell.config_hash] = "failed"
-            text = str(error).strip()
-            errors[cell.config_hash] = f"{cell.label}: {text.splitlines()[-1] if text else repr(error)}"
-    return ran, errors, job_ids
+        else:
+            try:
+                # Every rank of a multi-task job returns; rank 0's outcome is the cell's.
+                ran[cell.config_hash] = job.results()[0]
+            except Exception as error:  # submitit re-raises the job's failure here, with its log paths
+                ran[cell.config_hash] = "failed"
+                text = str(error).strip()
+                errors[cell.config_hash] = f"{cell.label}: {text.splitlines()[-1] if text else repr(error)}"
+        if cell.config_hash in errors:
+            # Now, while the other jobs still run: with many cells the end of the study can be far off.
+            with bar.external_write_mode():
+                echo(f"failed: {errors[cell.config_hash]}")
+    bar.close()
+    # In the cells' order, not the order the jobs ended in.
+    order = [cell.config_hash for cell in cells]
+    return {h: ran[h] for h in order}, {h: errors[h] for h in order if h in errors}, job_ids
