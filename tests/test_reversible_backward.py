@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from forked_ranks import finish, forked_ranks
 from pretextlab.data import fashion_mnist
 from pretextlab.errors import PretextlabError
 from pretextlab.models import build_network
@@ -447,14 +447,13 @@ def test_reversible_sequence_rejects_empty_chains_mismatched_names_and_weighted_
 # ---------------------------------------------------------------- DDP
 
 
-def _ddp_worker(rank: int, world_size: int, rendezvous: str, out_dir: str) -> None:
+def _ddp_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, fashion: np.ndarray) -> None:
     """One rank: the same batch-split step through DDP with and without the reversible backward,
     recording which parameters each gradient bucket carried to the all-reduce."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    fashion = fashion_mnist.read_fashion_mnist(FASHION_DIR).train_images[:16]
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     try:
         results = {}
@@ -493,8 +492,11 @@ def _ddp_worker(rank: int, world_size: int, rendezvous: str, out_dir: str) -> No
 
 
 @pytest.mark.slow
-def test_ddp_reduces_each_gradient_once_and_matches_ordinary_ddp(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+def test_ddp_reduces_each_gradient_once_and_matches_ordinary_ddp(fashion, tmp_path):
+    # The ranks are forked from this process (tests/forked_ranks.py): no interpreter start-up each.
+    ranks = forked_ranks(lambda rank: _ddp_worker(rank, 2, str(tmp_path / "rendezvous"), str(tmp_path), fashion[:16]))
+    errors = [err for _, err in finish(ranks)]
+    assert [rank.returncode for rank in ranks] == [0, 0], [err[-3000:] for err in errors]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rank in ranks:
         ordinary, reversible = rank[False], rank[True]

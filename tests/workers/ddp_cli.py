@@ -1,4 +1,5 @@
-"""Run by torchrun in tests: `pretextlab train` through its command line (cli.main, as `python -m
+"""Each rank's main program in tests/test_distributed.py (forked ranks with torchrun's environment,
+tests/forked_ranks.py): `pretextlab train` through its command line (cli.main, as `python -m
 pretextlab` runs it), and each rank then dumps its own network weights (the checkpoint holds rank 0's only).
 
 Usage: ddp_cli.py DUMP_DIR train --task ... (the command's arguments)."""

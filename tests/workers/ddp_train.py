@@ -1,4 +1,5 @@
-"""Run by torchrun in tests: train one tiny run, then each rank dumps its own network weights."""
+"""Each rank's main program (under torchrun in tests/test_slurm.py, forked in tests/test_distributed.py):
+train one tiny run, then each rank dumps its own network weights."""
 
 import json
 import sys
