@@ -4,14 +4,13 @@ and is requeued like a preempted one; at any other time submitit's own handler r
 in this process. (The requeue itself, on a real Slurm: tests/test_slurm.py.) And a multi-rank cell's
 ranks learn of a failure in rank 0's store work instead of waiting for it: two real gloo ranks."""
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 
-import pytest
+import torch.distributed as dist
 
+from forked_ranks import finish, forked_ranks
+from pretextlab.errors import PretextlabError
+from pretextlab.study.cell import JobRanks, _from_rank0, _leave_group, _RankZeroFailed
 from pretextlab.study.cell_job import _checkpoint_signal, _stop_training_on
 
 
@@ -37,45 +36,29 @@ def test_the_checkpoint_signal_reaches_the_trainer_while_it_trains_else_submitit
     assert calls == [("submitit", signal.SIGUSR2), ("trainer", signal.SIGTERM), ("submitit", signal.SIGUSR2)]
 
 
-# Every rank of a cell's job runs this: rank 0's store work fails once, then succeeds.
-_RANK_ZERO_FAILS = """
-import torch.distributed as dist
-from pretextlab.errors import PretextlabError
-from pretextlab.study.cell import JobRanks, _RankZeroFailed, _from_rank0, _leave_group
+def _rank_zero_fails(rank: int) -> None:
+    """Every rank of a cell's job runs this: rank 0's store work fails once, then succeeds."""
+    dist.init_process_group("gloo")
+    ranks = JobRanks(rank=dist.get_rank(), world_size=2)
 
-dist.init_process_group("gloo")
-ranks = JobRanks(rank=dist.get_rank(), world_size=2)
+    def lost_store():
+        raise PretextlabError("the store is gone")
 
-def lost_store():
-    raise PretextlabError("the store is gone")
-
-try:
-    _from_rank0(lost_store, ranks)
-except _RankZeroFailed:
-    print("told")
-except PretextlabError as error:
-    print("raised:", error)
-print(_from_rank0(lambda: ["rank 0's plan"], ranks))
-# Leave as a cell does: a process that exits with the group alive can abort in gloo's threads.
-_leave_group(ranks)
-"""
-
-
-@pytest.mark.slow  # two processes importing torch: ~6 s on 2 shared cores
-def test_a_rank_zero_failure_in_its_store_work_reaches_the_other_ranks_instead_of_a_hang():
-    # Two real gloo ranks: before, rank 1 waited in the next collective for a rank 0 that had
-    # raised (until the group's 30-minute timeout); now it is told at once.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    ranks = [subprocess.Popen([sys.executable, "-c", _RANK_ZERO_FAILS], env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
-        outputs = [rank.communicate(timeout=120) for rank in ranks]
-    finally:
-        for rank in ranks:
-            if rank.poll() is None:
-                rank.kill()
+        _from_rank0(lost_store, ranks)
+    except _RankZeroFailed:
+        print("told")
+    except PretextlabError as error:
+        print("raised:", error)
+    print(_from_rank0(lambda: ["rank 0's plan"], ranks))
+    # Leave as a cell does: a process that exits with the group alive can abort in gloo's threads.
+    _leave_group(ranks)
+
+
+def test_a_rank_zero_failure_in_its_store_work_reaches_the_other_ranks_instead_of_a_hang():
+    # Two real gloo ranks, forked from this process (no interpreter start-up each): before, rank 1 waited in the next collective for a rank 0 that had
+    # raised (until the group's 30-minute timeout); now it is told at once.
+    ranks = forked_ranks(_rank_zero_fails)
+    outputs = finish(ranks, timeout=120)
     assert [rank.returncode for rank in ranks] == [0, 0], [err[-2000:] for _, err in outputs]
     assert [out.splitlines() for out, _ in outputs] == [["raised: the store is gone", '["rank 0\'s plan"]'], ["told", '["rank 0\'s plan"]']]

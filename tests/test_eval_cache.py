@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
+from forked_cli import ForkedProcess
 from pretextlab.data import load_dataset
 from pretextlab.errors import PretextlabError
 from pretextlab.evaluate.features import extract_features
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 class TinyNetwork(nn.Module):
@@ -122,18 +121,8 @@ def test_a_full_disk_fails_at_once_naming_the_path_and_the_bytes(images, tmp_pat
         subprocess.run(["umount", "-l", str(disk)], check=True)  # lazy: a memmap may still be open
 
 
-CHILD = textwrap.dedent(
-    """
-    import sys, time
-    from pathlib import Path
-    sys.path.insert(0, {tests!r})
-    from test_eval_cache import TinyNetwork, _views, FASHION_MNIST
-    from pretextlab.data import load_dataset
-    from pretextlab.evaluate.features import extract_features
-
-    cache, output, hold = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "hold"
-    images = load_dataset("fashion-mnist", data_dir=FASHION_MNIST, image_size=16, limit=120, test_limit=20, download=False).train
-
+def _extract_in_child(images, cache: Path, output: str, hold: bool) -> Callable[[], None]:
+    """One process's extraction of ``output`` into the shared ``cache`` (for a forked child)."""
     def views(batch):
         if hold:  # keep the lock until the test says go: the other process must be waiting by then
             (cache / "started").touch()
@@ -141,10 +130,11 @@ CHILD = textwrap.dedent(
                 time.sleep(0.05)
         return _views(batch)
 
-    extract_features(TinyNetwork(), views, images, (output,), cache_dir=cache, split="train",
-                     preprocessing_key="key", batch_size=32, progress=False)
-    """
-)
+    def extract() -> None:
+        extract_features(TinyNetwork(), views, images, (output,), cache_dir=cache, split="train",
+                         preprocessing_key="key", batch_size=32, progress=False)
+
+    return extract
 
 
 def _wait_for(condition, what: str, seconds: float = 120.0) -> None:
@@ -155,27 +145,27 @@ def _wait_for(condition, what: str, seconds: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch: ~10 s
 def test_two_processes_share_a_cache_without_losing_either_record(images, tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD.format(tests=str(Path(__file__).parent)))
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    # Real processes (forked from this one: no interpreter start-up each): the cache's lock is a file lock.
     cache = tmp_path / "cache"
     cache.mkdir()
-    first = subprocess.Popen([sys.executable, str(script), str(cache), "conv", "hold"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (cache / "started").exists() or first.poll() is not None, "the first process to start")
-    second = subprocess.Popen([sys.executable, str(script), str(cache), "vector", "run"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    waiting: list[str] = []
-    _wait_for(lambda: second.poll() is not None or bool(waiting.append(second.stderr.readline()) or "waiting" in waiting[-1]),
-              "the second process to wait")
-    (cache / "go").touch()
-    _, first_err = first.communicate(timeout=300)
-    _, second_err = second.communicate(timeout=300)
+    first = ForkedProcess(_extract_in_child(images, cache, "conv", hold=True))
+    second = None
+    try:
+        _wait_for(lambda: (cache / "started").exists() or first.poll() is not None, "the first process to start")
+        second = ForkedProcess(_extract_in_child(images, cache, "vector", hold=False))
+        _wait_for(lambda: second.poll() is not None or "waiting" in second.stderr_text(), "the second process to wait")
+        (cache / "go").touch()
+        _, first_err = first.communicate(timeout=300)
+        _, second_err = second.communicate(timeout=300)
+    finally:
+        for child in (first, second):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
     assert first.returncode == 0, first_err
-    assert second.returncode == 0, "".join(waiting) + second_err
-    assert "waiting for another process" in "".join(waiting)
+    assert second.returncode == 0, second_err
+    assert "waiting for another process" in second_err
     meta = json.loads((cache / "key" / "train" / "meta.json").read_text())
     assert meta["outputs"]["conv"]["complete"] and meta["outputs"]["vector"]["complete"]
     reference = _extract(images, tmp_path / "alone")

@@ -109,6 +109,7 @@ import sys, time
 from pathlib import Path
 from pretextlab.study.store import ResultsStore
 path, name, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+(go.parent / f"ready-{name}").touch()
 while not go.exists():
     time.sleep(0.01)
 other = "b" if name == "a" else "a"
@@ -134,6 +135,7 @@ def store_rows(path):
 
 
 def test_two_workers_writing_at_once_lose_nothing(tmp_path):
+    # Fresh interpreters, not forks of this one: the writers import the store alone (no torch, ~0.05 s).
     path = tmp_path / "results.sqlite"
     _store_with_run(path).close()
     go = tmp_path / "go"
@@ -141,7 +143,10 @@ def test_two_workers_writing_at_once_lose_nothing(tmp_path):
         subprocess.Popen([sys.executable, "-c", WRITER, str(path), name, str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name in ("a", "b")
     ]
-    time.sleep(1.0)  # both are waiting at the starting line
+    deadline = time.monotonic() + 120  # a guard against a hang, not a measurement
+    while not all((tmp_path / f"ready-{name}").exists() for name in "ab"):  # both at the starting line
+        assert time.monotonic() < deadline and all(worker.poll() is None for worker in workers)
+        time.sleep(0.01)
     go.write_text("go")
     for worker in workers:
         stdout, stderr = worker.communicate(timeout=120)
