@@ -4,8 +4,6 @@ another downstream dataset, and the representation-size network."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from forked_cli import ForkedCli
 from pretextlab.config import TrainConfig
 from pretextlab.evaluate.features import pooled_dim
 from pretextlab.evaluate.probe_run import EvalConfig, evaluate_run
@@ -25,6 +24,7 @@ def _pretrain(run: Path, **changes) -> Path:
     config = dict(
         task="rotation", network="resnet50v1", width=1, image_size=32, limit=640, val_size=64, test_limit=64,
         epochs=1, batch_size=32, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1,
+        monitor_every=0,  # the kNN monitor is test_knn_monitor.py's
     )
     config.update(changes)
     Trainer(TrainConfig(**config), run, progress=False).fit()
@@ -94,29 +94,31 @@ def _write_folder_dataset(root: Path, per_class: int) -> None:
                 Image.fromarray(pixels).convert("RGB").save(folder / f"{i}.png")
 
 
-@pytest.mark.slow  # a CLI subprocess: ~10 s
+@pytest.mark.slow  # the command in a child process: ~1.5 CPU-s
 def test_a_downstream_folder_dataset_independent_of_the_pretext_dataset(pretrained, tmp_path):
+    """The `pretextlab evaluate` command in a real child process with its own stdout and stderr (forked
+    from this one, torch imported: forked_cli.py), so stdout-is-only-JSON holds at the file descriptor;
+    the interpreter start and `python -m pretextlab` entry itself are test_run_dir_faults.py's."""
     data = tmp_path / "places"
     _write_folder_dataset(data, per_class=40)
-    done = subprocess.run(
-        [sys.executable, "-m", "pretextlab", "evaluate", "--run", str(pretrained), "--dataset", "folder",
-         "--data-dir", str(data), "--val-size", "30", "--output", "block3", "pre_logits", "--device", "cpu",
-         "--no-progress"],
-        capture_output=True, text=True,
+    child = ForkedCli(
+        ["evaluate", "--run", str(pretrained), "--dataset", "folder", "--data-dir", str(data), "--val-size", "30",
+         "--output", "block3", "pre_logits", "--device", "cpu", "--no-progress"],
     )
-    assert done.returncode == 0, done.stderr
-    printed = json.loads(done.stdout)  # stdout is JSON only; people read stderr
+    stdout, stderr = child.communicate(timeout=600)
+    assert child.returncode == 0, stderr
+    printed = json.loads(stdout)  # stdout is JSON only; people read stderr
     assert [r["output"] for r in printed["results"]] == ["block3", "pre_logits"]
     for output, result in zip(("block3", "pre_logits"), printed["results"]):
         assert Path(result["result_file"]).name.startswith(f"folder-places-{output}-lbfgs-all-")
-        assert f"in {result['result_file']}" in done.stderr  # says where it stored each result
+        assert f"in {result['result_file']}" in stderr  # says where it stored each result
         stored = json.loads(Path(result["result_file"]).read_text())
         assert stored["dataset"] == "folder" and stored["task"] == "rotation"
         assert stored["train_images"] == 90 and stored["val_images"] == 30 and stored["test_images"] == 60
         assert stored["test_top1_percent"] == result["test_top1_percent"] > 60  # three classes: chance is 33%
         # 60 test images, 20 per class: flagged as too few to mean much, on stderr and in the JSON.
-        assert any("only 60 test images" in w for w in stored["warnings"]) and "only 60 test images" in done.stderr
-    assert "block3" in done.stderr and "pre_logits" in done.stderr
+        assert any("only 60 test images" in w for w in stored["warnings"]) and "only 60 test images" in stderr
+    assert "block3" in stderr and "pre_logits" in stderr
 
 
 def test_a_representation_size_network_has_the_requested_pre_logits(tmp_path):

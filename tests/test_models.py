@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
+from forked_cli import ForkedProcess
 from pretextlab.errors import PretextlabError
 from pretextlab.models import (
     NETWORKS,
@@ -491,37 +490,44 @@ def test_the_network_registry_imports_no_network_family():
     assert not imported & families, sorted(imported & families)
 
 
+def _register_and_build_a_toy_network() -> None:
+    """Run in a forked child (its registry is a copy): registers "toy" from outside the package."""
+    from pretextlab.models import Network, NetworkShape, register_network
+
+    class Toy(Network):
+        def __init__(self, shape):
+            super().__init__("toy", shape)
+            self.conv = torch.nn.Conv2d(3, shape.width, 3)
+            self.output_names = ("block1", "pre_logits")
+            self._add_representation_layer(shape.width)
+
+        def forward(self, x):
+            x = self.conv(x)
+            return {"block1": x, "pre_logits": self._pre_logits(x.mean(dim=(2, 3)))}
+
+    @register_network("toy", title="Toy", outputs=("block1", "pre_logits"), default_width=3,
+                      no_final_relu_variant_because="toy has no ReLU at all")
+    def toy(width=3, **options):
+        return Toy(NetworkShape(width, **options))
+
+    network = build_network("toy")
+    assert network.width == 3 and network.out_dim == 3
+    try:
+        build_network("toy", final_relu=False)
+    except PretextlabError as error:
+        print(error)
+
+
 def test_a_network_registered_from_outside_builds_and_follows_the_declared_rules():
-    # In a fresh interpreter, so the toy network does not join this process's registry.
-    code = """
-import torch
-from pretextlab.models import Network, NetworkShape, build_network, register_network
-from pretextlab.errors import PretextlabError
-
-class Toy(Network):
-    def __init__(self, shape):
-        super().__init__("toy", shape)
-        self.conv = torch.nn.Conv2d(3, shape.width, 3)
-        self.output_names = ("block1", "pre_logits")
-        self._add_representation_layer(shape.width)
-    def forward(self, x):
-        x = self.conv(x)
-        return {"block1": x, "pre_logits": self._pre_logits(x.mean(dim=(2, 3)))}
-
-@register_network("toy", title="Toy", outputs=("block1", "pre_logits"), default_width=3,
-                  no_final_relu_variant_because="toy has no ReLU at all")
-def toy(width=3, **options):
-    return Toy(NetworkShape(width, **options))
-
-network = build_network("toy")
-assert network.width == 3 and network.out_dim == 3
-try:
-    build_network("toy", final_relu=False)
-except PretextlabError as error:
-    print(error)
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "does not exist for toy: toy has no ReLU at all; it exists for resnet50v2, revnet50" in done.stdout
+    # In a child process, so the toy network does not join this process's registry: forked from
+    # this one (forked_cli.py), which has the package imported already (a fresh `python -c` paid
+    # ~1.5 CPU-s of imports for this).
+    child = ForkedProcess(_register_and_build_a_toy_network)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err
+    assert "does not exist for toy: toy has no ReLU at all; it exists for resnet50v2, revnet50" in out
+    with pytest.raises(PretextlabError, match="unknown network 'toy'"):  # this process never saw it
+        build_network("toy")
 
 
 def test_the_options_every_network_takes_have_one_definition():
