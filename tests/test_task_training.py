@@ -13,7 +13,8 @@ from pretextlab.training import Trainer, read_metrics
 # Test-sized settings: small patches/images, width 1; everything else is the task's study recipe.
 TASKS = {
     # chance of the pretext accuracy: a copy's nearest neighbour is one of its 3 siblings among 63 others
-    "exemplar": (dict(image_size=32, batch_size=16, copies=4, crop_scale=(0.3, 1.0), epochs=2), 3 / 63),
+    # One epoch (16 steps) is enough for exemplar: measured 44-49% on seeds 0-2, the bar is 6.2%.
+    "exemplar": (dict(image_size=32, batch_size=16, copies=4, crop_scale=(0.3, 1.0), epochs=1), 3 / 63),
     "jigsaw": (dict(patch_size=16, batch_size=8, num_permutations=8, permutations_per_batch=8, epochs=2,
                     embedding_dim=128, head_hidden=256), 1 / 8),
     "relative_patch": (dict(patch_size=16, batch_size=8, epochs=2, embedding_dim=128, head_hidden=256), 1 / 8),
@@ -23,7 +24,7 @@ TASKS = {
 def _config(task: str, changes: dict) -> TrainConfig:
     return TrainConfig(
         task=task, network="resnet50v1", width=1, dataset="fashion-mnist", limit=320, val_size=64, test_limit=200,
-        color_jitter=0.0, device="cpu", log_every=3, **changes,
+        color_jitter=0.0, device="cpu", log_every=3, monitor_every=0, **changes,  # the kNN monitor: test_knn_monitor.py
     )
 
 
