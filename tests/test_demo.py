@@ -32,9 +32,11 @@ SAME_FOR_A_FAIR_COMPARISON = ("train_images", "val_images", "test_images", "labe
 
 @pytest.mark.slow
 def test_demo_compares_like_with_like_and_writes_what_it_measured(tmp_path, capsys):
+    # No kNN monitor: it changes no weight and no probe, and its panel of the demo's curve is drawn by
+    # test_knn_monitor.py's test_the_monitor_is_drawn_in_the_report_and_the_demo_figures.
     config = DemoConfig(
-        out=str(tmp_path / "demo"), device="cpu", probe_labels_per_class=30, val_size=200, test_limit=300,
-        outputs=("block3", "pre_logits"), training=dict(width=1, limit=400, epochs=0.5, batch_size=32),
+        out=str(tmp_path / "demo"), device="cpu", probe_labels_per_class=20, val_size=100, test_limit=200,
+        outputs=("block3", "pre_logits"), training=dict(width=1, limit=300, epochs=0.5, batch_size=32, monitor_every=0),
     )
     report = run_demo(config, progress=False)
     printed = capsys.readouterr()
@@ -48,13 +50,13 @@ def test_demo_compares_like_with_like_and_writes_what_it_measured(tmp_path, caps
         assert pretrained[output]["feature_dim"] == random_init[output]["feature_dim"]
         for key in SAME_FOR_A_FAIR_COMPARISON:
             assert pretrained[output][key] == random_init[output][key] == pixels[key], (output, key)
-    assert pixels["train_images"] == 300 and pixels["test_images"] == 300 and pixels["feature_dim"] == 32 * 32
+    assert pixels["train_images"] == 200 and pixels["test_images"] == 200 and pixels["feature_dim"] == 32 * 32
     for record in [*pretrained.values(), *random_init.values(), pixels]:
         assert 20 < record["test_top1_percent"] <= 100  # ten classes: chance is 10%
 
     out = tmp_path / "demo"
     saved = json.loads((out / "demo_results.json").read_text())
-    assert saved["task"] == "rotation" and saved["train_config"]["limit"] == 400
+    assert saved["task"] == "rotation" and saved["train_config"]["limit"] == 300
     assert saved["results"] == json.loads(json.dumps(results))  # the file holds what was returned
     # Every row of the table shows the numbers of the result it names.
     table = (out / "demo_results.md").read_text()

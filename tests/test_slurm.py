@@ -3,12 +3,17 @@ and tiny cells run through `executor: slurm` as 2-rank DDP jobs on CPU (gloo).
 
 - two cells train, probe and report end to end;
 - one is preempted by `scancel --signal=TERM` mid-training, requeued and resumed, and its final
-  weights equal those of the same cell run uninterrupted by `torchrun --nproc-per-node 2`, bit for
-  bit (float64);
+  weights equal those of the same cell run uninterrupted by 2 ranks with torchrun's environment,
+  bit for bit (float64);
 - the other's job is killed outright (its ranks SIGKILLed, as by the OOM killer or a lost node): the
   next `pretextlab study` takes it over and finishes it; no cell twice, no row lost;
 - each cell's L-BFGS probe runs on both ranks of its job (extraction sharded into the one cache, the
   fit data-parallel) and its stored result is that of one process on the same checkpoint.
+
+The `pretextlab study` commands and the uninterrupted reference's ranks are processes forked from
+this one (tests/forked_cli.py, tests/forked_ranks.py): what is tested is the study and its Slurm
+jobs, not an interpreter's start or torchrun's launcher (a real torchrun launch is tested in
+tests/test_lbfgs_distributed.py, the `python -m pretextlab` entry point in tests/test_run_dir_faults.py).
 
 Skips, saying why, only where Slurm cannot be started (not root, no apt, the daemons fail); with CI
 or PRETEXTLAB_REQUIRE_SLURM set (.ci/run sets it) it fails instead, so CI never skips it silently."""
@@ -20,7 +25,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +32,10 @@ import pytest
 import torch
 import yaml
 
+import pretextlab.cli  # noqa: F401  (imported before the forks: the forked study processes inherit it)
+import pretextlab.training  # noqa: F401  (likewise: the reference's ranks train)
+from forked_cli import ForkedCli
+from forked_ranks import finish, forked_ranks, script, stop
 from pretextlab.evaluate.probe_run import evaluate_run
 from pretextlab.report import build_report
 from pretextlab.study import expand_cells, load_study
@@ -40,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 SLURM_UP = REPO / "scripts" / "slurm_up.sh"
 WORKER = Path(__file__).parent / "workers" / "ddp_train.py"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-STUDY = [sys.executable, "-m", "pretextlab", "study", "--no-progress"]
+STUDY = ["study", "--no-progress"]
 
 
 def _required() -> bool:
@@ -87,7 +95,7 @@ def _write_study(tmp_path: Path, networks: list[str]) -> Path:
     return path
 
 
-def _wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None):
+def _wait_for(predicate, timeout: float, what: str, process: ForkedCli | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -135,18 +143,26 @@ def _network(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoint.pt", weights_only=False)["network"]
 
 
-def test_a_ddp_study_on_slurm_survives_preemption_and_a_killed_job(slurm, tmp_path):
-    # One scenario, so the Slurm part costs five job starts and one torchrun (the suite's budget):
-    # cell A is preempted (TERM) and requeued; cell B's ranks are then SIGKILLed; A resumes and
-    # finishes; the next `pretextlab study` takes B over; A's weights equal torchrun's.
+def test_a_ddp_study_on_slurm_survives_preemption_and_a_killed_job(slurm, tmp_path, request):
+    # One scenario, so the Slurm part costs four job starts (the suite's budget): cell A is
+    # preempted (TERM) and requeued; cell B's ranks are then SIGKILLed; A resumes and finishes; the
+    # next `pretextlab study` takes B over; A's weights equal an uninterrupted 2-rank run's.
     study_file = _write_study(tmp_path, ["resnet50v1", "resnet50v2(-)"])
     study = load_study(study_file)
     runs = study.directory / "runs"
-    process = subprocess.Popen(STUDY + [str(study_file)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = ForkedCli(STUDY + [str(study_file)], cwd=REPO, env=ENV)
+    reference = []  # the uninterrupted run's ranks, none left running whatever happens
+    request.addfinalizer(lambda: stop(reference))
     try:
         preempted, job_a = _wait_for(lambda: _training_job(study.store_path, runs), 240, "a cell in training", process)
         subprocess.run(["scancel", "--signal=TERM", job_a], check=True)
+        # The preempted cell again, uninterrupted, by 2 ranks with torchrun's environment: started
+        # now, in the background, while the study's jobs are requeued, killed and waited for.
+        cell = next(c for c in expand_cells(study) if c.config_hash == preempted)
+        dumps = tmp_path / "dumps"
+        dumps.mkdir()
+        reference += forked_ranks(script(WORKER), argv=[json.dumps(cell.config.to_dict()), str(tmp_path / "uninterrupted"), str(dumps)],
+                                  env=ENV)
         # Requeued, A waits out Slurm's 120 s requeue hold (BeginTime) while B gets the CPUs.
         _wait_for(lambda: _job_state(job_a) == "PENDING", 60, f"job {job_a} requeued", process)
         with ResultsStore(study.store_path, create=False) as store:
@@ -174,10 +190,11 @@ def test_a_ddp_study_on_slurm_survives_preemption_and_a_killed_job(slurm, tmp_pa
     with ResultsStore(study.store_path) as store:
         assert {r["config_hash"]: r["status"] for r in store.runs()} == {preempted: "finished", killed: "running"}
 
-    again = subprocess.run(STUDY + [str(study_file)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "its worker died or went silent: will resume" in again.stderr
-    assert json.loads(again.stdout)["jobs"]["ranks_per_job"] == 2
+    again = ForkedCli(STUDY + [str(study_file)], cwd=REPO, env=ENV)
+    again_output, again_errors = again.communicate(timeout=300)
+    assert again.returncode == 0, again_errors[-3000:]
+    assert "its worker died or went silent: will resume" in again_errors
+    assert json.loads(again_output)["jobs"]["ranks_per_job"] == 2
 
     with ResultsStore(study.store_path) as store:
         rows, attempts, probes, curves = store.runs(), store.attempts(), store.probes(), store.curves()
@@ -198,10 +215,18 @@ def test_a_ddp_study_on_slurm_survives_preemption_and_a_killed_job(slurm, tmp_pa
         records = [json.loads(p.read_text()) for p in (runs / config_hash / "features").glob("*/*/meta.json")]
         assert sorted(r["outputs"]["pre_logits"]["ranks"] for r in records) == [2, 2, 2], records
 
+    # The uninterrupted run's ranks are done by now (or soon): the same weights as the Slurm cell's, to the bit.
+    reference_errors = [err for _, err in finish(reference)]
+    assert [rank.returncode for rank in reference] == [0, 0], [err[-3000:] for err in reference_errors]
+    slurm_weights, reference_weights = _network(runs / preempted), _network(tmp_path / "uninterrupted")
+    assert slurm_weights.keys() == reference_weights.keys()
+    for name in reference_weights:
+        torch.testing.assert_close(slurm_weights[name], reference_weights[name], rtol=0, atol=0, msg=name)
+
     # One process probing the same checkpoint (extracting afresh) stores the same result: equal, or
     # one image apart where float32 sums in another order flip a prediction (the sharded fit itself
-    # is pinned to one process's in float64 by test_lbfgs_distributed).
-    cell = next(c for c in expand_cells(study) if c.config_hash == preempted)
+    # is pinned to one process's in float64 by test_lbfgs_distributed). Last: no fork may follow
+    # this process's use of a thread pool (a forked child's GNU OpenMP could hang).
     alone = tmp_path / "alone"
     shutil.copytree(runs / preempted, alone, ignore=shutil.ignore_patterns("features", "probes"))
     [job] = cell.plan
@@ -211,17 +236,3 @@ def test_a_ddp_study_on_slurm_survives_preemption_and_a_killed_job(slurm, tmp_pa
     for split in ("val", "test"):
         one_image = 100.0 / single[f"{split}_images"]
         assert abs(stored[f"{split}_top1_percent"] - single[f"{split}_top1_percent"]) <= one_image + 1e-9, (split, stored, single)
-
-    # The preempted cell again, uninterrupted, under torchrun: the same weights, to the bit.
-    dumps = tmp_path / "dumps"
-    dumps.mkdir()
-    reference = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
-         json.dumps(cell.config.to_dict()), str(tmp_path / "torchrun"), str(dumps)],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    slurm_weights, torchrun_weights = _network(runs / preempted), _network(tmp_path / "torchrun")
-    assert slurm_weights.keys() == torchrun_weights.keys()
-    for name in torchrun_weights:
-        torch.testing.assert_close(slurm_weights[name], torchrun_weights[name], rtol=0, atol=0, msg=name)

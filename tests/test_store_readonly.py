@@ -75,13 +75,22 @@ def test_reading_an_older_store_changes_nothing_and_reads_what_an_upgrade_holds(
 
 
 def test_a_report_of_an_older_store_leaves_it_byte_identical(tmp_path, capsys):
-    path = _copy(1, tmp_path / "study")  # format 1: every upgrade step runs, in memory
+    """`pretextlab report` on a format-1 store (every upgrade step runs, in memory) leaves the file
+    byte for byte as it was, with nothing beside it, and reports what the upgrade holds: the main
+    table's best / second-best marks and a pending cell, the runs table, a drawn pretext-training
+    figure. (The same file upgraded in place: test_store_formats.py.)"""
+    path = _copy(1, tmp_path / "study")
     before = _sha256(path)
     assert main(["report", str(path), "--out", str(tmp_path / "report")]) == 0
     capsys.readouterr()
     assert _sha256(path) == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.sqlite"]
-    assert "[70.0](#run-a1b2c3d4e5f6)" in (tmp_path / "report" / "report.md").read_text()
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| resnet50v1 | 2 | <ins>[70.0](#run-a1b2c3d4e5f6)</ins> | **[60.0](#run-b1b2c3d4e5f6)** |" in markdown
+    assert "| revnet50(-) | 2 | <ins>**[75.0](#run-c1b2c3d4e5f6)**</ins> | [— (pending)](#run-d1b2c3d4e5f6) |" in markdown
+    assert "| a1b2c3d4e5f6 | rotation | resnet50v1 | 2 |  | finished | 91.5 |" in markdown
+    training_figure = markdown.split("](pretext_training.png)")[1].split("\n#")[0]
+    assert "Missing: nothing has finished" not in training_figure  # drawn, not a placeholder
 
 
 def test_a_read_only_store_refuses_writes_to_its_private_copy(tmp_path):

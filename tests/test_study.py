@@ -121,7 +121,8 @@ def _wait_for(predicate, timeout, what):
 def test_tiny_study_is_killed_resumed_on_the_local_executor_and_reported(tmp_path):
     out = tmp_path / "study"
     data = _study_dict(out=str(out))
-    data["pretext"].update(epochs=0.6, checkpoint_every=1, log_every=1, crop_scale=[0.6, 1.0])  # 6 steps of 10 per epoch
+    # 6 steps of 10 per epoch. No kNN monitor: it changes no weight (tests/test_knn_monitor.py is its test).
+    data["pretext"].update(epochs=0.6, checkpoint_every=1, log_every=1, crop_scale=[0.6, 1.0], monitor_every=0)
     data["evaluations"][0]["l2_grid"] = [1.0, 0.01]
     data["runtime"] = {"device": "cpu", "feature_batch_size": 100}
     study_file = tmp_path / "tiny.yaml"
