@@ -16,7 +16,8 @@ from pretextlab.errors import PretextlabError
 from pretextlab.training import Preempted, Trainer, read_metrics
 from pretextlab.training.knn_monitor import KNN_KS, knn_field, weighted_knn_top1
 
-TINY = dict(task="rotation", network="resnet50v1", width=1, image_size=16, limit=96, val_size=32, test_limit=32,
+# 32 training images in batches of 16: two steps an epoch, the fewest that leave a step mid-epoch.
+TINY = dict(task="rotation", network="resnet50v1", width=1, image_size=16, limit=64, val_size=32, test_limit=32,
             epochs=2, batch_size=16, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1, log_every=2)
 
 
@@ -66,7 +67,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for name, extra in (("on", {"monitor_outputs": ("pre_logits", "block3")}), ("off", {"monitor_every": 0})):
         made[name] = root / name
         Trainer(TrainConfig(**TINY, **extra), made[name], progress=False).fit()
-    # The same run as "on", stopped by SIGTERM's path after its third step (mid-epoch), then resumed.
+    # The same run as "on", stopped by SIGTERM's path after its first step (mid-epoch), then resumed.
     made["resumed"] = root / "resumed"
     config = TrainConfig(**TINY, monitor_outputs=("pre_logits", "block3"))
     first = Trainer(config, made["resumed"], progress=False)
@@ -77,7 +78,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return made
 
 
-@pytest.mark.slow  # three tiny runs (16 px, 4 steps an epoch): ~6 s on 2 quiet cores
+@pytest.mark.slow  # three tiny runs (16 px, 2 steps an epoch): ~2 CPU-s
 def test_the_monitor_logs_each_epoch_and_leaves_the_run_as_it_would_be_without_it(runs):
     epochs = [m for m in read_metrics(runs["on"]) if "val_pretext_accuracy_percent" in m]
     assert [m["epoch"] for m in epochs] == [1.0, 2.0]
@@ -99,7 +100,7 @@ def test_the_monitor_logs_each_epoch_and_leaves_the_run_as_it_would_be_without_i
 
 
 def test_monitor_every_n_steps_and_a_wrong_output_is_one_clear_error(tmp_path):
-    config = TrainConfig(**{**TINY, "epochs": 1, "limit": 64}, monitor_every=2)
+    config = TrainConfig(**{**TINY, "epochs": 1}, monitor_every=2)
     Trainer(config, tmp_path / "every", progress=False).fit()
     steps = [m["step"] for m in read_metrics(tmp_path / "every") if knn_field("pre_logits", 20) in m]
     assert steps == [2]  # 32 training images in batches of 16: two steps, measured at step 2 only
