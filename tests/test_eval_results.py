@@ -20,6 +20,7 @@ from pretextlab.training import Trainer
 TRAIN = dict(
     task="rotation", network="resnet50v1", width=1, image_size=32, limit=320, val_size=32, test_limit=32,
     epochs=0.5, batch_size=32, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1,
+    monitor_every=0,  # the kNN monitor is test_knn_monitor.py's
 )
 SMALL_EVAL = dict(limit=300, test_limit=200, val_size=100, device="cpu", l2_grid=(1e-2,))
 
@@ -63,10 +64,11 @@ class _CrashingTrainer(Trainer):
 
 
 def _unfinished_config() -> TrainConfig:
-    return TrainConfig(**{**TRAIN, "epochs": 1, "batch_size": 16, "checkpoint_every": 2})
+    # 96 training images in batches of 16: 6 steps, checkpoints at 2 and 4, the crash before step 5.
+    return TrainConfig(**{**TRAIN, "limit": 128, "epochs": 1, "batch_size": 16, "checkpoint_every": 2})
 
 
-@pytest.mark.slow  # a run stopped mid-way and its resume, each probed: ~10 s
+@pytest.mark.slow  # a run stopped mid-way and its resume, each probed: ~3 CPU-s
 def test_a_run_trained_further_is_probed_afresh_and_results_name_their_checkpoint(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="the job died"):

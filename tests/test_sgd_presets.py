@@ -230,15 +230,17 @@ def test_patch_tasks_train_on_the_released_evaluation_patches_from_a_random_crop
 
 @pytest.mark.slow  # trains a small run, then two evaluate commands: ~6 s
 def test_evaluate_command_runs_either_preset_and_says_which(tmp_path, capsys):
-    # The command in process (main returns the exit code): `python -m pretextlab evaluate` as a
-    # subprocess, stdout JSON only, is test_evaluation_suite's folder-dataset test.
+    # The command in process (main returns the exit code): the command in a process of its own, stdout
+    # JSON only, is test_evaluation_suite's folder-dataset test; the `python -m pretextlab` entry,
+    # test_run_dir_faults.py's.
     from pretextlab.cli import main
     from pretextlab.config import TrainConfig
     from pretextlab.training import Trainer
 
     run_dir = tmp_path / "rot"
     Trainer(TrainConfig(task="rotation", network="resnet50v1", width=1, image_size=32, limit=320, val_size=32,
-                        test_limit=32, epochs=0.5, batch_size=32, device="cpu", val_batches=1), run_dir, progress=False).fit()
+                        test_limit=32, epochs=0.5, batch_size=32, device="cpu", val_batches=1, monitor_every=0),
+            run_dir, progress=False).fit()
     common = ["evaluate", "--run", str(run_dir), "--probe", "sgd", "--sgd-epochs", "2", "--sgd-batch-size", "64",
               "--limit", "300", "--val-size", "100", "--test-limit", "200", "--device", "cpu", "--no-progress"]
     stored = {}
