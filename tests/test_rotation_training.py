@@ -18,7 +18,7 @@ def _tiny(**changes) -> TrainConfig:
     base = dict(
         task="rotation", network="resnet50v1", width=1, dataset="fashion-mnist", image_size=32, limit=640,
         val_size=64, test_limit=200, epochs=2, batch_size=32, crop_scale=(0.6, 1.0), color_jitter=0.0,
-        base_lr=0.4, log_every=5, device="cpu",
+        base_lr=0.4, log_every=5, device="cpu", monitor_every=0,
     )
     base.update(changes)
     return TrainConfig(**base)
@@ -54,13 +54,14 @@ def test_rotation_learns_and_the_probe_reads_its_features(tmp_path, capsys):
     """The CLI end to end: train (loss falls, pretext accuracy above chance), then evaluate.
 
     In process through `main` (its return value is the exit code): the `python -m pretextlab`
-    subprocess itself, stdout-is-only-JSON included, is pinned by test_run_dir_faults.py and
-    test_evaluation_suite.py, and each subprocess here paid ~5 s of torch and torch._dynamo imports."""
+    subprocess itself is pinned by test_run_dir_faults.py, stdout-is-only-JSON of a command in a
+    process of its own by test_evaluation_suite.py, and each subprocess here paid ~5 s of torch and
+    torch._dynamo imports. The kNN monitor is off (test_knn_monitor.py's): it changes no weight."""
     run = tmp_path / "rot"
     argv = ["train", "--task", "rotation", "--network", "resnet50v1",
             "--width", "1", "--limit", "1200", "--val-size", "200", "--test-limit", "300", "--epochs", "2",
             "--batch-size", "32", "--base-lr", "0.1", "--crop-scale", "0.6", "1.0", "--color-jitter", "0",
-            "--device", "cpu", "--out", str(run), "--no-progress"]
+            "--monitor-every", "0", "--device", "cpu", "--out", str(run), "--no-progress"]
     code = main(argv)
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()  # the training summary: evaluate's stdout is read on its own below

@@ -25,6 +25,7 @@ def _tiny(**changes) -> TrainConfig:
     base = dict(
         task="rotation", network="resnet50v1", width=1, image_size=32, limit=96, val_size=32, test_limit=64,
         epochs=2, batch_size=16, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1,
+        monitor_every=0,  # the kNN monitor is test_knn_monitor.py's (it adds fields, never rows, to metrics.jsonl)
     )
     base.update(changes)
     return TrainConfig(**base)
