@@ -5,7 +5,7 @@ together) before a rank does anything. A rank only needs the environment torchru
 WORLD_SIZE, MASTER_ADDR, ...): pretextlab's distributed path reads that and joins the group
 itself, so the code under test is the same. The parent never joins a group; each child does.
 Real torchrun launches stay where users' command line is the thing tested
-(tests/test_lbfgs_distributed.py, tests/test_slurm.py).
+(tests/test_lbfgs_distributed.py).
 """
 
 from __future__ import annotations
