@@ -130,12 +130,13 @@ def _run_child(target: Callable[[], int | None], args: list[str], env: dict[str,
         sys.argv = ["pretextlab", *args]
         if cwd is not None:
             os.chdir(cwd)
-        import torch
-
         # One intra-op thread, as every test's child process had (OMP_NUM_THREADS=1): GNU OpenMP
         # cannot start a new thread pool in a child forked after its parent used one (it hangs),
-        # which is also why torch's DataLoader workers run single-threaded.
-        torch.set_num_threads(1)
+        # which is also why torch's DataLoader workers run single-threaded. A parent without torch
+        # gives a child that imports it itself, reading OMP_NUM_THREADS=1 (and gaining nothing by
+        # the fork: fork from a test module that imports torch).
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
         result = target()
         code = 0 if result is None else int(result)
     except SystemExit as ended:
