@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,10 @@ from typing import Any, Iterator
 import pytest
 import torch
 
+import train_preload  # noqa: F401  (what the forked train imports, imported once before it forks)
+from forked_cli import ForkedProcess
 from pretextlab import atomic
+from pretextlab.cli import main
 from pretextlab.training.checkpoint import checkpoint_identity, load_checkpoint, write_checkpoint
 from pretextlab.training.run_dir import RunFiles
 
@@ -134,27 +136,25 @@ def test_sigterm_with_its_default_action_ends_the_process_only_once_the_file_is_
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.slow  # ~4 s: most of it importing torch (and torch.optim's own import of torch._dynamo)
+def _train_with_ctrl_c_in_the_first_save() -> int:
+    # The child has Python's own Ctrl-C handling (forked_cli.py), even under a shell's SIG_IGN.
+    with signal_during_next_save(signal.SIGINT):  # the first save: step 1's, mid-epoch
+        return main(sys.argv[1:])
+
+
+@pytest.mark.slow
 def test_pretextlab_train_given_ctrl_c_inside_a_checkpoint_write_exits_130_with_that_checkpoint(tmp_path):
     run = tmp_path / "run"
-    child = (
-        f"import signal, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from test_checkpoint_signals import signal_during_next_save\n"
-        "from pretextlab.cli import main\n"
-        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # Python's Ctrl-C, even under a shell's SIG_IGN
-        "with signal_during_next_save(signal.SIGINT):\n"  # the first save: step 1's, mid-epoch
-        "    raise SystemExit(main(sys.argv[1:]))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", child, "train", "--task", "rotation", "--network", "resnet50v1",
-         "--width", "1", "--limit", "48", "--val-size", "16", "--test-limit", "16", "--epochs", "1",
-         "--batch-size", "16", "--color-jitter", "0", "--device", "cpu", "--val-batches", "1", "--no-progress",
-         "--checkpoint-every", "1", "--out", str(run)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 130, done.stderr
-    assert "interrupted; finished work is kept" in done.stderr and "Traceback" not in done.stderr
-    assert done.stdout == ""
+    # A real process (the exit status is the point) forked from this one, which has torch imported.
+    done = ForkedProcess(_train_with_ctrl_c_in_the_first_save, argv=[
+        "train", "--task", "rotation", "--network", "resnet50v1",
+        "--width", "1", "--limit", "48", "--val-size", "16", "--test-limit", "16", "--epochs", "1",
+        "--batch-size", "16", "--color-jitter", "0", "--device", "cpu", "--val-batches", "1", "--no-progress",
+        "--checkpoint-every", "1", "--out", str(run)])
+    stdout, stderr = done.communicate(timeout=120)
+    assert done.returncode == 130, stderr
+    assert "interrupted; finished work is kept" in stderr and "Traceback" not in stderr
+    assert stdout == ""
     assert checkpoint_identity(run).step == 1  # the checkpoint the signal landed in, whole and identified
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 1
     assert not list(Path(run).glob(".*.tmp"))

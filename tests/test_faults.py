@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,28 +13,29 @@ import pytest
 import torch
 from PIL import Image
 
+import train_preload  # noqa: F401  (what the forked trains import, imported once before they fork)
+from forked_cli import ForkedCli, ForkedProcess
 from pretextlab import atomic
+from pretextlab.cli import main
 from pretextlab.config import TrainConfig
 from pretextlab.errors import PretextlabError
 from pretextlab.training import Trainer, read_metrics
 
-# 28 steps: room for three stops, each a few steps after the resume before it.
+# 28 steps: room for three stops, each a few steps after the resume before it. 16-pixel images
+# make each step cheap without making it shorter to the polling below (the step count is what
+# gives the margin); the kNN monitor is off: what is checked is the resume, not the monitor.
 TINY = [
     "--task", "rotation", "--network", "resnet50v1", "--width", "1", "--limit", "480", "--val-size", "32",
-    "--test-limit", "64", "--epochs", "1", "--batch-size", "16", "--crop-scale", "0.6", "1.0",
-    "--color-jitter", "0", "--device", "cpu", "--val-batches", "1", "--no-progress",
+    "--test-limit", "64", "--epochs", "1", "--batch-size", "16", "--crop-scale", "0.6", "1.0", "--image-size", "16",
+    "--color-jitter", "0", "--device", "cpu", "--val-batches", "1", "--monitor-every", "0", "--no-progress",
 ]
 
 
-def _train_cli(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pretextlab", "train", *TINY, "--out", str(out), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        # A shell starts background jobs with SIGINT ignored, and children inherit that: the run
-        # gets Python's own Ctrl-C handling wherever pytest was started from.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+def _train_cli(out: Path, *extra: str) -> ForkedCli:
+    # A real process (it is sent real signals) forked from this one, which has torch imported; it
+    # gets Python's own Ctrl-C handling and one intra-op thread whatever pytest was started with,
+    # so the uninterrupted run and the stopped ones compute alike, bit for bit.
+    return ForkedCli(["train", *TINY, "--out", str(out), *extra])
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -45,11 +44,11 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return {f"{part}.{name}": value for part in ("network", "task") for name, value in state[part].items()}
 
 
-def _wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+def _wait_for(condition, process: ForkedCli, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            raise AssertionError(f"the run ended before the fault was injected: {process.stderr.read()}")
+            raise AssertionError(f"the run ended before the fault was injected: {process.stderr_text()}")
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError("timed out waiting for the run to make progress")
@@ -72,7 +71,7 @@ def _logged_steps(run: Path) -> int:
 def uninterrupted(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("faults") / "whole"
     done = _train_cli(run, "--log-every", "1")
-    _, err = done.communicate()
+    _, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
     return run
 
@@ -115,13 +114,13 @@ def test_sigterm_then_sigint_then_sigkill_and_each_resume_ends_with_the_uninterr
     process = _train_cli(run, *flags, "--resume")
     _wait_for(lambda: _logged_steps(run) >= interrupted_at + 4, process)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.wait(timeout=120)
     assert process.returncode == -signal.SIGKILL
     killed_at = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
     assert interrupted_at < killed_at < total and killed_at % 3 == 0
 
     resumed = _train_cli(run, *flags, "--resume")
-    out, err = resumed.communicate()
+    out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert json.loads(out)["steps"] == total
     expected, got = _weights(uninterrupted), _weights(run)
@@ -132,9 +131,10 @@ def test_sigterm_then_sigint_then_sigkill_and_each_resume_ends_with_the_uninterr
 
 
 def _tiny_config(**changes) -> TrainConfig:
+    """4 steps an epoch, 2 epochs; no kNN monitor (no test here checks it)."""
     base = dict(
-        task="rotation", network="resnet50v1", width=1, image_size=32, limit=192, val_size=32, test_limit=64,
-        epochs=2, batch_size=16, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1,
+        task="rotation", network="resnet50v1", width=1, image_size=16, limit=96, val_size=32, test_limit=64,
+        epochs=2, batch_size=16, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1, monitor_every=0,
     )
     base.update(changes)
     return TrainConfig(**base)
@@ -143,7 +143,7 @@ def _tiny_config(**changes) -> TrainConfig:
 class _PoisonedTrainer(Trainer):
     """Plants a NaN in the first convolution's weights just before step ``poison_at``."""
 
-    poison_at = 15
+    poison_at = 6  # in epoch 2, after epoch 1's checkpoint at step 4
 
     def train_step(self, images):
         if self.step == self.poison_at:
@@ -156,14 +156,14 @@ class _PoisonedTrainer(Trainer):
 def test_a_planted_nan_stops_cleanly_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
     run = tmp_path / "nan"
     trainer = _PoisonedTrainer(_tiny_config(), run, progress=False)
-    with pytest.raises(PretextlabError, match=r"at step 15: the run stopped and its last good checkpoint"):
+    with pytest.raises(PretextlabError, match=r"at step 6: the run stopped and its last good checkpoint"):
         trainer.fit()
     state = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 10  # the end of epoch 1 (10 steps per epoch), before the NaN
+    assert state["step"] == 4  # the end of epoch 1 (4 steps per epoch), before the NaN
     assert all(torch.isfinite(v).all() for v in state["network"].values() if v.is_floating_point())
     assert not (run / "summary.json").exists()
     # The good checkpoint resumes (the NaN was planted, not learned) and the run finishes.
-    assert Trainer(_tiny_config(), run, resume=True, progress=False).fit()["steps"] == 20
+    assert Trainer(_tiny_config(), run, resume=True, progress=False).fit()["steps"] == 8
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
@@ -179,11 +179,11 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, mo
 
     monkeypatch.setattr(atomic.torch, "save", disk_full)
     trainer.step += 1
-    with pytest.raises(PretextlabError, match=r"checkpoint.pt at step 11: No space left on device \(ENOSPC\); the last checkpoint \(step 10\) is kept"):
+    with pytest.raises(PretextlabError, match=r"checkpoint.pt at step 5: No space left on device \(ENOSPC\); the last checkpoint \(step 4\) is kept"):
         trainer.save_checkpoint()
     monkeypatch.undo()
     assert (run / "checkpoint.pt").read_bytes() == before
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 10
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 4
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -228,21 +228,36 @@ def _write_folder_dataset(root: Path) -> dict[str, int]:
     return {"bad_train_files": 3}
 
 
+def _with_fresh_logging(argv: list[str]):
+    """`pretextlab ARGV` as a fresh interpreter runs it: a root logger without handlers, so warnings
+    reach stderr through logging's last resort. The child of a fork would otherwise keep pytest's
+    capturing handlers (forked_cli.py does not reset logging) and the warnings would never be seen."""
+    def run() -> int:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
+        return main(argv)
+
+    return run
+
+
 @pytest.mark.slow
 def test_a_folder_of_odd_and_broken_images_trains_and_reports_what_it_skipped(tmp_path):
     data = tmp_path / "data"
     expected = _write_folder_dataset(data)
     run = tmp_path / "odd"
-    done = subprocess.run(
-        [sys.executable, "-m", "pretextlab", "train", "--task", "rotation", "--network", "resnet50v1", "--width", "1",
+    # A forked run: its own stderr, where the loader's warnings (from its worker processes too) land.
+    done = ForkedProcess(_with_fresh_logging(
+        ["train", "--task", "rotation", "--network", "resnet50v1", "--width", "1",
          "--dataset", "folder", "--data-dir", str(data), "--image-size", "32", "--val-size", "4", "--epochs", "1",
          "--batch-size", "8", "--device", "cpu", "--out", str(run), "--no-progress"],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr
+    ))
+    _, stderr = done.communicate(timeout=300)
+    assert done.returncode == 0, stderr
     summary = json.loads((run / "summary.json").read_text())
     # Each unreadable file is skipped wherever it landed (train or held-out validation) and counted.
-    skipped_lines = [line for line in done.stderr.splitlines() if "skipped unreadable image" in line]
+    skipped_lines = [line for line in stderr.splitlines() if "skipped unreadable image" in line]
     named = {name for name in ("zero.jpg", "not-an-image.png", "truncated.jpg") if any(name in l for l in skipped_lines)}
     assert named == {"zero.jpg", "not-an-image.png", "truncated.jpg"}
     assert summary["skipped_images"] + summary["skipped_val_images"] == expected["bad_train_files"]

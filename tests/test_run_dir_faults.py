@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import train_preload  # noqa: F401  (what the forked train imports, imported once before it forks)
+from forked_cli import ForkedCli
 from pretextlab.training import run_dir as run_dir_module
 from pretextlab.cli import main
 from pretextlab.config import TrainConfig
@@ -100,16 +102,15 @@ def test_a_damaged_config_json_is_one_clear_error(tmp_path, capsys, content, tra
 
 @pytest.mark.slow
 def test_a_second_train_on_the_same_out_is_refused_with_the_first_ones_pid(tmp_path, capsys):
-    # The first train is another process; the second is this one (main in process: the lock is an
-    # flock, which conflicts between open files, in one process or two).
+    # The first train is another process (forked from this one, which has torch imported); the
+    # second is this one (main in process: the lock is an flock, which conflicts between open
+    # files, in one process or two).
     run = tmp_path / "shared"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "pretextlab", *TINY, "--epochs", "20", "--out", str(run)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = ForkedCli([*TINY, "--epochs", "20", "--out", str(run)])
     try:
         deadline = time.monotonic() + 120
         while not (run / "config.json").exists():
-            assert first.poll() is None, first.stderr.read()
+            assert first.poll() is None, first.stderr_text()
             assert time.monotonic() < deadline
             time.sleep(0.05)
         for extra in ((), ("--resume",)):
@@ -118,7 +119,7 @@ def test_a_second_train_on_the_same_out_is_refused_with_the_first_ones_pid(tmp_p
         assert first.poll() is None
     finally:
         first.kill()
-        first.wait()
+        first.wait(timeout=60)
     # The kernel drops the lock of a killed process: the run resumes.
     resumed = Trainer(_tiny(epochs=20), run, resume=True, progress=False)
     resumed.lock.release()

@@ -24,6 +24,9 @@ from pretextlab.training.model import build_model, optimizer_for, weight_decay_g
 # ResNet50: stem + 16 bottlenecks x 3 + 4 projections; RevNet50: 16 reversible units x 3 (+ the
 # stem, which is not decayed); VGG19-BN: 16 convs + fc6 + fc7 (convolutions, as released).
 RESNET50_KERNELS, REVNET50_UNIT_KERNELS, VGG19_KERNELS = 53, 48, 18
+# A patch task with a small head: which group a tensor falls in does not depend on its size, and the
+# released head (9 x 1000 -> 4096) spends ~3 CPU-s drawing its truncated-normal initialisation.
+SMALL_PATCH_HEAD = dict(patch_size=16, embedding_dim=8, head_hidden=32)
 
 
 def _built(task: str, network: str, scope: str | None = "released", **extra):
@@ -67,7 +70,7 @@ def test_released_scope_rotation_resnet50v1_decays_every_conv_and_the_logits_lay
 
 @pytest.mark.parametrize("task_name", ["jigsaw", "relative_patch"])
 def test_released_scope_patch_tasks_on_revnet50_spare_the_stem_and_decay_the_head_at_5e_4(task_name):
-    config, network, task = _built(task_name, "revnet50", patch_size=16)
+    config, network, task = _built(task_name, "revnet50", **SMALL_PATCH_HEAD)
     groups = weight_decay_groups(network, task, config)
     _check_partition(groups, network, task, optimizer_for(network, task, config))
     assert [g.role for g in groups] == ["kernels", "patch-head", "none"]
@@ -105,7 +108,7 @@ def test_released_scope_follows_the_flag_and_decays_the_representation_layer():
 
 def test_the_optimizer_applies_each_factor_to_its_tensors():
     """One SGD step on zero gradients, float64: a tensor moves by exactly lr * factor * itself."""
-    config, network, task = _built("relative_patch", "revnet50", patch_size=16)
+    config, network, task = _built("relative_patch", "revnet50", **SMALL_PATCH_HEAD)
     network.double(), task.double()
     optimizer = optimizer_for(network, task, config)
     for group in optimizer.param_groups:
@@ -123,7 +126,7 @@ def test_the_optimizer_applies_each_factor_to_its_tensors():
 
 
 def test_conv_kernels_scope_is_the_earlier_rule_in_its_two_group_layout():
-    config, network, task = _built("relative_patch", "revnet50", scope="conv-kernels", patch_size=16)
+    config, network, task = _built("relative_patch", "revnet50", scope="conv-kernels", **SMALL_PATCH_HEAD)
     groups = weight_decay_groups(network, task, config)
     _check_partition(groups, network, task, optimizer_for(network, task, config))
     # The earlier optimizer: [4-d tensors at --weight-decay, the rest at 0], in parameter order.
@@ -167,10 +170,11 @@ def test_the_flag_parses_and_a_wrong_value_is_one_clear_error(capsys):
 
 
 def _tiny(**changes) -> TrainConfig:
+    # 2 steps an epoch; 16-pixel images and no kNN monitor (which changes no weight) keep fp64 cheap.
     base = dict(
-        task="rotation", network="resnet50v1", width=1, image_size=32, limit=64, val_size=32, test_limit=32,
+        task="rotation", network="resnet50v1", width=1, image_size=16, limit=64, val_size=32, test_limit=32,
         epochs=2, batch_size=16, crop_scale=(0.6, 1.0), color_jitter=0.0, device="cpu", val_batches=1,
-        precision="fp64", base_lr=0.4,
+        precision="fp64", base_lr=0.4, monitor_every=0,
     )
     base.update(changes)
     return TrainConfig(**base)
