@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,25 @@ def _wandb_history(path: Path) -> dict[str, list[tuple[int, float]]]:
     return history
 
 
+def _settled_wandb_history(folder: Path, expected: dict, timeout: float = 60.0) -> dict[str, list[tuple[int, float]]]:
+    """The offline run's history once it equals ``expected`` (else as it is after ``timeout``).
+    wandb's service process writes the file: on a loaded machine it was still writing the last
+    records when finish() returned (the file read empty, or without step 4), and a record read
+    half-written does not decode."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            (offline,) = folder.glob("offline-run-*/*.wandb")
+            history = _wandb_history(offline)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if history == expected or time.monotonic() > deadline:
+                return history
+        time.sleep(0.1)
+
+
 @pytest.mark.slow  # wandb starts its service process: ~5 s
 def test_wandb_offline_logs_the_same_scalars(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
@@ -93,13 +113,12 @@ def test_wandb_offline_logs_the_same_scalars(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
     Trainer(TrainConfig(**{**TINY, "epochs": 1}, wandb="pretextlab-test"), run, progress=False).fit()
-    (offline,) = (tmp_path / "wandb-dir" / "wandb").glob("offline-run-*/*.wandb")
     expected: dict[str, list[tuple[int, float]]] = {}
     for record in read_metrics(run):
         for name, value in scalars(record).items():
             expected.setdefault(scalar_tag(name), []).append((record["step"], value))
     assert "knn/knn_pre_logits_k20_top1_percent" in expected and len(expected["train/loss"]) == 4
-    assert _wandb_history(offline) == expected  # JSON carries the float64 values whole: exact
+    assert _settled_wandb_history(tmp_path / "wandb-dir" / "wandb", expected) == expected  # JSON carries the float64 values whole: exact
     assert not (run / "wandb").exists()  # WANDB_DIR is respected
 
 
