@@ -24,13 +24,13 @@ from pretextlab.training import Trainer, checkpoint_identity, read_metrics
 TINY = [
     "train", "--task", "rotation", "--network", "resnet50v1", "--width", "1", "--limit", "96", "--val-size", "32",
     "--test-limit", "64", "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--val-batches", "1",
-    "--no-progress",
+    "--image-size", "16", "--no-progress",  # 16 px: what is checked here does not depend on the image size
 ]
 
 
 def _tiny(**changes) -> TrainConfig:
     base = dict(
-        task="rotation", network="resnet50v1", width=1, image_size=32, limit=96, val_size=32, test_limit=64,
+        task="rotation", network="resnet50v1", width=1, image_size=16, limit=96, val_size=32, test_limit=64,
         epochs=1, batch_size=16, device="cpu", val_batches=1,  # = TINY, so the CLI run can be resumed here
     )
     base.update(changes)
