@@ -21,11 +21,12 @@ from pretextlab.config import TrainConfig
 from pretextlab.errors import PretextlabError
 from pretextlab.training import Trainer, read_metrics
 
-# 28 steps: room for three stops, each a few steps after the resume before it. 16-pixel images
-# make each step cheap without making it shorter to the polling below (the step count is what
-# gives the margin); the kNN monitor is off: what is checked is the resume, not the monitor.
+# 44 steps: room for three stops, each a few steps after the resume before it, and for a busy
+# machine to let a run go on a while before the test process sends its signal. 16-pixel images make
+# a step half as long as 32-pixel ones, so 44 of them leave the same time after the last stop as 28
+# did; the kNN monitor is off: what is checked is the resume, not the monitor.
 TINY = [
-    "--task", "rotation", "--network", "resnet50v1", "--width", "1", "--limit", "480", "--val-size", "32",
+    "--task", "rotation", "--network", "resnet50v1", "--width", "1", "--limit", "736", "--val-size", "32",
     "--test-limit", "64", "--epochs", "1", "--batch-size", "16", "--crop-scale", "0.6", "1.0", "--image-size", "16",
     "--color-jitter", "0", "--device", "cpu", "--val-batches", "1", "--monitor-every", "0", "--no-progress",
 ]
