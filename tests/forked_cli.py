@@ -21,7 +21,9 @@ send_signal, kill, returncode), so a test switches by changing the constructor.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import io
+import logging
 import os
 import signal
 import sys
@@ -32,6 +34,22 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 
+@functools.cache
+def preload() -> None:
+    """Imports, in this process, what a pretextlab command, a training or a DDP rank imports lazily
+    on first use, so every forked child inherits it instead of importing it again (~1 CPU-s per
+    child): the CLI's whole parser (each subcommand's options, the evaluate modules among them),
+    torchvision's datasets (which bring torch._dynamo, also imported by the first optimizer) and
+    TensorBoard's writer. Once per process (cached); a fork inherits that it ran."""
+    import torch._dynamo  # noqa: F401
+    import torchvision.datasets  # noqa: F401
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+    from pretextlab.cli import build_parser
+
+    build_parser()
+
+
 class ForkedProcess:
     """``target()`` in a child forked from this process, ended as an interpreter running it as its
     main program would end (see the module docstring); ``argv`` is the child's sys.argv[1:]."""
@@ -39,6 +57,7 @@ class ForkedProcess:
     def __init__(self, target: Callable[[], int | None], *, argv: Sequence[str] = (),
                  env: Mapping[str, str] | None = None, cwd: str | Path | None = None):
         self.args = [str(a) for a in argv]
+        preload()
         self._folder = tempfile.TemporaryDirectory(prefix="forked-cli-")
         self._out = Path(self._folder.name) / "stdout"
         self._err = Path(self._folder.name) / "stderr"
@@ -99,7 +118,7 @@ class ForkedCli(ForkedProcess):
     """``pretextlab ARGS`` in a child forked from this process (see the module docstring)."""
 
     def __init__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | Path | None = None):
-        from pretextlab.cli import main  # imported here, once, not in every child
+        from pretextlab.cli import main  # loaded by preload() in this process, not in every child
 
         argv = [str(a) for a in args]
         super().__init__(lambda: main(argv), argv=argv, env=env, cwd=cwd)
@@ -115,6 +134,12 @@ def _run_child(target: Callable[[], int | None], args: list[str], env: dict[str,
             signal.signal(number, signal.SIG_DFL)
         if faulthandler.is_enabled():
             faulthandler.disable()
+        # A fresh interpreter's logging: a root logger without handlers at WARNING, so warnings reach
+        # the child's stderr through logging's last resort (pytest's capturing handlers would swallow them).
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
         stdin = os.open(os.devnull, os.O_RDONLY)
         os.dup2(stdin, 0)
         for fd, path in ((1, out), (2, err)):

@@ -17,7 +17,6 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-import train_preload  # noqa: F401  (what the forked train imports, imported once before it forks)
 from forked_cli import ForkedProcess
 from pretextlab import atomic
 from pretextlab.cli import main

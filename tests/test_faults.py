@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import time
 from pathlib import Path
@@ -13,10 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-import train_preload  # noqa: F401  (what the forked trains import, imported once before they fork)
-from forked_cli import ForkedCli, ForkedProcess
+from forked_cli import ForkedCli
 from pretextlab import atomic
-from pretextlab.cli import main
 from pretextlab.config import TrainConfig
 from pretextlab.errors import PretextlabError
 from pretextlab.training import Trainer, read_metrics
@@ -229,31 +226,17 @@ def _write_folder_dataset(root: Path) -> dict[str, int]:
     return {"bad_train_files": 3}
 
 
-def _with_fresh_logging(argv: list[str]):
-    """`pretextlab ARGV` as a fresh interpreter runs it: a root logger without handlers, so warnings
-    reach stderr through logging's last resort. The child of a fork would otherwise keep pytest's
-    capturing handlers (forked_cli.py does not reset logging) and the warnings would never be seen."""
-    def run() -> int:
-        root = logging.getLogger()
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        root.setLevel(logging.WARNING)
-        return main(argv)
-
-    return run
-
-
 @pytest.mark.slow
 def test_a_folder_of_odd_and_broken_images_trains_and_reports_what_it_skipped(tmp_path):
     data = tmp_path / "data"
     expected = _write_folder_dataset(data)
     run = tmp_path / "odd"
     # A forked run: its own stderr, where the loader's warnings (from its worker processes too) land.
-    done = ForkedProcess(_with_fresh_logging(
+    done = ForkedCli(
         ["train", "--task", "rotation", "--network", "resnet50v1", "--width", "1",
          "--dataset", "folder", "--data-dir", str(data), "--image-size", "32", "--val-size", "4", "--epochs", "1",
          "--batch-size", "8", "--device", "cpu", "--out", str(run), "--no-progress"],
-    ))
+    )
     _, stderr = done.communicate(timeout=300)
     assert done.returncode == 0, stderr
     summary = json.loads((run / "summary.json").read_text())

@@ -3,6 +3,7 @@ use it in place of a subprocess rely on that (exit codes, streams, signals, envi
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -37,6 +38,11 @@ def _child_hits_ctrl_c() -> None:
     raise KeyboardInterrupt
 
 
+def _child_warns() -> None:
+    logging.getLogger("pretextlab.somewhere").warning("a warning")
+    logging.getLogger("pretextlab.somewhere").info("not shown at the default level")
+
+
 def test_streams_code_environment_and_directory_are_the_childs_own(tmp_path):
     env = {**os.environ, "FORKED_CLI_PROBE": "seen"}
     child = ForkedProcess(_child_prints, argv=["a", "b"], env=env, cwd=tmp_path)
@@ -55,6 +61,13 @@ def test_the_child_ends_as_an_interpreter_ends(target, code, in_stderr):
     child = ForkedProcess(target)
     _, err = child.communicate(timeout=30)
     assert child.returncode == code and in_stderr in err
+
+
+def test_logging_is_a_fresh_interpreters_so_warnings_reach_the_childs_stderr(caplog):
+    caplog.set_level(logging.DEBUG)  # pytest's capturing handler, on the root logger, at DEBUG here
+    child = ForkedProcess(_child_warns)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 0 and err == "a warning\n"
 
 
 def test_signals_reach_the_child_with_their_default_effect():

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_preload  # noqa: F401  (what the forked train imports, imported once before it forks)
 from forked_cli import ForkedCli
 from pretextlab.training import run_dir as run_dir_module
 from pretextlab.cli import main

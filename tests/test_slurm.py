@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  (imported before the forks: each rank's optimizer would import it, ~1.2 CPU-s apiece)
 import yaml
 
 import pretextlab.cli  # noqa: F401  (imported before the forks: the forked study processes inherit it)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch  # noqa: F401  (imported before the forks: the forked study processes inherit it)
-import torch._dynamo  # noqa: F401  (likewise: the inline study's optimizer would import it, ~1.2 CPU-s)
 import yaml
 
 import pretextlab.cli  # noqa: F401  (likewise)
