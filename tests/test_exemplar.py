@@ -145,7 +145,7 @@ def test_prepare_targets_loss_and_views_on_fashion_mnist():
     right, scored = task.correct(outputs, targets)
     # The retrieval accuracy recomputed by brute force in float64: each copy's nearest other copy
     # (squared distance, embeddings normalised per dimension over the batch) is a sibling or not.
-    normalised = outputs.double() / outputs.double().norm(dim=0, keepdim=True).clamp_min(1e-12)
+    normalised = outputs.detach().double() / outputs.detach().double().norm(dim=0, keepdim=True).clamp_min(1e-12)
     expected = 0
     for i in range(24):
         gaps = [float(((normalised[i] - normalised[j]) ** 2).sum()) if j != i else float("inf") for j in range(24)]
