@@ -60,7 +60,7 @@ def test_rotation_learns_and_the_probe_reads_its_features(tmp_path, capsys):
     run = tmp_path / "rot"
     argv = ["train", "--task", "rotation", "--network", "resnet50v1",
             "--width", "1", "--limit", "1200", "--val-size", "200", "--test-limit", "300", "--epochs", "2",
-            "--batch-size", "32", "--base-lr", "0.1", "--crop-scale", "0.6", "1.0", "--color-jitter", "0",
+            "--batch-size", "32", "--base-lr", "0.2", "--crop-scale", "0.6", "1.0", "--color-jitter", "0",
             "--monitor-every", "0", "--device", "cpu", "--out", str(run), "--no-progress"]
     code = main(argv)
     assert code == 0, capsys.readouterr().err
@@ -71,7 +71,9 @@ def test_rotation_learns_and_the_probe_reads_its_features(tmp_path, capsys):
     third = len(losses) // 3
     assert sum(losses[-third:]) / third < sum(losses[:third]) / third - 0.05
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["val_pretext_accuracy_percent"] > 35.0  # chance is 25%; 800 scored samples
+    # Chance is 25%; 800 scored samples (sd ~1.7 points). base_lr 0.2, seeds 0-3: 41.2-53.2% (loss
+    # down 0.39-0.56, probe 58.8-67.2%); at 0.1 seed 2 gave 36.8%, one sd above this bar.
+    assert summary["val_pretext_accuracy_percent"] > 35.0
     config = json.loads((run / "config.json").read_text())["optimisation"]
     assert config["warmup_epochs"] == pytest.approx(2 * 5 / 35) and config["batch_size"] == 32
 
@@ -81,9 +83,9 @@ def test_rotation_learns_and_the_probe_reads_its_features(tmp_path, capsys):
     assert code == 0, done.err
     stored = json.loads(next((run / "probes").glob("fashion-mnist-pre_logits-lbfgs-*.json")).read_text())
     assert stored["output"] == "pre_logits" and stored["probe"] == "lbfgs"
-    # 10 classes: chance is 10%. Measured 52.0-52.2 on an AVX-512 machine and above 55 on an AVX2
-    # one (float32 training diverges between CPUs after a few hundred steps); 500 test images give
-    # a binomial sd of ~2.2 points, so 40 leaves ~5 sd below the lowest measured value.
+    # 10 classes: chance is 10%. float32 training diverges between CPUs, so the bar is set by the
+    # spread over seeds (58.8-67.2 at base_lr 0.2); 500 test images give a binomial sd of ~2.2
+    # points, so 40 leaves ~8 sd below the lowest measured value.
     assert stored["test_top1_percent"] > 40
     assert "l2" in stored["chosen"]
     assert stored["run_config_hash"] == json.loads((run / "config.json").read_text())["hash"]
