@@ -14,9 +14,10 @@ from PIL import Image
 
 from forked_cli import ForkedCli
 from pretextlab import atomic
-from pretextlab.config import TrainConfig
+from pretextlab.config import TrainConfig, resolve
 from pretextlab.errors import PretextlabError
 from pretextlab.training import Trainer, read_metrics
+from pretextlab.training.run_dir import RunFiles, check_resumable, config_record
 
 # 44 steps: room for three stops, each a few steps after the resume before it, and for a busy
 # machine to let a run go on a while before the test process sends its signal. 16-pixel images make
@@ -195,6 +196,15 @@ def test_resuming_with_a_changed_config_is_refused_unless_forced(tmp_path):
     saved = json.loads((run / "config.json").read_text())
     assert saved["optimisation"]["base_lr"] == 0.2
     assert any("base_lr" in d for change in saved["forced_changes"] for d in change)
+    # Another number of processes is another recipe (global batch, the lr scaled by it, steps per
+    # epoch): refused like any change, naming both and how to launch it as before; --force records it.
+    resumed = resolve(_tiny_config(epochs=1, base_lr=0.2))  # as the Trainer resolves it
+    with pytest.raises(PretextlabError, match=r"processes: 1 -> 2 \(global batch 16 -> 32 images\); launch it on 1 process"):
+        check_resumable(RunFiles(run), config_record(resumed, world_size=2), resume=True, force=False)
+    assert check_resumable(RunFiles(run), config_record(resumed, world_size=1), resume=True, force=False)["world_size"] == 1
+    with pytest.warns(UserWarning, match="processes: 1 -> 2"):
+        forced = check_resumable(RunFiles(run), config_record(resumed, world_size=2), resume=True, force=True)
+    assert any("processes: 1 -> 2" in d for d in forced["forced_changes"][-1])
 
 
 def _write_folder_dataset(root: Path) -> dict[str, int]:

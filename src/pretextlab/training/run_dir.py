@@ -191,6 +191,17 @@ def check_resumable(files: RunFiles, new: dict[str, Any], resume: bool, force: b
         raise PretextlabError(f"{files.root} already holds a run: pass --resume to continue it, or choose a new --out")
     # Flat, whichever version wrote the old file: a format-1 run resumes on the same values.
     differences = config_differences(saved_options(old, files.config), saved_options(new))
+    # The recipe is the per-process batch x the number of processes (docs/protocol.md): the global
+    # batch, the learning rate scaled by it and the steps per epoch all follow it, so a resume on
+    # another number of processes would quietly continue another recipe. (Files from before the
+    # field existed are not checked.)
+    trained_on = old.get("world_size")
+    if trained_on is not None and trained_on != new["world_size"]:
+        differences.append(
+            f"processes: {trained_on} -> {new['world_size']} (global batch {old.get('global_batch_images')} -> "
+            f"{new['global_batch_images']} images); launch it on {trained_on} process(es) as before "
+            f"(torchrun --nproc-per-node, or the study's executor tasks_per_node x nodes)"
+        )
     if differences and not force:
         raise PretextlabError(
             f"cannot resume {files.root}: its config differs from this one ({'; '.join(differences)}); "
