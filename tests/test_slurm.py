@@ -110,8 +110,8 @@ def _wait_for(predicate, timeout: float, what: str, process: ForkedCli | None = 
 def _training_job(store_path: Path, run_dirs: Path, checkpointed: bool = False, other_than: str = "") -> tuple[str, str] | None:
     """(config hash, Slurm job id) of a cell past its first step (and its first checkpoint when
     ``checkpointed``) that has not finished training, else None."""
-    if not store_path.exists() or store_path.stat().st_size == 0:
-        return None  # the study has not written its store yet (SQLite creates the file empty first)
+    if not store_path.exists():
+        return None  # the study has not made its store yet (a new store appears whole: store_format.py)
     with ResultsStore(store_path, create=False) as store:
         running = [r for r in store.runs() if r["status"] == "running" and "@slurm:" in (r["owner"] or "")]
     for run in running:

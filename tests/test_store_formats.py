@@ -120,3 +120,32 @@ def test_a_store_of_an_unknown_format_is_refused_naming_its_version(tmp_path, ca
     assert len(lines) == 1 and lines[0].startswith(f"pretextlab: error: {path} is a results store of format 7"), lines
     assert "reads formats 1, 2" in lines[0] and "start a new study directory" in lines[0]
     assert path.read_bytes() == before
+
+
+def test_a_new_store_is_absent_or_whole_to_a_reader_never_half_made(tmp_path, monkeypatch):
+    """A store being created is made whole beside its path and linked in: a reader that opens the path
+    while the schema is being written (a report, `study --status`, a poller) is told there is no
+    store yet. Before, SQLite's file sat at the path from its first byte, and such a reader was told
+    the store was empty (0 bytes) or saw one without tables. Nothing is left beside it."""
+    from pretextlab.study.store_format import StoreFile
+
+    path = tmp_path / "study" / "results.sqlite"
+    seen: list[str] = []
+    write_schema = StoreFile._prepare
+
+    def look_while_writing(self):
+        if not seen and not self.read_only:  # once, from the creator, while it writes the schema
+            try:
+                with ResultsStore(path, read_only=True):
+                    seen.append("opened a store")
+            except PretextlabError as error:
+                seen.append(str(error))
+        return write_schema(self)
+
+    monkeypatch.setattr(StoreFile, "_prepare", look_while_writing)
+    with ResultsStore(path) as store:
+        assert store.runs() == []
+    assert len(seen) == 1 and seen[0].startswith(f"no results store at {path}"), seen
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.sqlite"]
+    with ResultsStore(path, read_only=True) as reader:
+        assert reader.runs() == []

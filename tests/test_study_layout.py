@@ -13,7 +13,7 @@ def test_the_store_loads_without_the_study_file_parsing_or_the_trainer():
     code = ("import sys, pretextlab.study.store; "
             "print(sorted(m for m in sys.modules if m.startswith('pretextlab') or m in ('yaml', 'torch')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert eval(loaded) == ["pretextlab", "pretextlab.errors", "pretextlab.study", "pretextlab.study.owners",
+    assert eval(loaded) == ["pretextlab", "pretextlab.atomic", "pretextlab.errors", "pretextlab.study", "pretextlab.study.owners",
                             "pretextlab.study.store", "pretextlab.study.store_format", "pretextlab.study.store_snapshot"]
 
 

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
@@ -113,6 +112,8 @@ def save_torch(path: str | os.PathLike, obj: Any, before_replace: Callable[[], N
     synced, just before it takes ``path``'s place. A SIGINT or SIGTERM meanwhile is held until the
     file is in place (torch's zip writer cannot be interrupted cleanly), then delivered."""
     with signals_held():
+        import torch  # here, not above: the results store uses this module and loads without torch
+
         return _atomic(path, lambda h: torch.save(obj, h), "wb", before_replace)
 
 

@@ -8,11 +8,12 @@ import json
 import os
 import sqlite3
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from pretextlab import __version__
+from pretextlab.atomic import fsync_directory
 from pretextlab.errors import PretextlabError
 from pretextlab.study.store_snapshot import snapshot
 
@@ -251,11 +252,13 @@ class StoreFile:
         # contents were lost (a failed copy, a full disk), so say so instead of hiding it.
         if existed and self.path.stat().st_size == 0:
             raise unreadable(self.path, "the file is empty (0 bytes)")
+        if not existed and not read_only:
+            self._create_whole()
+            existed = True
         if read_only:
             with self._translate_errors():
                 self.connection = snapshot(self.path)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: autocommit, transactions are explicit BEGIN IMMEDIATE blocks below,
             # so a writer takes the lock before reading what it will change.
             self.connection = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -265,6 +268,26 @@ class StoreFile:
         except BaseException:
             self.connection.close()
             raise
+
+    def _create_whole(self) -> None:
+        """Made whole beside its path, then linked in: no reader meets it before its schema (read as empty)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = self.path.with_name(f".{self.path.name}.{os.getpid()}.{time.monotonic_ns()}.new")
+        try:
+            with self._translate_errors():
+                self.connection = sqlite3.connect(str(fresh), isolation_level=None)
+                try:
+                    self.connection.execute("PRAGMA journal_mode = WAL")  # recorded in the file's header
+                    self._prepare()
+                finally:
+                    self.connection.close()  # the last connection: SQLite folds the WAL into the file
+            with open(fresh, "rb") as handle:
+                os.fsync(handle.fileno())
+            with suppress(FileExistsError):
+                os.link(fresh, self.path)  # unlike a rename, never replaces a store made meanwhile
+            fsync_directory(self.path.parent)
+        finally:
+            fresh.unlink(missing_ok=True)
 
     def _open(self, existed: bool) -> None:
         with self._translate_errors():
