@@ -94,3 +94,19 @@ def test_missing_cost_inputs_is_one_clear_error(tmp_path: Path, capsys: pytest.C
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "pretextlab: error: no cost inputs at" in err and "bench_cost_inputs.py" in err
+
+
+@pytest.mark.parametrize(("rows", "dim", "ranks"), [(40, 96, 1), (120, 96, 1), (40, 96, 2)])
+def test_few_row_probes_are_priced_as_the_whitening_the_probe_does(rows: int, dim: int, ranks: int) -> None:
+    """In one process with fewer rows than features the probe whitens from the N x N side (a thin
+    SVD: its eigenvectors are D x rank, not D x D), and the cost model prices that, not the D x D
+    eigendecomposition; sharded or with more rows than features, the D x D one in both."""
+    from pretextlab.evaluate.lbfgs import Whitening
+    from pretextlab.study.cost import lbfgs_flops, lbfgs_memory_per_rank, whitens_from_rows
+
+    features = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    thin = Whitening.of(features).eigenvectors.shape[1] < dim  # what the probe does in one process
+    assert whitens_from_rows(rows, dim, ranks) == (thin and ranks == 1)
+    # At a wide layer's few-label probe (1,000 rows, 32,768 features) the two counts are far apart.
+    assert lbfgs_flops(1000, 0, 32768, 10, 1, 0.0, ranks=1) < lbfgs_flops(1000, 0, 32768, 10, 1, 0.0, ranks=2) / 100
+    assert lbfgs_memory_per_rank(1000, 32768, 10, ranks=1) < lbfgs_memory_per_rank(1000, 32768, 10, ranks=2) / 10

@@ -26,6 +26,9 @@ HOURS_PER_WEEK = 168
 MLP_HIDDEN = 1000  # the study's MLP probe (evaluate/sgd_config.py)
 SGD_SCHEDULE_EPOCHS = {"paper": 70, "paper_long": 520}  # the study's SGD schedules (evaluate/sgd_config.py)
 EIGH_FLOPS_PER_DIM3 = 9  # a symmetric eigendecomposition's usual count, ~9 d^3 (Golub & Van Loan)
+# A thin SVD of an n x d matrix (n < d) with both singular-vector sets, by R-SVD: ~6 d n^2 + 20 n^3
+# (Golub & Van Loan, "Matrix Computations", the SVD algorithms' work table).
+THIN_SVD_FLOPS = (6, 20)
 
 
 @dataclass(frozen=True)
@@ -149,21 +152,35 @@ class CellCost:
     throughput: str
 
 
-def lbfgs_flops(rows: int, other_rows: int, dim: int, classes: int, grid: int, evals_per_l2: float) -> float:
-    """One L-BFGS probe: whitening (second moment, eigendecomposition), then per function evaluation
-    logits and gradient (2 x 2 n d C), scoring val/test per L2 value (evaluate/lbfgs.py)."""
-    setup = 2 * rows * dim * dim + EIGH_FLOPS_PER_DIM3 * dim**3
+def whitens_from_rows(rows: int, dim: int, ranks: int) -> bool:
+    """Whether the probe whitens from the N x N side (a thin SVD of the features) rather than the
+    D x D second moment: in one process with fewer rows than features (evaluate/lbfgs.py Whitening.of)."""
+    return ranks == 1 and rows < dim
+
+
+def lbfgs_flops(rows: int, other_rows: int, dim: int, classes: int, grid: int, evals_per_l2: float, ranks: int = 1) -> float:
+    """One L-BFGS probe: whitening (second moment and eigendecomposition, or a thin SVD for few rows
+    in one process), then per function evaluation logits and gradient (2 x 2 n d C), scoring val/test
+    per L2 value (evaluate/lbfgs.py)."""
+    if whitens_from_rows(rows, dim, ranks):
+        setup = THIN_SVD_FLOPS[0] * dim * rows**2 + THIN_SVD_FLOPS[1] * rows**3
+    else:
+        setup = 2 * rows * dim * dim + EIGH_FLOPS_PER_DIM3 * dim**3
     return setup + grid * (evals_per_l2 * 4 * rows * dim * classes + 2 * other_rows * dim * classes)
 
 
 def lbfgs_memory_per_rank(rows: int, dim: int, classes: int, ranks: int) -> int:
     """Bytes one rank holds: its share of the standardised features and of the logits, softmax and
-    their gradient; the whitening's D x D second moment and eigenvectors (float64 up to
+    their gradient; the whitening's D x D second moment and eigenvectors, or for few rows in one
+    process the thin SVD's copy of the features, N x N and N x D factors (float64 up to
     EIGH_FLOAT64_MAX_DIM); the weights, gradient and L-BFGS's history of 2 x history_size vectors."""
     shard = math.ceil(rows / ranks)
-    eigh_bytes = 8 if dim <= EIGH_FLOAT64_MAX_DIM else 4
     vectors = 2 * LbfgsConfig().history_size + 4
-    return shard * dim * 4 + 3 * shard * classes * 4 + 2 * dim * dim * eigh_bytes + vectors * (dim + 1) * classes * 4
+    if whitens_from_rows(rows, dim, ranks):
+        whitening = (2 * rows * dim + rows * rows) * (8 if rows <= EIGH_FLOAT64_MAX_DIM else 4)
+    else:
+        whitening = 2 * dim * dim * (8 if dim <= EIGH_FLOAT64_MAX_DIM else 4)
+    return shard * dim * 4 + 3 * shard * classes * 4 + whitening + vectors * (dim + 1) * classes * 4
 
 
 def cell_cost(study: Study, cell: Cell, inputs: dict[str, Any], throughput: Throughput, ranks: int) -> CellCost:
@@ -210,7 +227,7 @@ def cell_cost(study: Study, cell: Cell, inputs: dict[str, Any], throughput: Thro
             cache += (rows + (val + test if job.labels.tag == "all" else 0)) * dim * FEATURE_BYTES
         if job.probe == "lbfgs":
             grid = len(job.l2_grid or LbfgsConfig().l2_grid)
-            probe_flops += lbfgs_flops(rows, val + test, dim, classes, grid, evals)
+            probe_flops += lbfgs_flops(rows, val + test, dim, classes, grid, evals, ranks)
             memory = max(memory, lbfgs_memory_per_rank(rows, dim, classes, ranks))
         else:
             width = MLP_HIDDEN if job.probe == "mlp" else classes
