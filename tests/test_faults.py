@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from forked_cli import ForkedCli
-from pretextlab import atomic
 from pretextlab.config import TrainConfig, resolve
 from pretextlab.errors import PretextlabError
 from pretextlab.training import Trainer, read_metrics
@@ -176,7 +175,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, mo
         handle.write(b"\0" * 4096)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(atomic.torch, "save", disk_full)
+    monkeypatch.setattr(torch, "save", disk_full)  # what atomic.save_torch calls
     trainer.step += 1
     with pytest.raises(PretextlabError, match=r"checkpoint.pt at step 5: No space left on device \(ENOSPC\); the last checkpoint \(step 4\) is kept"):
         trainer.save_checkpoint()
